@@ -1,0 +1,189 @@
+//! The CPU stages over one prepared batch. Routes are processed in the align step's compact
+//! order: expert e's kept routes are rows [offsets[e], offsets[e+1]) of every scratch matrix.
+
+use super::panel::{matmul_panel, panel_rows};
+use crate::layer::{Bias, Layer};
+use crate::plan::{Prepared, RunIo};
+use crate::workspace::section_mut;
+use rayon::prelude::*;
+
+/// A raw pointer the stages share across threads; each task writes rows no other task does.
+#[derive(Clone, Copy)]
+struct Shared<T>(*mut T);
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    #[inline(always)]
+    unsafe fn at(self, i: usize) -> *mut T {
+        self.0.add(i)
+    }
+}
+
+/// Columns of the combine's f32 accumulator kept on the stack.
+const COMBINE_CHUNK: usize = 256;
+
+#[inline(always)]
+unsafe fn bias_at(b: &Option<Bias>, index: usize) -> f32 {
+    match b {
+        Some(b) => b.dtype.read(b.data, index),
+        None => 0.0,
+    }
+}
+
+/// Runs every stage. `p` is non-empty and checked against `layer` and `io`.
+pub unsafe fn run_all(layer: &Layer, p: &Prepared, io: &RunIo) {
+    let v = &layer.v;
+    let d = v.dims;
+    let (k_top, h, n1, inter) = (d.top_k, d.hidden, d.n1, d.inter);
+    let ws = p.workspace;
+    let offsets: &[i32] = section_mut(ws, p.layout.expert_offsets);
+    let compact: &[i32] = section_mut(ws, p.layout.compact_routes);
+    let slots: &[i32] = section_mut(ws, p.layout.route_slot);
+    let kept = offsets[d.experts] as usize;
+
+    let scratch = ws.add(p.layout.scratch.offset) as *mut f32;
+    let xy = Shared(scratch); // [numel, H]: gathered x, later GEMM2's y
+    let g1 = Shared(scratch.add(p.numel * h)); // [numel, N1]
+    let act = Shared(scratch.add(p.numel * (h + n1))); // [numel, I]
+    let dtype = v.dtype;
+    let hidden = Shared(io.hidden.data);
+    let router = Shared(io.router_weights.data);
+    let router_weight = |route: usize| io.router_dtype.read(router.at(0), route);
+
+    // Gather: x rows in compact order, widened to f32. Reads all of hidden before any write
+    // to out (the inplace case).
+    (0..kept).into_par_iter().with_min_len(16).for_each(|c| {
+        let m = compact[c] as usize / k_top;
+        let dst = std::slice::from_raw_parts_mut(xy.at(c * h), h);
+        dtype.load(hidden.at(m * h * dtype.size()), dst);
+    });
+
+    // GEMM1 per (expert, panel of N1 rows); epilogue: g1 = round(v · (x·w13ᵀ + b13)).
+    let w13 = Shared(layer.weights.w13.data);
+    let nb = panel_rows(h, n1);
+    let panels = n1.div_ceil(nb);
+    (0..d.experts * panels).into_par_iter().for_each(|t| {
+        let (e, n0) = (t / panels, (t % panels) * nb);
+        let (start, end) = (offsets[e] as usize, offsets[e + 1] as usize);
+        if start == end {
+            return;
+        }
+        let n = nb.min(n1 - n0);
+        let w = w13.at((e * n1 + n0) * h * dtype.size());
+        matmul_panel(
+            end - start,
+            n,
+            h,
+            xy.at(start * h),
+            w,
+            dtype,
+            g1.at(start * n1 + n0),
+            n1,
+        );
+        for c in start..end {
+            let scale = if v.weight_on_input {
+                router_weight(compact[c] as usize)
+            } else {
+                1.0
+            };
+            let row = std::slice::from_raw_parts_mut(g1.at(c * n1 + n0), n);
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = dtype.round(scale * (*x + bias_at(&layer.b13, e * n1 + n0 + j)));
+            }
+        }
+    });
+
+    // Activation per kept route: a = round(act(g1)).
+    (0..kept).into_par_iter().with_min_len(8).for_each(|c| {
+        let g = std::slice::from_raw_parts(g1.at(c * n1), n1);
+        let a = std::slice::from_raw_parts_mut(act.at(c * inter), inter);
+        if v.gated {
+            for (j, out) in a.iter_mut().enumerate() {
+                let (gi, ui) = v.layout.gate_up(j, inter);
+                *out = dtype.round(v.act.gated(g[gi], g[ui]));
+            }
+        } else {
+            for (out, &x) in a.iter_mut().zip(g) {
+                *out = dtype.round(v.act.single(x));
+            }
+        }
+    });
+
+    // GEMM2 per (expert, panel of H rows); epilogue: y = round((a·w2ᵀ + b2) · w').
+    let w2 = Shared(layer.weights.w2.data);
+    let weight_after = v.weight_after_gemm2();
+    let nb = panel_rows(inter, h);
+    let panels = h.div_ceil(nb);
+    (0..d.experts * panels).into_par_iter().for_each(|t| {
+        let (e, h0) = (t / panels, (t % panels) * nb);
+        let (start, end) = (offsets[e] as usize, offsets[e + 1] as usize);
+        if start == end {
+            return;
+        }
+        let n = nb.min(h - h0);
+        let w = w2.at((e * h + h0) * inter * dtype.size());
+        matmul_panel(
+            end - start,
+            n,
+            inter,
+            act.at(start * inter),
+            w,
+            dtype,
+            xy.at(start * h + h0),
+            h,
+        );
+        for c in start..end {
+            let scale = if weight_after {
+                router_weight(compact[c] as usize)
+            } else {
+                1.0
+            };
+            let row = std::slice::from_raw_parts_mut(xy.at(c * h + h0), n);
+            for (j, y) in row.iter_mut().enumerate() {
+                *y = dtype.round((*y + bias_at(&layer.b2, e * h + h0 + j)) * scale);
+            }
+        }
+    });
+
+    let out = Shared(io.out.data);
+    let esize = dtype.size();
+    if v.no_combine {
+        // Row (m, k) is y_mk, or zeros for a dropped route.
+        (0..p.numel).into_par_iter().with_min_len(8).for_each(|r| {
+            let dst = out.at(r * h * esize);
+            match slots[r] {
+                s if s >= 0 => {
+                    dtype.store(std::slice::from_raw_parts(xy.at(s as usize * h), h), dst)
+                }
+                _ => std::ptr::write_bytes(dst, 0, h * esize),
+            }
+        });
+        return;
+    }
+    // Combine: out_m = round(rsf · Σ_k y_mk), the sum in k order, dropped routes adding 0.
+    (0..p.num_tokens)
+        .into_par_iter()
+        .with_min_len(4)
+        .for_each(|m| {
+            let mut acc = [0f32; COMBINE_CHUNK];
+            for c0 in (0..h).step_by(COMBINE_CHUNK) {
+                let w = COMBINE_CHUNK.min(h - c0);
+                let acc = &mut acc[..w];
+                acc.fill(0.0);
+                for k in 0..k_top {
+                    let s = slots[m * k_top + k];
+                    if s >= 0 {
+                        let y = std::slice::from_raw_parts(xy.at(s as usize * h + c0), w);
+                        for (a, &y) in acc.iter_mut().zip(y) {
+                            *a += y;
+                        }
+                    }
+                }
+                for a in acc.iter_mut() {
+                    *a *= v.rsf;
+                }
+                dtype.store(acc, out.at((m * h + c0) * esize));
+            }
+        });
+}

@@ -1,0 +1,397 @@
+//! SPEC §5: tile configs. A layer's chooser picks one per token count M: the host's per-layer
+//! override (options `tile.*`) over a tuned table (option `tile.config_file`, else the file in
+//! `FUSEDMOE_TILE_CONFIG`, else a table shipped in the library) over SGLang's default rule.
+//!
+//! Table file format (JSON):
+//! ```json
+//! { "format": "fusedmoe-tiles/1",
+//!   "tables": [ { "E": 8, "N": 14336, "K": 4096, "dtype": "bf16", "quant": "none",
+//!                 "device": "NVIDIA H100 80GB HBM3",
+//!                 "configs": { "1":  { "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1,
+//!                                      "num_warps": 4, "num_stages": 4 },
+//!                              "64": { ... } } } ] }
+//! ```
+//! `N` is the intermediate size I and `K` the hidden size H (SGLang's naming); the keys of
+//! `configs` are token counts M.
+
+use crate::dtype::DType;
+use crate::error::{invalid, Result};
+use crate::options::Options;
+use serde_json::Value;
+
+pub const TABLE_FORMAT: &str = "fusedmoe-tiles/1";
+pub const ENV_TILE_CONFIG: &str = "FUSEDMOE_TILE_CONFIG";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TileConfig {
+    pub block_m: u32,
+    pub block_n: u32,
+    pub block_k: u32,
+    pub group_m: u32,
+    pub num_warps: u32,
+    pub num_stages: u32,
+    /// Reserved for kernel variants (split-K, wgmma, ...); 0 today.
+    pub flags: u32,
+}
+
+/// SGLang's default rule (fused_moe `get_default_config`, bf16/fp16): small batches take
+/// narrow blocks. f32 layers use the same rule.
+pub fn default_config(m: usize, experts: usize) -> TileConfig {
+    let (block_m, block_n, block_k, group_m) = if m <= experts {
+        (16, 32, 64, 1)
+    } else {
+        (64, 64, 32, 8)
+    };
+    TileConfig {
+        block_m,
+        block_n,
+        block_k,
+        group_m,
+        num_warps: 4,
+        num_stages: 3,
+        flags: 0,
+    }
+}
+
+/// Which layer a table is for (SPEC §5's key, minus M).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableKey {
+    pub experts: usize,
+    pub n: usize,
+    pub k: usize,
+    pub dtype: DType,
+    pub quant: String,
+    pub device: String,
+}
+
+/// A tuned table: configs by token count, sorted by M.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TileTable {
+    pub key: TableKey,
+    pub entries: Vec<(usize, TileConfig)>,
+}
+
+impl TileTable {
+    /// The config of the nearest M key; on a tie, the smaller key.
+    pub fn lookup(&self, m: usize) -> TileConfig {
+        let mut best = self.entries[0];
+        for &(key, cfg) in &self.entries[1..] {
+            if key.abs_diff(m) < best.0.abs_diff(m) {
+                best = (key, cfg);
+            }
+        }
+        best.1
+    }
+}
+
+fn field_u32(obj: &Value, name: &str, at: &str, min: u32, max: u32, pow2: bool) -> Result<u32> {
+    let v = obj
+        .get(name)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| invalid!("{at}: \"{name}\" is missing or not a non-negative integer"))?;
+    let ok = v >= min as u64 && v <= max as u64 && (!pow2 || v.is_power_of_two());
+    if !ok {
+        let what = if pow2 { "a power of two " } else { "" };
+        return Err(invalid!(
+            "{at}: \"{name}\" = {v}, expected {what}in [{min}, {max}]"
+        ));
+    }
+    Ok(v as u32)
+}
+
+fn parse_config(obj: &Value, at: &str) -> Result<TileConfig> {
+    Ok(TileConfig {
+        block_m: field_u32(obj, "BLOCK_M", at, 16, 256, true)?,
+        block_n: field_u32(obj, "BLOCK_N", at, 16, 256, true)?,
+        block_k: field_u32(obj, "BLOCK_K", at, 16, 256, true)?,
+        group_m: field_u32(obj, "GROUP_M", at, 1, 64, false)?,
+        num_warps: field_u32(obj, "num_warps", at, 1, 16, true)?,
+        num_stages: field_u32(obj, "num_stages", at, 1, 8, false)?,
+        flags: match obj.get("flags") {
+            None => 0,
+            Some(_) => field_u32(obj, "flags", at, 0, u32::MAX, false)?,
+        },
+    })
+}
+
+fn parse_dtype(s: &str, at: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(invalid!(
+            "{at}: \"dtype\" = \"{s}\", expected f32, f16 or bf16"
+        )),
+    }
+}
+
+fn parse_table(t: &Value, at: &str) -> Result<TileTable> {
+    let size = |name: &str| -> Result<usize> {
+        t.get(name)
+            .and_then(Value::as_u64)
+            .filter(|&v| v >= 1)
+            .map(|v| v as usize)
+            .ok_or_else(|| invalid!("{at}: \"{name}\" is missing or not a positive integer"))
+    };
+    let text = |name: &str| -> Result<String> {
+        t.get(name)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| invalid!("{at}: \"{name}\" is missing or not a string"))
+    };
+    let key = TableKey {
+        experts: size("E")?,
+        n: size("N")?,
+        k: size("K")?,
+        dtype: parse_dtype(&text("dtype")?, at)?,
+        quant: text("quant")?,
+        device: text("device")?,
+    };
+    let configs = t
+        .get("configs")
+        .and_then(Value::as_object)
+        .ok_or_else(|| invalid!("{at}: \"configs\" is missing or not an object"))?;
+    let mut entries = Vec::with_capacity(configs.len());
+    for (m, cfg) in configs {
+        let m_at = format!("{at}.configs[\"{m}\"]");
+        let tokens: usize = m
+            .parse()
+            .map_err(|_| invalid!("{m_at}: key is not a token count"))?;
+        entries.push((tokens, parse_config(cfg, &m_at)?));
+    }
+    if entries.is_empty() {
+        return Err(invalid!("{at}: \"configs\" is empty"));
+    }
+    entries.sort_by_key(|e| e.0);
+    Ok(TileTable { key, entries })
+}
+
+/// Parses a table file; `source` names it in errors ("tile.config_file /x.json: ...").
+pub fn parse_tables(json: &str, source: &str) -> Result<Vec<TileTable>> {
+    let root: Value =
+        serde_json::from_str(json).map_err(|e| invalid!("{source}: not JSON: {e}"))?;
+    match root.get("format").and_then(Value::as_str) {
+        Some(TABLE_FORMAT) => {}
+        other => {
+            return Err(invalid!(
+                "{source}: \"format\" is {other:?}, expected \"{TABLE_FORMAT}\""
+            ))
+        }
+    }
+    let tables = root
+        .get("tables")
+        .and_then(Value::as_array)
+        .ok_or_else(|| invalid!("{source}: \"tables\" is missing or not an array"))?;
+    tables
+        .iter()
+        .enumerate()
+        .map(|(i, t)| parse_table(t, &format!("{source}: tables[{i}]")))
+        .collect()
+}
+
+/// Tables shipped inside the library; tuned tables arrive with the CUDA performance work.
+fn builtin_tables() -> &'static [TileTable] {
+    &[]
+}
+
+/// Per-layer overrides from the options `tile.*`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Override {
+    block_m: Option<u32>,
+    block_n: Option<u32>,
+    block_k: Option<u32>,
+    group_m: Option<u32>,
+    num_warps: Option<u32>,
+    num_stages: Option<u32>,
+}
+
+impl Override {
+    fn from_options(o: &Options) -> Self {
+        let get = |k: &str| o.int(k).map(|v| v as u32);
+        Override {
+            block_m: get("tile.block_m"),
+            block_n: get("tile.block_n"),
+            block_k: get("tile.block_k"),
+            group_m: get("tile.group_m"),
+            num_warps: get("tile.num_warps"),
+            num_stages: get("tile.num_stages"),
+        }
+    }
+
+    fn apply(&self, c: TileConfig) -> TileConfig {
+        TileConfig {
+            block_m: self.block_m.unwrap_or(c.block_m),
+            block_n: self.block_n.unwrap_or(c.block_n),
+            block_k: self.block_k.unwrap_or(c.block_k),
+            group_m: self.group_m.unwrap_or(c.group_m),
+            num_warps: self.num_warps.unwrap_or(c.num_warps),
+            num_stages: self.num_stages.unwrap_or(c.num_stages),
+            flags: c.flags,
+        }
+    }
+}
+
+/// A layer's tile choice, fixed at layer creation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TileChooser {
+    experts: usize,
+    table: Option<TileTable>,
+    over: Override,
+}
+
+fn read_table_file(path: &str, source: &str, key: &TableKey) -> Result<Option<TileTable>> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| invalid!("{source} {path}: cannot read: {e}"))?;
+    let tables = parse_tables(&text, &format!("{source} {path}"))?;
+    Ok(tables.into_iter().find(|t| &t.key == key))
+}
+
+impl TileChooser {
+    /// Picks the table for `key` from the option file, the environment's file, or the
+    /// shipped tables, in that order. A file that does not parse is an error, not a fallback.
+    pub fn new(key: &TableKey, options: &Options) -> Result<Self> {
+        let table = if let Some(path) = options.get("tile.config_file") {
+            read_table_file(path, "tile.config_file", key)?
+        } else if let Some(path) = std::env::var_os(ENV_TILE_CONFIG) {
+            read_table_file(&path.to_string_lossy(), ENV_TILE_CONFIG, key)?
+        } else {
+            None
+        };
+        let table = table.or_else(|| builtin_tables().iter().find(|t| &t.key == key).cloned());
+        Ok(TileChooser {
+            experts: key.experts,
+            table,
+            over: Override::from_options(options),
+        })
+    }
+
+    pub fn choose(&self, m: usize) -> TileConfig {
+        let base = match &self.table {
+            Some(t) => t.lookup(m),
+            None => default_config(m, self.experts),
+        };
+        self.over.apply(base)
+    }
+
+    /// The largest BLOCK_M any token count can get: it sizes the workspace.
+    pub fn max_block_m(&self) -> u32 {
+        if let Some(bm) = self.over.block_m {
+            return bm;
+        }
+        let from_table = self
+            .table
+            .iter()
+            .flat_map(|t| t.entries.iter().map(|e| e.1.block_m))
+            .max();
+        let from_rule = [
+            default_config(0, self.experts),
+            default_config(usize::MAX, self.experts),
+        ]
+        .iter()
+        .map(|c| c.block_m)
+        .max()
+        .unwrap();
+        from_table.unwrap_or(from_rule)
+    }
+
+    pub fn has_table(&self) -> bool {
+        self.table.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE: &str = r#"{"format": "fusedmoe-tiles/1", "tables": [
+        {"E": 8, "N": 32, "K": 64, "dtype": "bf16", "quant": "none", "device": "cpu",
+         "configs": {
+           "1":  {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 4},
+           "16": {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 3},
+           "64": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}}}]}"#;
+
+    fn key() -> TableKey {
+        TableKey {
+            experts: 8,
+            n: 32,
+            k: 64,
+            dtype: DType::BF16,
+            quant: "none".into(),
+            device: "cpu".into(),
+        }
+    }
+
+    #[test]
+    fn default_rule_switches_at_m_equal_e() {
+        assert_eq!(default_config(8, 8).block_m, 16);
+        assert_eq!(default_config(9, 8).block_m, 64);
+        assert_eq!(
+            (default_config(9, 8).block_n, default_config(9, 8).group_m),
+            (64, 8)
+        );
+    }
+
+    #[test]
+    fn lookup_takes_the_nearest_m_and_ties_go_to_the_smaller_key() {
+        let t = &parse_tables(ONE, "t").unwrap()[0];
+        assert_eq!(t.lookup(1).block_m, 16);
+        assert_eq!(t.lookup(8).block_m, 16); // |8-1| = 7 < |8-16| = 8
+        assert_eq!(t.lookup(9).block_m, 32); // |9-16| = 7 < 8
+        assert_eq!(t.lookup(40).block_m, 32); // tie 24/24 → the smaller key, 16
+        assert_eq!(t.lookup(41).block_m, 64);
+        assert_eq!(t.lookup(100000).block_m, 64);
+    }
+
+    #[test]
+    fn bad_tables_name_the_place() {
+        let e =
+            parse_tables(&ONE.replace("\"BLOCK_M\": 32", "\"BLOCK_M\": 48"), "f.json").unwrap_err();
+        assert!(
+            e.message
+                .contains("f.json: tables[0].configs[\"16\"]: \"BLOCK_M\" = 48"),
+            "{}",
+            e.message
+        );
+        let e = parse_tables("{}", "f.json").unwrap_err();
+        assert!(e.message.contains("format"));
+        assert!(parse_tables("{", "f.json")
+            .unwrap_err()
+            .message
+            .contains("not JSON"));
+    }
+
+    #[test]
+    fn overrides_win_over_the_table_and_size_the_workspace() {
+        let mut o = Options::default();
+        let dir = std::env::temp_dir().join(format!("fusedmoe-tiles-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.json");
+        std::fs::write(&path, ONE).unwrap();
+        o.set("tile.config_file", path.to_str().unwrap()).unwrap();
+        let c = TileChooser::new(&key(), &o).unwrap();
+        assert!(c.has_table());
+        assert_eq!(c.choose(64).block_n, 128);
+        assert_eq!(c.max_block_m(), 64);
+        o.set("tile.block_m", "128").unwrap();
+        let c = TileChooser::new(&key(), &o).unwrap();
+        assert_eq!((c.choose(1).block_m, c.choose(1).block_n), (128, 32));
+        assert_eq!(c.max_block_m(), 128);
+    }
+
+    #[test]
+    fn a_table_for_another_shape_falls_back_to_the_rule() {
+        let mut o = Options::default();
+        let dir = std::env::temp_dir().join(format!("fusedmoe-tiles2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.json");
+        std::fs::write(&path, ONE).unwrap();
+        o.set("tile.config_file", path.to_str().unwrap()).unwrap();
+        let other = TableKey {
+            experts: 16,
+            ..key()
+        };
+        let c = TileChooser::new(&other, &o).unwrap();
+        assert!(!c.has_table());
+        assert_eq!(c.choose(1), default_config(1, 16));
+    }
+}
