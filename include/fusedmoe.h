@@ -541,8 +541,9 @@ moe_status moe_layer_create(const moe_config *config,
                             moe_layer **out);
 
 /**
- * Frees a layer. NULL is a no-op; must not be called twice. Plans made for the layer keep
- * what they need alive and stay usable; the config from moe_layer_config dies with the layer.
+ * Frees a layer. NULL is a no-op; must not be called twice. Plans made for the layer may be
+ * freed before or after it (they keep the layer's internals alive); the config from
+ * moe_layer_config dies with the layer.
  */
 void moe_layer_free(moe_layer *layer);
 

@@ -41,8 +41,9 @@ pub unsafe extern "C" fn moe_layer_create(
     })
 }
 
-/// Frees a layer. NULL is a no-op; must not be called twice. Plans made for the layer keep
-/// what they need alive and stay usable; the config from moe_layer_config dies with the layer.
+/// Frees a layer. NULL is a no-op; must not be called twice. Plans made for the layer may be
+/// freed before or after it (they keep the layer's internals alive); the config from
+/// moe_layer_config dies with the layer.
 #[no_mangle]
 pub unsafe extern "C" fn moe_layer_free(layer: *mut moe_layer) {
     let _ = guard(|| free_boxed(layer));

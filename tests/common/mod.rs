@@ -73,6 +73,8 @@ struct Chunk([u8; 64]);
 /// bent to make a bad call.
 pub struct HostTensor {
     store: Vec<Chunk>,
+    /// Bytes of the storage as allocated (shape may be bent afterwards).
+    len_bytes: usize,
     pub dt: Dt,
     pub shape: Vec<i64>,
     pub strides: Option<Vec<i64>>,
@@ -89,6 +91,7 @@ impl HostTensor {
         let bytes = n * dt.size();
         HostTensor {
             store: vec![Chunk([0; 64]); bytes.div_ceil(64) + 1],
+            len_bytes: bytes,
             dt,
             shape: shape.to_vec(),
             strides: None,
@@ -120,13 +123,13 @@ impl HostTensor {
         self.store.as_ptr() as *mut u8
     }
 
+    /// The storage as allocated, whatever the shape says now.
     pub fn bytes(&self) -> &[u8] {
-        unsafe { std::slice::from_raw_parts(self.ptr(), self.numel() * self.dt.size()) }
+        unsafe { std::slice::from_raw_parts(self.ptr(), self.len_bytes) }
     }
 
     pub fn fill_bytes(&mut self, b: u8) {
-        let n = self.numel() * self.dt.size();
-        unsafe { std::ptr::write_bytes(self.ptr(), b, n) }
+        unsafe { std::ptr::write_bytes(self.ptr(), b, self.len_bytes) }
     }
 
     pub fn set(&mut self, i: usize, v: f64) {
@@ -157,8 +160,11 @@ impl HostTensor {
         }
     }
 
+    /// Every element of the storage as allocated.
     pub fn values(&self) -> Vec<f64> {
-        (0..self.numel()).map(|i| self.get(i)).collect()
+        (0..self.len_bytes / self.dt.size())
+            .map(|i| self.get(i))
+            .collect()
     }
 
     /// The DLPack view of this tensor; valid while `self` is alive and not moved.
