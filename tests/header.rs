@@ -60,11 +60,16 @@ int main(void) {
 }
 "#;
 
-fn compile_and_run(compiler: &str, std: &str, ext: &str) {
-    let dir = std::env::temp_dir().join(format!("fusedmoe-header-{}-{std}", std::process::id()));
+/// Compiles `program` with the header and the built library, runs it, returns its output.
+fn compile_and_run(compiler: &str, std: &str, ext: &str, program: &str) -> String {
+    let dir = std::env::temp_dir().join(format!(
+        "fusedmoe-header-{}-{std}-{}",
+        std::process::id(),
+        program.len()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let src = dir.join(format!("main.{ext}"));
-    std::fs::write(&src, PROGRAM).unwrap();
+    std::fs::write(&src, program).unwrap();
     let exe = dir.join("main");
     let lib = lib_dir();
     assert!(
@@ -87,19 +92,33 @@ fn compile_and_run(compiler: &str, std: &str, ext: &str) {
         .arg(&lib)
         .args(["-lfusedmoe", "-o"])
         .arg(&exe));
-    let out = run(Command::new(&exe).env("LD_LIBRARY_PATH", &lib));
-    // DLPack's DLTensor is 48 bytes on 64-bit hosts; ours must match field for field.
-    assert!(out.contains("named 1 supports_cpu 1 tensor 48"), "{out}");
+    run(Command::new(&exe).env("LD_LIBRARY_PATH", &lib))
 }
+
+// DLPack's DLTensor is 48 bytes on 64-bit hosts; ours must match field for field.
+const EXPECTED: &str = "named 1 supports_cpu 1 tensor 48";
 
 #[test]
 fn header_compiles_as_c11_and_links() {
-    compile_and_run("cc", "c11", "c");
+    let out = compile_and_run("cc", "c11", "c", PROGRAM);
+    assert!(out.contains(EXPECTED), "{out}");
 }
 
 #[test]
 fn header_compiles_as_cpp17_and_links() {
-    compile_and_run("c++", "c++17", "cpp");
+    let out = compile_and_run("c++", "c++17", "cpp", PROGRAM);
+    assert!(out.contains(EXPECTED), "{out}");
+}
+
+/// The README's C example runs: a layer with a dropped route, end to end.
+#[test]
+fn the_c_quickstart_runs() {
+    let program = std::fs::read_to_string(root().join("examples/c/quickstart.c")).unwrap();
+    let out = compile_and_run("cc", "c11", "c", &program);
+    assert!(
+        out.trim_end().ends_with("ok") && out.contains("out[2][0..3]"),
+        "{out}"
+    );
 }
 
 #[test]

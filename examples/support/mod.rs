@@ -1,0 +1,364 @@
+//! What the examples share: a layer driven through the C ABI (RAII over the handles),
+//! host buffers with their DLPack views, and seeded random data.
+#![allow(dead_code)]
+
+use fusedmoe::ffi::*;
+use half::{bf16, f16};
+use std::ffi::{c_void, CStr, CString};
+use std::ptr::{null, null_mut};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn parse(s: &str) -> Option<Dtype> {
+        match s {
+            "f32" => Some(Dtype::F32),
+            "f16" => Some(Dtype::F16),
+            "bf16" => Some(Dtype::Bf16),
+            _ => None,
+        }
+    }
+    pub fn dl(self) -> moe_dtype {
+        match self {
+            Dtype::F32 => moe_dtype {
+                code: MOE_DTYPE_CODE_FLOAT,
+                bits: 32,
+                lanes: 1,
+            },
+            Dtype::F16 => moe_dtype {
+                code: MOE_DTYPE_CODE_FLOAT,
+                bits: 16,
+                lanes: 1,
+            },
+            Dtype::Bf16 => moe_dtype {
+                code: MOE_DTYPE_CODE_BFLOAT,
+                bits: 16,
+                lanes: 1,
+            },
+        }
+    }
+    pub fn size(self) -> usize {
+        if self == Dtype::F32 {
+            4
+        } else {
+            2
+        }
+    }
+}
+
+/// The library's message for a failed call; exits the example with it.
+pub fn check(s: moe_status, what: &str) {
+    if s != moe_status::MOE_OK {
+        let msg = unsafe { CStr::from_ptr(moe_last_error()) }.to_string_lossy();
+        eprintln!("{what} failed: {s:?}: {msg}");
+        std::process::exit(1);
+    }
+}
+
+/// Host memory with a DLPack view. Storage is u64 so every dtype is aligned.
+pub struct Buffer {
+    store: Vec<u64>,
+    pub shape: Vec<i64>,
+    pub dtype: moe_dtype,
+}
+
+impl Buffer {
+    pub fn zeros(dtype: moe_dtype, shape: &[i64]) -> Buffer {
+        let bytes = shape.iter().product::<i64>() as usize * (dtype.bits as usize / 8);
+        Buffer {
+            store: vec![0; bytes.div_ceil(8) + 2],
+            shape: shape.to_vec(),
+            dtype,
+        }
+    }
+
+    /// Values rounded to `dt` and stored in it.
+    pub fn from_f32(dt: Dtype, shape: &[i64], values: &[f32]) -> Buffer {
+        let mut b = Buffer::zeros(dt.dl(), shape);
+        let p = b.ptr();
+        for (i, &v) in values.iter().enumerate() {
+            unsafe {
+                match dt {
+                    Dtype::F32 => *(p as *mut f32).add(i) = v,
+                    Dtype::F16 => *(p as *mut u16).add(i) = f16::from_f32(v).to_bits(),
+                    Dtype::Bf16 => *(p as *mut u16).add(i) = bf16::from_f32(v).to_bits(),
+                }
+            }
+        }
+        b
+    }
+
+    pub fn ids(shape: &[i64], values: &[i32]) -> Buffer {
+        let mut b = Buffer::zeros(
+            moe_dtype {
+                code: MOE_DTYPE_CODE_INT,
+                bits: 32,
+                lanes: 1,
+            },
+            shape,
+        );
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), b.ptr() as *mut i32, values.len())
+        };
+        b
+    }
+
+    pub fn ptr(&mut self) -> *mut u8 {
+        // 16-byte alignment for the workspace: skip one u64 if needed
+        let p = self.store.as_mut_ptr() as *mut u8;
+        p.wrapping_add((p as usize) % 16)
+    }
+
+    /// Element `i` as f64 (float dtypes).
+    pub fn get(&mut self, dt: Dtype, i: usize) -> f64 {
+        let p = self.ptr();
+        unsafe {
+            match dt {
+                Dtype::F32 => *(p as *const f32).add(i) as f64,
+                Dtype::F16 => f16::from_bits(*(p as *const u16).add(i)).to_f64(),
+                Dtype::Bf16 => bf16::from_bits(*(p as *const u16).add(i)).to_f64(),
+            }
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product::<i64>() as usize
+    }
+
+    pub fn to_f64(&mut self, dt: Dtype) -> Vec<f64> {
+        (0..self.numel()).map(|i| self.get(dt, i)).collect()
+    }
+
+    pub fn tensor(&mut self) -> moe_tensor {
+        moe_tensor {
+            data: self.ptr() as *mut c_void,
+            device: moe_device {
+                device_type: MOE_DEVICE_CPU,
+                device_id: 0,
+            },
+            ndim: self.shape.len() as i32,
+            dtype: self.dtype,
+            shape: self.shape.as_mut_ptr(),
+            strides: null_mut(),
+            byte_offset: 0,
+        }
+    }
+}
+
+/// splitmix64.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+/// A layer's shape.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub experts: usize,
+    pub hidden: usize,
+    pub inter: usize,
+    pub top_k: usize,
+}
+
+impl Shape {
+    /// FLOPs of one batch: two GEMMs per kept route (gated: N1 = 2I).
+    pub fn flops(&self, routes: usize) -> f64 {
+        2.0 * routes as f64 * (2 * self.inter * self.hidden + self.hidden * self.inter) as f64
+    }
+}
+
+/// Router output: softmax top-k over random logits, the weights renormalised.
+pub fn route(rng: &mut Rng, tokens: usize, s: Shape) -> (Vec<i32>, Vec<f32>) {
+    let (mut ids, mut weights) = (Vec::new(), Vec::new());
+    for _ in 0..tokens {
+        let logits: Vec<f32> = rng.vec(s.experts, -2.0, 2.0);
+        let mut order: Vec<usize> = (0..s.experts).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let top = &order[..s.top_k];
+        let z: f32 = top.iter().map(|&e| logits[e].exp()).sum();
+        for &e in top {
+            ids.push(e as i32);
+            weights.push(logits[e].exp() / z);
+        }
+    }
+    (ids, weights)
+}
+
+/// A gated silu layer's weights in a dtype.
+pub struct Weights {
+    pub w13: Buffer,
+    pub w2: Buffer,
+}
+
+impl Weights {
+    pub fn random(rng: &mut Rng, dt: Dtype, s: Shape) -> Weights {
+        let (e, h, i) = (s.experts as i64, s.hidden as i64, s.inter as i64);
+        let a = 1.0 / (s.hidden as f32).sqrt();
+        let b = 1.0 / (s.inter as f32).sqrt();
+        Weights {
+            w13: Buffer::from_f32(
+                dt,
+                &[e, 2 * i, h],
+                &rng.vec((e * 2 * i * h) as usize, -a, a),
+            ),
+            w2: Buffer::from_f32(dt, &[e, h, i], &rng.vec((e * h * i) as usize, -b, b)),
+        }
+    }
+}
+
+/// A layer with its plan and workspace, freed on drop.
+pub struct Layer {
+    layer: *mut moe_layer,
+    plan: *mut moe_plan,
+    workspace: Buffer,
+}
+
+impl Layer {
+    /// A gated silu layer; `device` is "cpu" or "cuda".
+    pub fn new(
+        s: Shape,
+        dt: Dtype,
+        device: &str,
+        w: &mut Weights,
+        max_tokens: usize,
+        options: &[(&str, &str)],
+    ) -> Layer {
+        let dev = match device {
+            "cpu" => moe_device {
+                device_type: MOE_DEVICE_CPU,
+                device_id: 0,
+            },
+            _ => moe_device {
+                device_type: MOE_DEVICE_CUDA,
+                device_id: 0,
+            },
+        };
+        let mut config = null_mut();
+        let mut layer = null_mut();
+        let mut plan = null_mut();
+        let mut bytes = 0usize;
+        unsafe {
+            check(moe_config_create(&mut config), "moe_config_create");
+            check(
+                moe_config_set_num_experts(config, s.experts as i64),
+                "num_experts",
+            );
+            check(moe_config_set_top_k(config, s.top_k as i64), "top_k");
+            check(
+                moe_config_set_hidden_size(config, s.hidden as i64),
+                "hidden_size",
+            );
+            check(
+                moe_config_set_intermediate_size(config, s.inter as i64),
+                "intermediate_size",
+            );
+            check(moe_config_set_dtype(config, dt.dl()), "dtype");
+            check(
+                moe_config_set_activation(config, MOE_ACTIVATION_SILU),
+                "activation",
+            );
+            check(moe_config_set_device(config, dev), "device");
+            for (k, v) in options {
+                let (k, v) = (CString::new(*k).unwrap(), CString::new(*v).unwrap());
+                check(
+                    moe_config_set_option(config, k.as_ptr(), v.as_ptr()),
+                    "option",
+                );
+            }
+            let (w13, w2) = (w.w13.tensor(), w.w2.tensor());
+            let status = moe_layer_create(config, &w13, &w2, null(), null(), &mut layer);
+            moe_config_free(config);
+            check(status, "moe_layer_create");
+            check(
+                moe_workspace_size(layer, max_tokens as i64, &mut bytes),
+                "moe_workspace_size",
+            );
+            check(moe_plan_create(layer, &mut plan), "moe_plan_create");
+        }
+        let workspace = Buffer::zeros(
+            moe_dtype {
+                code: MOE_DTYPE_CODE_UINT,
+                bits: 8,
+                lanes: 1,
+            },
+            &[bytes as i64],
+        );
+        Layer {
+            layer,
+            plan,
+            workspace,
+        }
+    }
+
+    pub fn workspace_bytes(&self) -> usize {
+        self.workspace.numel()
+    }
+
+    /// moe_prepare then moe_run.
+    pub fn forward(
+        &mut self,
+        hidden: &mut Buffer,
+        ids: &mut Buffer,
+        weights: &mut Buffer,
+        out: &mut Buffer,
+    ) {
+        let (h, i, w, o, ws) = (
+            hidden.tensor(),
+            ids.tensor(),
+            weights.tensor(),
+            out.tensor(),
+            self.workspace.tensor(),
+        );
+        unsafe {
+            check(
+                moe_prepare(self.layer, &i, &ws, self.plan, null_mut()),
+                "moe_prepare",
+            );
+            check(
+                moe_run(self.layer, null(), self.plan, &h, &w, &o, null_mut()),
+                "moe_run",
+            );
+        }
+    }
+}
+
+impl Drop for Layer {
+    fn drop(&mut self) {
+        unsafe {
+            moe_plan_free(self.plan);
+            moe_layer_free(self.layer);
+        }
+    }
+}
+
+/// Median of repeated timings of `f`, in seconds, after one warm-up call.
+pub fn median_seconds(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
