@@ -129,16 +129,26 @@ impl Layer {
         })
     }
 
-    /// The workspace layout for `num_tokens` tokens at a given BLOCK_M.
-    pub fn layout(&self, num_tokens: usize, block_m: usize) -> Layout {
+    /// The workspace layout for `num_tokens` tokens at a given BLOCK_M; refused when it
+    /// could not be addressed (sizes are capped, but their products are not).
+    pub fn layout(&self, num_tokens: usize, block_m: usize) -> Result<Layout> {
         let d = self.v.dims;
-        let numel = num_tokens * d.top_k;
-        Layout::new(
+        let numel = num_tokens as u128 * d.top_k as u128;
+        // Every align section is at most (numel + E + 1) · BLOCK_M entries of 4 bytes; the
+        // scratch is at most numel · (H + N1 + I) · 4 bytes.
+        let bound = (numel + d.experts as u128 + 1) * block_m as u128 * 4 * 8
+            + numel * (d.hidden + d.n1 + d.inter) as u128 * 4;
+        ensure!(
+            bound <= (isize::MAX as u128) / 2,
+            "max_tokens: {num_tokens} tokens need a workspace beyond what this machine can address"
+        );
+        let numel = numel as usize;
+        Ok(Layout::new(
             numel,
             d.experts,
             block_m,
             self.backend.scratch_bytes(&self.v, numel),
-        )
+        ))
     }
 
     /// Bytes of workspace that any batch of up to `max_tokens` tokens needs.
@@ -150,7 +160,7 @@ impl Layer {
             crate::config::MAX_DIM
         );
         Ok(self
-            .layout(max_tokens as usize, self.tiles.max_block_m() as usize)
+            .layout(max_tokens as usize, self.tiles.max_block_m() as usize)?
             .total)
     }
 }

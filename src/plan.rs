@@ -107,7 +107,7 @@ pub fn prepare(
         crate::config::MAX_DIM
     );
     let tile = layer.tiles.choose(num_tokens);
-    let layout = layer.layout(num_tokens, tile.block_m as usize);
+    let layout = layer.layout(num_tokens, tile.block_m as usize)?;
     check_workspace(layer, ws, num_tokens, &layout)?;
     ensure!(!ids.overlaps(ws), "topk_ids: overlaps the workspace");
 
@@ -138,9 +138,8 @@ pub unsafe fn align_on_host(
     block_m: usize,
 ) -> Result<usize> {
     let d = layer.v.dims;
-    let numel = ids.numel();
     let ids32: &[i32] = if ids.elem == ElemType::I64 {
-        let src = std::slice::from_raw_parts(ids.data as *const i64, numel);
+        let src: &[i64] = ids.host_slice();
         align::check_ids(src.iter().copied(), d.experts, d.top_k)?;
         let dst: &mut [i32] = section_mut(ws, layout.ids32);
         for (o, &i) in dst.iter_mut().zip(src) {
@@ -148,7 +147,7 @@ pub unsafe fn align_on_host(
         }
         dst
     } else {
-        let src = std::slice::from_raw_parts(ids.data as *const i32, numel);
+        let src: &[i32] = ids.host_slice();
         align::check_ids(src.iter().map(|&i| i as i64), d.experts, d.top_k)?;
         src
     };
@@ -221,6 +220,11 @@ pub fn check_run(
         dims: [p.workspace_bytes as i64, 0, 0, 0],
         device: v.device,
     };
+    ensure!(!hidden.overlaps(&ws), "hidden: overlaps the workspace");
+    ensure!(
+        !router_weights.overlaps(&ws),
+        "topk_weights: overlaps the workspace"
+    );
     ensure!(!out.overlaps(&ws), "out: overlaps the workspace");
     let w = &layer.weights;
     for (name, t) in [

@@ -68,6 +68,17 @@ impl fmt::Display for Shape<'_> {
 }
 
 impl Tensor {
+    /// The elements as a slice of `T`; empty tensors (whose data may be NULL) give `&[]`.
+    ///
+    /// # Safety
+    /// The tensor must be host memory holding `numel` elements of `T`, alive for `'a`.
+    pub unsafe fn host_slice<'a, T>(&self) -> &'a [T] {
+        match self.numel() {
+            0 => &[],
+            n => std::slice::from_raw_parts(self.data as *const T, n),
+        }
+    }
+
     pub fn shape(&self) -> &[i64] {
         &self.dims[..self.ndim]
     }

@@ -258,3 +258,64 @@ fn one_layer_runs_on_many_threads_at_once() {
         assert_eq!(h.join().unwrap(), want);
     }
 }
+
+#[test]
+fn an_empty_batch_may_have_null_data_everywhere() {
+    let mut s = Setup::new(&Case {
+        tokens: 0,
+        ..Case::default()
+    });
+    for t in [&mut s.ids, &mut s.hidden, &mut s.router, &mut s.out] {
+        t.data_override = Some(null_mut());
+    }
+    ok(s.prepare(), "prepare an empty batch");
+    ok(s.run(), "run an empty batch");
+    let mut padded = -1i64;
+    ok(
+        unsafe { moe_plan_num_padded(s.plan, &mut padded) },
+        "num_padded",
+    );
+    assert_eq!(padded, 0);
+}
+
+#[test]
+fn a_workspace_beyond_the_address_space_is_refused() {
+    // 2^24 tokens × top_k 2^24 × H 2^24: the scratch alone would be 2^74 bytes.
+    let c = Case {
+        top_k: 1 << 24,
+        hidden: 1 << 24,
+        inter: 1,
+        experts: 1,
+        tokens: 0,
+        ..Case::default()
+    };
+    let config = c.config();
+    let (mut w13, mut w2) = (
+        HostTensor::zeros(Dt::Bf16, &[1, 2, 1 << 24]),
+        HostTensor::zeros(Dt::Bf16, &[1, 1 << 24, 1]),
+    );
+    let (w13, w2) = (w13.raw(), w2.raw());
+    let mut layer = null_mut();
+    let mut bytes = 0usize;
+    unsafe {
+        ok(
+            moe_layer_create(config, &w13, &w2, null(), null(), &mut layer),
+            "layer",
+        );
+        assert_eq!(
+            moe_workspace_size(layer, 1 << 24, &mut bytes),
+            moe_status::MOE_ERR_INVALID_ARGUMENT
+        );
+        assert!(
+            last_error().contains("beyond what this machine can address"),
+            "{}",
+            last_error()
+        );
+        ok(
+            moe_workspace_size(layer, 1, &mut bytes),
+            "one token still fits",
+        );
+        moe_layer_free(layer);
+        moe_config_free(config);
+    }
+}

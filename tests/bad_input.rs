@@ -561,6 +561,16 @@ fn table() -> Vec<Bad> {
             },
         ),
         bad(
+            "hidden inside the workspace",
+            MOE_ERR_INVALID_ARGUMENT,
+            "hidden: overlaps the workspace",
+            |s| {
+                ok(s.prepare(), "prepare");
+                s.hidden.data_override = Some(s.workspace.ptr() as *mut _);
+                s.run()
+            },
+        ),
+        bad(
             "out NULL without inplace",
             MOE_ERR_INVALID_ARGUMENT,
             "out: NULL, but the layer is not inplace",

@@ -50,12 +50,13 @@ fn activation_code(a: Activation) -> u32 {
 /// Runs a setter on a mutable config handle.
 unsafe fn set(config: *mut moe_config, f: impl FnOnce(&mut Config) -> Result<()>) -> moe_status {
     guard(|| {
-        let h = handle_mut(config, "config")?;
+        // Check through a shared reference first: a layer's config is shared across threads.
+        let read_only = handle_ref(config as *const moe_config, "config")?.read_only;
         ensure!(
-            !h.read_only,
+            !read_only,
             "config: read-only (it belongs to a layer); copy it with moe_config_clone to change it"
         );
-        f(&mut h.config)
+        f(&mut handle_mut(config, "config")?.config)
     })
 }
 
