@@ -9,10 +9,11 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// target/<profile>, where cargo put libfusedmoe.so for this test run.
+/// target/<profile>/deps: where this test run's build put libfusedmoe.so. (`cargo build`
+/// also copies it one folder up, but `cargo test` alone does not, and that copy may be stale.)
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf() // .../deps/header-xxxx → ...
+    exe.parent().unwrap().to_path_buf() // .../deps/header-xxxx → .../deps
 }
 
 fn committed_header() -> String {

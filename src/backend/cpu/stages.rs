@@ -2,6 +2,7 @@
 //! order: expert e's kept routes are rows [offsets[e], offsets[e+1]) of every scratch matrix.
 
 use super::panel::{matmul_panel, panel_rows};
+use crate::dtype::DType;
 use crate::layer::{Bias, Layer};
 use crate::plan::{Prepared, RunIo};
 use crate::workspace::section_mut;
@@ -29,6 +30,53 @@ unsafe fn bias_at(b: &Option<Bias>, index: usize) -> f32 {
         Some(b) => b.dtype.read(b.data, index),
         None => 0.0,
     }
+}
+
+/// `dst[c, :] = lhs[c, :] · W[e]ᵀ` for every kept route c of every expert e, where W[e] is
+/// expert e's [n_total, k] weight matrix, lhs rows are `k` long and dst rows `n_total` long.
+/// Parallel over (expert, panel of weight rows); `epilogue(e, c, n0, row)` then finishes each
+/// row piece `dst[c, n0..n0 + row.len()]` while it is still in cache.
+#[allow(clippy::too_many_arguments)]
+unsafe fn expert_products(
+    offsets: &[i32],
+    experts: usize,
+    n_total: usize,
+    k: usize,
+    lhs: Shared<f32>,
+    weights: Shared<u8>,
+    dtype: DType,
+    dst: Shared<f32>,
+    epilogue: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+) {
+    let nb = panel_rows(k, n_total);
+    let panels = n_total.div_ceil(nb);
+    (0..experts * panels).into_par_iter().for_each(|t| {
+        let (e, n0) = (t / panels, (t % panels) * nb);
+        let (start, end) = (offsets[e] as usize, offsets[e + 1] as usize);
+        if start == end {
+            return;
+        }
+        let n = nb.min(n_total - n0);
+        let w = weights.at((e * n_total + n0) * k * dtype.size());
+        matmul_panel(
+            end - start,
+            n,
+            k,
+            lhs.at(start * k),
+            w,
+            dtype,
+            dst.at(start * n_total + n0),
+            n_total,
+        );
+        for c in start..end {
+            epilogue(
+                e,
+                c,
+                n0,
+                std::slice::from_raw_parts_mut(dst.at(c * n_total + n0), n),
+            );
+        }
+    });
 }
 
 /// Runs every stage. `p` is non-empty and checked against `layer` and `io`.
@@ -59,40 +107,28 @@ pub unsafe fn run_all(layer: &Layer, p: &Prepared, io: &RunIo) {
         dtype.load(hidden.at(m * h * dtype.size()), dst);
     });
 
-    // GEMM1 per (expert, panel of N1 rows); epilogue: g1 = round(v · (x·w13ᵀ + b13)).
+    // GEMM1; epilogue: g1 = round(v · (x·w13ᵀ + b13)).
     let w13 = Shared(layer.weights.w13.data);
-    let nb = panel_rows(h, n1);
-    let panels = n1.div_ceil(nb);
-    (0..d.experts * panels).into_par_iter().for_each(|t| {
-        let (e, n0) = (t / panels, (t % panels) * nb);
-        let (start, end) = (offsets[e] as usize, offsets[e + 1] as usize);
-        if start == end {
-            return;
-        }
-        let n = nb.min(n1 - n0);
-        let w = w13.at((e * n1 + n0) * h * dtype.size());
-        matmul_panel(
-            end - start,
-            n,
-            h,
-            xy.at(start * h),
-            w,
-            dtype,
-            g1.at(start * n1 + n0),
-            n1,
-        );
-        for c in start..end {
+    expert_products(
+        offsets,
+        d.experts,
+        n1,
+        h,
+        xy,
+        w13,
+        dtype,
+        g1,
+        |e, c, n0, row| {
             let scale = if v.weight_on_input {
                 router_weight(compact[c] as usize)
             } else {
                 1.0
             };
-            let row = std::slice::from_raw_parts_mut(g1.at(c * n1 + n0), n);
             for (j, x) in row.iter_mut().enumerate() {
                 *x = dtype.round(scale * (*x + bias_at(&layer.b13, e * n1 + n0 + j)));
             }
-        }
-    });
+        },
+    );
 
     // Activation per kept route: a = round(act(g1)).
     (0..kept).into_par_iter().with_min_len(8).for_each(|c| {
@@ -110,41 +146,29 @@ pub unsafe fn run_all(layer: &Layer, p: &Prepared, io: &RunIo) {
         }
     });
 
-    // GEMM2 per (expert, panel of H rows); epilogue: y = round((a·w2ᵀ + b2) · w').
+    // GEMM2; epilogue: y = round((a·w2ᵀ + b2) · w').
     let w2 = Shared(layer.weights.w2.data);
     let weight_after = v.weight_after_gemm2();
-    let nb = panel_rows(inter, h);
-    let panels = h.div_ceil(nb);
-    (0..d.experts * panels).into_par_iter().for_each(|t| {
-        let (e, h0) = (t / panels, (t % panels) * nb);
-        let (start, end) = (offsets[e] as usize, offsets[e + 1] as usize);
-        if start == end {
-            return;
-        }
-        let n = nb.min(h - h0);
-        let w = w2.at((e * h + h0) * inter * dtype.size());
-        matmul_panel(
-            end - start,
-            n,
-            inter,
-            act.at(start * inter),
-            w,
-            dtype,
-            xy.at(start * h + h0),
-            h,
-        );
-        for c in start..end {
+    expert_products(
+        offsets,
+        d.experts,
+        h,
+        inter,
+        act,
+        w2,
+        dtype,
+        xy,
+        |e, c, h0, row| {
             let scale = if weight_after {
                 router_weight(compact[c] as usize)
             } else {
                 1.0
             };
-            let row = std::slice::from_raw_parts_mut(xy.at(c * h + h0), n);
             for (j, y) in row.iter_mut().enumerate() {
                 *y = dtype.round((*y + bias_at(&layer.b2, e * h + h0 + j)) * scale);
             }
-        }
-    });
+        },
+    );
 
     let out = Shared(io.out.data);
     let esize = dtype.size();
