@@ -11,6 +11,16 @@ fn main() {
     println!("cargo:rerun-if-changed=cbindgen.toml");
     println!("cargo:rerun-if-env-changed=FUSEDMOE_BLESS");
 
+    // The SONAME carries the ABI version, read from the one constant that defines it.
+    let info = std::fs::read_to_string(crate_dir.join("src/ffi/info.rs")).expect("src/ffi/info.rs");
+    let abi = info
+        .lines()
+        .find_map(|l| l.strip_prefix("pub const MOE_ABI_VERSION: u32 = "))
+        .and_then(|v| v.trim_end_matches(';').parse::<u32>().ok())
+        .expect("MOE_ABI_VERSION in src/ffi/info.rs");
+    println!("cargo:rerun-if-changed=src/ffi/info.rs");
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libfusedmoe.so.{abi}");
+
     let config =
         cbindgen::Config::from_file(crate_dir.join("cbindgen.toml")).expect("cbindgen.toml");
     let header = cbindgen::Builder::new()

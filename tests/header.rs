@@ -3,17 +3,13 @@
 //! the library exports only moe_ symbols; every entry point runs inside the panic boundary.
 
 use std::path::{Path, PathBuf};
+
 use std::process::Command;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+mod staged;
 
-/// target/<profile>/deps: where this test run's build put libfusedmoe.so. (`cargo build`
-/// also copies it one folder up, but `cargo test` alone does not, and that copy may be stale.)
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().to_path_buf() // .../deps/header-xxxx → .../deps
+fn root() -> PathBuf {
+    staged::repo_root()
 }
 
 fn committed_header() -> String {
@@ -72,12 +68,7 @@ fn compile_and_run(compiler: &str, std: &str, ext: &str, program: &str) -> Strin
     let src = dir.join(format!("main.{ext}"));
     std::fs::write(&src, program).unwrap();
     let exe = dir.join("main");
-    let lib = lib_dir();
-    assert!(
-        lib.join("libfusedmoe.so").exists(),
-        "no libfusedmoe.so in {}",
-        lib.display()
-    );
+    let prefix = staged::prefix();
     run(Command::new(compiler)
         .args([
             &format!("-std={std}"),
@@ -87,13 +78,13 @@ fn compile_and_run(compiler: &str, std: &str, ext: &str, program: &str) -> Strin
             "-pedantic",
         ])
         .arg("-I")
-        .arg(root().join("include"))
+        .arg(prefix.join("include"))
         .arg(&src)
         .arg("-L")
-        .arg(&lib)
+        .arg(prefix.join("lib"))
         .args(["-lfusedmoe", "-o"])
         .arg(&exe));
-    run(Command::new(&exe).env("LD_LIBRARY_PATH", &lib))
+    run(Command::new(&exe).env("LD_LIBRARY_PATH", prefix.join("lib")))
 }
 
 // DLPack's DLTensor is 48 bytes on 64-bit hosts; ours must match field for field.
@@ -179,7 +170,7 @@ fn header_functions() -> Vec<String> {
 
 #[test]
 fn the_library_exports_exactly_the_header_functions() {
-    let so = lib_dir().join("libfusedmoe.so");
+    let so = staged::deps_dir().join("libfusedmoe.so");
     let out = run(Command::new("nm").args(["-D", "--defined-only"]).arg(&so));
     let exported: Vec<&str> = out
         .lines()
@@ -247,4 +238,18 @@ fn every_entry_point_runs_inside_the_panic_boundary() {
 
 fn file_name(p: &Path) -> String {
     p.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// The SONAME carries the ABI version, so a host built against ABI 1 never loads ABI 2.
+#[test]
+fn the_soname_carries_the_abi_version() {
+    let out = run(Command::new("readelf")
+        .arg("-d")
+        .arg(staged::deps_dir().join("libfusedmoe.so")));
+    let want = format!("[libfusedmoe.so.{}]", fusedmoe::ffi::MOE_ABI_VERSION);
+    assert!(
+        out.lines()
+            .any(|l| l.contains("SONAME") && l.contains(&want)),
+        "{out}"
+    );
 }
