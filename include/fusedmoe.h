@@ -287,6 +287,7 @@ void moe_config_free(moe_config *config);
 
 /**
  * Sets E_g, the number of experts in the whole model (≥ 1). Not thread-safe on one config.
+ * Every setter refuses a layer's read-only config (from moe_layer_config).
  */
 moe_status moe_config_set_num_experts(moe_config *config, int64_t num_experts);
 

@@ -124,6 +124,7 @@ pub unsafe extern "C" fn moe_config_free(config: *mut moe_config) {
 }
 
 /// Sets E_g, the number of experts in the whole model (≥ 1). Not thread-safe on one config.
+/// Every setter refuses a layer's read-only config (from moe_layer_config).
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_num_experts(
     config: *mut moe_config,

@@ -123,7 +123,8 @@ pub(crate) unsafe fn tensor_arg(p: *const moe_tensor, name: &str) -> Result<Tens
     );
     let device = device(name, t.device)?;
 
-    if !t.strides.is_null() && ndim > 0 {
+    // Strides of an empty tensor address nothing (NumPy 2 exports zeros for them).
+    if !t.strides.is_null() && ndim > 0 && numel > 0 {
         let strides = std::slice::from_raw_parts(t.strides, ndim);
         let mut expected = [0i64; MAX_NDIM];
         let mut step = 1i64;
