@@ -388,7 +388,8 @@ moe_status moe_config_set_option(moe_config *config, const char *key, const char
 /**
  * Reads a backend option's value as a NUL-terminated string into `buf` (`buf_size` bytes)
  * and its length without the NUL into `*len`. With `buf` NULL and `buf_size` 0 only `*len`
- * is written (to size a buffer). A key that is not set is INVALID_ARGUMENT.
+ * is written (to size a buffer). A key that is not set, or a buffer too small for the value
+ * and its NUL, is INVALID_ARGUMENT, and then nothing is written, `*len` included.
  *
  * # Safety
  * `key` must be a NUL-terminated string; `buf` must hold `buf_size` bytes.
@@ -400,7 +401,8 @@ moe_status moe_config_get_option(const moe_config *config,
                                  size_t *len);
 
 /**
- * Reads E_g. Thread-safe (as every getter, also on a layer's config).
+ * Reads E_g (INVALID_ARGUMENT when it was never set). Thread-safe, as every getter, also on
+ * a layer's config.
  */
 moe_status moe_config_get_num_experts(const moe_config *config, int64_t *out);
 
@@ -410,17 +412,17 @@ moe_status moe_config_get_num_experts(const moe_config *config, int64_t *out);
 moe_status moe_config_get_num_local_experts(const moe_config *config, int64_t *out);
 
 /**
- * Reads K.
+ * Reads K (INVALID_ARGUMENT when it was never set).
  */
 moe_status moe_config_get_top_k(const moe_config *config, int64_t *out);
 
 /**
- * Reads H.
+ * Reads H (INVALID_ARGUMENT when it was never set).
  */
 moe_status moe_config_get_hidden_size(const moe_config *config, int64_t *out);
 
 /**
- * Reads I.
+ * Reads I (INVALID_ARGUMENT when it was never set).
  */
 moe_status moe_config_get_intermediate_size(const moe_config *config, int64_t *out);
 

@@ -37,7 +37,11 @@ pub fn install(a: &Artifacts, prefix: &Path) -> io::Result<()> {
     std::fs::create_dir_all(&include)?;
     std::fs::copy(a.header, include.join("fusedmoe.h"))?;
     let soname = format!("libfusedmoe.so.{}", a.abi);
-    std::fs::copy(a.shared, lib.join(&soname))?;
+    // Copy beside, then rename: a running program keeps the old file instead of seeing it
+    // overwritten under it.
+    let staging = lib.join(format!(".{soname}.new"));
+    std::fs::copy(a.shared, &staging)?;
+    std::fs::rename(&staging, lib.join(&soname))?;
     let link = lib.join("libfusedmoe.so");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&soname, &link)?;

@@ -372,7 +372,8 @@ pub unsafe extern "C" fn moe_config_set_option(
 
 /// Reads a backend option's value as a NUL-terminated string into `buf` (`buf_size` bytes)
 /// and its length without the NUL into `*len`. With `buf` NULL and `buf_size` 0 only `*len`
-/// is written (to size a buffer). A key that is not set is INVALID_ARGUMENT.
+/// is written (to size a buffer). A key that is not set, or a buffer too small for the value
+/// and its NUL, is INVALID_ARGUMENT, and then nothing is written, `*len` included.
 ///
 /// # Safety
 /// `key` must be a NUL-terminated string; `buf` must hold `buf_size` bytes.
@@ -411,7 +412,8 @@ pub unsafe extern "C" fn moe_config_get_option(
     })
 }
 
-/// Reads E_g. Thread-safe (as every getter, also on a layer's config).
+/// Reads E_g (INVALID_ARGUMENT when it was never set). Thread-safe, as every getter, also on
+/// a layer's config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_num_experts(
     config: *const moe_config,
@@ -432,7 +434,7 @@ pub unsafe extern "C" fn moe_config_get_num_local_experts(
     })
 }
 
-/// Reads K.
+/// Reads K (INVALID_ARGUMENT when it was never set).
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_top_k(
     config: *const moe_config,
@@ -441,7 +443,7 @@ pub unsafe extern "C" fn moe_config_get_top_k(
     get(config, out, |c| size_set(c.top_k, "top_k"))
 }
 
-/// Reads H.
+/// Reads H (INVALID_ARGUMENT when it was never set).
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_hidden_size(
     config: *const moe_config,
@@ -450,7 +452,7 @@ pub unsafe extern "C" fn moe_config_get_hidden_size(
     get(config, out, |c| size_set(c.hidden_size, "hidden_size"))
 }
 
-/// Reads I.
+/// Reads I (INVALID_ARGUMENT when it was never set).
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_intermediate_size(
     config: *const moe_config,

@@ -1,0 +1,3 @@
+module fusedmoe
+
+go 1.19
