@@ -13,15 +13,34 @@
 use std::io;
 use std::path::Path;
 
+/// Installs what cargo built into `deps` (target/<profile>/deps: the shared and static
+/// library) with this package's header into `prefix` (absolute), replacing an earlier install.
+pub fn install_built(deps: &Path, prefix: &Path) -> io::Result<()> {
+    let (shared, static_lib) = (deps.join("libfusedmoe.so"), deps.join("libfusedmoe.a"));
+    if !shared.exists() {
+        let missing = format!("no {}: build the library first", shared.display());
+        return Err(io::Error::new(io::ErrorKind::NotFound, missing));
+    }
+    let header = Path::new(env!("CARGO_MANIFEST_DIR")).join("include/fusedmoe.h");
+    let artifacts = Artifacts {
+        shared: &shared,
+        static_lib: static_lib.exists().then_some(static_lib.as_path()),
+        header: &header,
+        version: env!("CARGO_PKG_VERSION"),
+        abi: fusedmoe::ffi::MOE_ABI_VERSION,
+    };
+    install(&artifacts, prefix)
+}
+
 /// What to install: the built library files, the header, and the versions.
-pub struct Artifacts<'a> {
+struct Artifacts<'a> {
     /// The built shared library (target/<profile>/deps/libfusedmoe.so).
-    pub shared: &'a Path,
+    shared: &'a Path,
     /// The built static library, if any.
-    pub static_lib: Option<&'a Path>,
-    pub header: &'a Path,
-    pub version: &'a str,
-    pub abi: u32,
+    static_lib: Option<&'a Path>,
+    header: &'a Path,
+    version: &'a str,
+    abi: u32,
 }
 
 fn write(path: &Path, text: &str) -> io::Result<()> {
@@ -29,9 +48,7 @@ fn write(path: &Path, text: &str) -> io::Result<()> {
     std::fs::write(path, text)
 }
 
-/// Installs into `prefix` (made absolute by the caller), replacing what an earlier install
-/// put there.
-pub fn install(a: &Artifacts, prefix: &Path) -> io::Result<()> {
+fn install(a: &Artifacts, prefix: &Path) -> io::Result<()> {
     let (lib, include) = (prefix.join("lib"), prefix.join("include"));
     std::fs::create_dir_all(&lib)?;
     std::fs::create_dir_all(&include)?;

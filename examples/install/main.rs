@@ -23,23 +23,14 @@ fn main() {
     // This binary sits in target/<profile>/examples; the library it was built with, in deps.
     let exe = std::env::current_exe().expect("own path");
     let deps = exe.parent().unwrap().parent().unwrap().join("deps");
-    let (shared, static_lib) = (deps.join("libfusedmoe.so"), deps.join("libfusedmoe.a"));
-    let header = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("include/fusedmoe.h");
-    let artifacts = layout::Artifacts {
-        shared: &shared,
-        static_lib: static_lib.exists().then_some(static_lib.as_path()),
-        header: &header,
-        version: env!("CARGO_PKG_VERSION"),
-        abi: fusedmoe::ffi::MOE_ABI_VERSION,
-    };
-    if let Err(e) = layout::install(&artifacts, &prefix) {
+    if let Err(e) = layout::install_built(&deps, &prefix) {
         eprintln!("install into {} failed: {e}", prefix.display());
         std::process::exit(1);
     }
     println!(
         "installed fusedmoe {} (ABI {}) into {}",
-        artifacts.version,
-        artifacts.abi,
+        env!("CARGO_PKG_VERSION"),
+        fusedmoe::ffi::MOE_ABI_VERSION,
         prefix.display()
     );
 }

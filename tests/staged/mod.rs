@@ -30,20 +30,7 @@ pub fn prefix() -> &'static PathBuf {
         let name = exe.file_name().unwrap().to_string_lossy().into_owned();
         let prefix = deps_dir().parent().unwrap().join("staged").join(name);
         let _ = std::fs::remove_dir_all(&prefix);
-        let (shared, static_lib) = (
-            deps_dir().join("libfusedmoe.so"),
-            deps_dir().join("libfusedmoe.a"),
-        );
-        assert!(shared.exists(), "no {}", shared.display());
-        let header = repo_root().join("include/fusedmoe.h");
-        let artifacts = layout::Artifacts {
-            shared: &shared,
-            static_lib: static_lib.exists().then_some(static_lib.as_path()),
-            header: &header,
-            version: env!("CARGO_PKG_VERSION"),
-            abi: fusedmoe::ffi::MOE_ABI_VERSION,
-        };
-        layout::install(&artifacts, &prefix).expect("staging the install prefix");
+        layout::install_built(&deps_dir(), &prefix).expect("staging the install prefix");
         prefix
     })
 }
