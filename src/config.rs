@@ -5,7 +5,7 @@ use crate::activation::{ActFn, Activation, GateUpLayout};
 use crate::dtype::DType;
 use crate::error::{ensure, invalid, Result};
 use crate::options::Options;
-use crate::tensor::{Device, DeviceKind};
+use crate::tensor::Device;
 
 /// What the host set. Shape fields start unset; the rest have SGLang's defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -220,12 +220,6 @@ impl Config {
             "no_combine_keep_router_weight: contradicts apply_router_weight_on_input (the router weight would be applied twice)"
         );
         self.options.check_device(self.device.kind)?;
-        if self.device.kind == DeviceKind::Cuda {
-            return Err(crate::error::unsupported!(
-                "device: cuda:{} — this build has no CUDA backend (moe_supports(\"cuda\") is false)",
-                self.device.id
-            ));
-        }
 
         Ok(Validated {
             dims: Dims {

@@ -61,6 +61,7 @@ impl Layer {
     /// Validates the config and checks every weight against it.
     pub fn new(config: &Config, weights: Weights) -> Result<Layer> {
         let v = config.validate()?;
+        let backend = backend::for_device(v.device)?;
         let d = v.dims;
         let (e, n1, h, i) = (
             d.experts as i64,
@@ -116,7 +117,6 @@ impl Layer {
                     })?,
             ),
         };
-        let backend = backend::for_device(v.device)?;
         Ok(Layer {
             config: config.clone(),
             v,

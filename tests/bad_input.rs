@@ -251,11 +251,14 @@ fn table() -> Vec<Bad> {
             },
         ),
         bad(
-            "CUDA device without a CUDA backend",
-            MOE_ERR_UNSUPPORTED,
-            "device: cuda:0",
+            "weights in CUDA managed memory",
+            MOE_ERR_INVALID_ARGUMENT,
+            "w2: device type 13 is not supported",
             |s| {
-                ok(unsafe { moe_config_set_device(s.config, CUDA0) }, "device");
+                s.w2.device = moe_device {
+                    device_type: 13,
+                    device_id: 0,
+                };
                 s.create_layer()
             },
         ),

@@ -233,11 +233,13 @@ def test_cpu_layer_refuses_a_stream():
             plan.prepare(inputs["topk_ids"], workspace, stream=0x1234)
 
 
-def test_unsupported_feature_raises_unsupported():
+def test_a_cuda_layer_that_cannot_run_is_refused_by_name():
+    """DeviceError naming the missing library where CUDA is absent; UnsupportedError where
+    CUDA is present but this build cannot run it yet."""
     if fm.supports("cuda"):
         pytest.skip("this build runs CUDA layers")
     inputs = random_inputs("f32")
-    with pytest.raises(fm.UnsupportedError):
+    with pytest.raises((fm.DeviceError, fm.UnsupportedError), match="device: cuda:0"):
         make_layer(inputs, "f32", device="cuda:0")
 
 

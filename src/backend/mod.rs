@@ -2,6 +2,7 @@
 //! path to the same steps; neither re-validates user input.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::config::Validated;
 use crate::error::Result;
@@ -34,9 +35,7 @@ pub trait Backend: Send + Sync {
 pub fn for_device(device: Device) -> Result<&'static dyn Backend> {
     match device.kind {
         DeviceKind::Cpu => Ok(&cpu::CpuBackend),
-        DeviceKind::Cuda => Err(crate::error::unsupported!(
-            "device: {device}: this build has no CUDA backend"
-        )),
+        DeviceKind::Cuda => cuda::backend(device),
     }
 }
 
