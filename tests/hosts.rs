@@ -97,11 +97,17 @@ fn go_host_passes_go_test() {
         return;
     }
     let prefix = staged::prefix();
+    // A fresh build cache: Go 1.19 reuses a cached cgo package with the -L of the prefix it
+    // was first built against (its cache key leaves out pkg-config's --libs), so a cache
+    // shared with another checkout or staging fails to link.
+    let cache = prefix.parent().unwrap().join("go-build-cache");
+    let _ = std::fs::remove_dir_all(&cache);
     run(
         "Go",
         Command::new("go")
             .args(["test", "-count=1", "./..."])
             .current_dir(example("go"))
+            .env("GOCACHE", &cache)
             .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
             .env("LD_LIBRARY_PATH", prefix.join("lib"))
             .env("GODEBUG", "cgocheck=2"),
