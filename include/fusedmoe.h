@@ -142,6 +142,12 @@ typedef uint32_t moe_status;
 typedef struct moe_config moe_config;
 
 /**
+ * An expert-parallel dispatcher: the global → local expert mapping and its mask. Immutable;
+ * any thread may use it.
+ */
+typedef struct moe_dispatcher moe_dispatcher;
+
+/**
  * A layer: its validated config, the borrowed weights, its tile choice. Immutable; any
  * thread may use it.
  */
@@ -485,6 +491,82 @@ moe_status moe_config_get_inplace(const moe_config *config, bool *out);
  * Reads the device.
  */
 moe_status moe_config_get_device(const moe_config *config, moe_device *out);
+
+/**
+ * Creates the contiguous partition of SPEC §6 for rank `ep_rank` of `ep_size`: with S =
+ * `num_shared_experts` (the last S global ids, replicated on every rank) and R = (E_g − S) /
+ * ep_size, global ids [ep_rank·R, (ep_rank+1)·R) become local 0..R and the shared ones R..R+S;
+ * every other id maps to −1. E_g − S must be a multiple of ep_size. `device` is where
+ * moe_dispatch runs (MOE_DEVICE_CPU today). `out` is written only on success; free it with
+ * moe_dispatcher_free. The dispatcher is immutable and may be used from any thread.
+ */
+moe_status moe_dispatcher_create_contiguous(int64_t num_experts,
+                                            int64_t ep_size,
+                                            int64_t ep_rank,
+                                            int64_t num_shared_experts,
+                                            moe_device device,
+                                            moe_dispatcher **out);
+
+/**
+ * Creates a dispatcher from an explicit table (EPLB-style placements): `mapping` is a host
+ * int32 tensor [E_g] of local ids in [−1, E_local), −1 for experts stored elsewhere, no local
+ * id twice. The table is copied. Otherwise as moe_dispatcher_create_contiguous.
+ *
+ * # Safety
+ * `mapping` must be NULL or a valid `moe_tensor`.
+ */
+moe_status moe_dispatcher_create_mapping(const moe_tensor *mapping,
+                                         int64_t num_local_experts,
+                                         moe_device device,
+                                         moe_dispatcher **out);
+
+/**
+ * Frees a dispatcher. NULL is a no-op; must not be called twice.
+ */
+void moe_dispatcher_free(moe_dispatcher *dispatcher);
+
+/**
+ * Writes E_g, the global expert count. Thread-safe.
+ */
+moe_status moe_dispatcher_num_experts(const moe_dispatcher *dispatcher, int64_t *out);
+
+/**
+ * Writes E_local, the experts this rank stores (what its layer's num_local_experts must be).
+ */
+moe_status moe_dispatcher_num_local_experts(const moe_dispatcher *dispatcher, int64_t *out);
+
+/**
+ * Copies the mapping [E_g] (local id or −1 per global expert) into `dst` (`dst_len`
+ * entries) and writes E_g to `*len`; with `dst` NULL and `dst_len` 0 only `*len` is written.
+ */
+moe_status moe_dispatcher_mapping(const moe_dispatcher *dispatcher,
+                                  int32_t *dst,
+                                  size_t dst_len,
+                                  size_t *len);
+
+/**
+ * Copies the expert mask [E_g] (1 where the global expert is stored here, else 0), like
+ * moe_dispatcher_mapping.
+ */
+moe_status moe_dispatcher_expert_mask(const moe_dispatcher *dispatcher,
+                                      int32_t *dst,
+                                      size_t dst_len,
+                                      size_t *len);
+
+/**
+ * Maps global expert ids to this rank's local ids (SPEC §6): local_topk_ids = topk_ids < 0 ?
+ * −1 : mapping[topk_ids]. Both are int32 or int64 with the same shape (e.g. [M, K]);
+ * `local_topk_ids` may be `topk_ids` itself (same dtype), but may not overlap it otherwise.
+ * Negative ids stay −1. On the CPU an id ≥ E_g is INVALID_ARGUMENT and nothing is written.
+ * `stream` must be NULL for a CPU dispatcher. Thread-safe for distinct outputs.
+ *
+ * # Safety
+ * The tensors must be valid `moe_tensor`s describing host memory as stated.
+ */
+moe_status moe_dispatch(const moe_dispatcher *dispatcher,
+                        const moe_tensor *topk_ids,
+                        const moe_tensor *local_topk_ids,
+                        void *stream);
 
 /**
  * The library's ABI version. A host compares it with MOE_ABI_VERSION from the header it was

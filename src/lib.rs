@@ -9,6 +9,7 @@ pub mod activation;
 pub mod align;
 mod backend;
 pub mod config;
+pub mod dispatch;
 pub mod dtype;
 pub mod ffi;
 pub mod layer;

@@ -149,13 +149,13 @@ fn the_capability_probe_answers_for_this_build() {
         "relu2",
         "option:tile.block_m",
         "option:cpu.num_threads",
+        "dispatch",
     ] {
         assert!(yes(f), "{f}");
     }
     for f in [
         "cuda",
         "lora",
-        "dispatch",
         "fp8_w8a8_block",
         "option:tile.blockm",
         "teleport",

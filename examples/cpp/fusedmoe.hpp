@@ -17,6 +17,11 @@
 //   plan.prepare(layer, fusedmoe::Tensor(ids.data(), {m, 2}), workspace.tensor());
 //   plan.run(layer, fusedmoe::Tensor(x.data(), {m, 64}), fusedmoe::Tensor(w.data(), {m, 2}),
 //            fusedmoe::Tensor(out.data(), {m, 64}));
+//
+// Expert parallelism (SPEC §6): a rank maps global expert ids to its local ones first.
+//   auto dispatcher = fusedmoe::Dispatcher::contiguous(num_experts, ep_size, ep_rank);
+//   dispatcher.dispatch(fusedmoe::Tensor(ids.data(), {m, 2}),
+//                       fusedmoe::Tensor(local_ids.data(), {m, 2}));
 
 #ifndef FUSEDMOE_HPP
 #define FUSEDMOE_HPP
@@ -74,6 +79,25 @@ struct LayerDeleter {
 struct PlanDeleter {
     void operator()(moe_plan* plan) const noexcept { moe_plan_free(plan); }
 };
+struct DispatcherDeleter {
+    void operator()(moe_dispatcher* dispatcher) const noexcept {
+        moe_dispatcher_free(dispatcher);
+    }
+};
+
+// The two-call pattern of the copy-out functions (moe_plan_sorted_route_ids,
+// moe_dispatcher_mapping, ...): ask for the length, then copy.
+template <class Handle>
+std::vector<int32_t> copy_out(moe_status (*copy)(const Handle*, int32_t*, std::size_t,
+                                                 std::size_t*),
+                              const Handle* handle, const char* call) {
+    std::size_t len = 0;
+    check(copy(handle, nullptr, 0, &len), call);
+    std::vector<int32_t> entries(len);
+    check(copy(handle, entries.data(), entries.size(), &len), call);
+    entries.resize(len);
+    return entries;
+}
 
 }  // namespace detail
 
@@ -492,10 +516,10 @@ public:
         return tile;
     }
     std::vector<int32_t> sorted_route_ids() const {
-        return copy_out(moe_plan_sorted_route_ids, "moe_plan_sorted_route_ids");
+        return detail::copy_out(moe_plan_sorted_route_ids, raw(), "moe_plan_sorted_route_ids");
     }
     std::vector<int32_t> block_expert() const {
-        return copy_out(moe_plan_block_expert, "moe_plan_block_expert");
+        return detail::copy_out(moe_plan_block_expert, raw(), "moe_plan_block_expert");
     }
 
 private:
@@ -512,17 +536,83 @@ private:
         detail::check(moe_run(layer.raw(), nullptr, raw(), &x, &w, out, stream), "moe_run");
     }
 
-    // The two-call pattern of the plan's copy-out functions: size, then copy.
-    using CopyFn = moe_status (*)(const moe_plan*, int32_t*, std::size_t, std::size_t*);
-    std::vector<int32_t> copy_out(CopyFn copy, const char* call) const {
-        std::size_t len = 0;
-        detail::check(copy(raw(), nullptr, 0, &len), call);
-        std::vector<int32_t> entries(len);
-        detail::check(copy(raw(), entries.data(), entries.size(), &len), call);
-        return entries;
+    std::unique_ptr<moe_plan, detail::PlanDeleter> plan_;
+};
+
+// ---- expert parallelism (SPEC §6) ------------------------------------------------------
+
+// An immutable expert-parallel dispatcher on the CPU: the global → local expert mapping
+// [E_g] of one rank and its expert mask. Any thread may use it. A rank's layer then has
+// num_experts E_g, num_local_experts() local experts, and local expert l holds the weights of
+// the global expert g with mapping()[g] == l.
+class Dispatcher {
+public:
+    // Takes ownership of a dispatcher made by a moe_dispatcher_create_* call.
+    explicit Dispatcher(moe_dispatcher* owned) noexcept : dispatcher_(owned) {}
+
+    // SPEC §6's contiguous partition for rank ep_rank of ep_size: R = (E_g − S) / ep_size
+    // routed experts per rank, then the S shared experts (the last S global ids), which every
+    // rank stores. E_g − S must be a multiple of ep_size.
+    static Dispatcher contiguous(int64_t num_experts, int64_t ep_size, int64_t ep_rank,
+                                 int64_t num_shared = 0) {
+        moe_dispatcher* dispatcher = nullptr;
+        detail::check(moe_dispatcher_create_contiguous(num_experts, ep_size, ep_rank, num_shared,
+                                                       cpu, &dispatcher),
+                      "moe_dispatcher_create_contiguous");
+        return Dispatcher(dispatcher);
     }
 
-    std::unique_ptr<moe_plan, detail::PlanDeleter> plan_;
+    // An explicit table (EPLB-style placements): mapping[g] is the local id of global expert
+    // g, or -1 where another rank stores it; ids in [-1, num_local_experts), none twice.
+    // The library copies the table.
+    static Dispatcher from_mapping(const std::vector<int32_t>& mapping,
+                                   int64_t num_local_experts) {
+        // raw() points into the view's shape: keep the view alive across the call.
+        const Tensor view(mapping.data(), {static_cast<int64_t>(mapping.size())});
+        const moe_tensor table = view.raw();
+        moe_dispatcher* dispatcher = nullptr;
+        detail::check(
+            moe_dispatcher_create_mapping(&table, num_local_experts, cpu, &dispatcher),
+            "moe_dispatcher_create_mapping");
+        return Dispatcher(dispatcher);
+    }
+
+    const moe_dispatcher* raw() const noexcept { return dispatcher_.get(); }
+
+    // E_g, the experts of the whole model.
+    int64_t num_experts() const {
+        int64_t n = 0;
+        detail::check(moe_dispatcher_num_experts(raw(), &n), "moe_dispatcher_num_experts");
+        return n;
+    }
+    // E_local, the experts this rank stores: what its layer's num_local_experts must be.
+    int64_t num_local_experts() const {
+        int64_t n = 0;
+        detail::check(moe_dispatcher_num_local_experts(raw(), &n),
+                      "moe_dispatcher_num_local_experts");
+        return n;
+    }
+    // [E_g]: the local id of each global expert, -1 where it is stored elsewhere.
+    std::vector<int32_t> mapping() const {
+        return detail::copy_out(moe_dispatcher_mapping, raw(), "moe_dispatcher_mapping");
+    }
+    // [E_g]: 1 where the global expert is stored on this rank, else 0.
+    std::vector<int32_t> expert_mask() const {
+        return detail::copy_out(moe_dispatcher_expert_mask, raw(), "moe_dispatcher_expert_mask");
+    }
+
+    // local_topk_ids = topk_ids < 0 ? -1 : mapping[topk_ids], elementwise. Both int32 or
+    // int64, of one shape (e.g. [M, K]). local_topk_ids may be topk_ids itself (in place,
+    // same dtype) but may not overlap it otherwise. An id >= E_g throws and writes nothing.
+    // stream: NULL, as the dispatcher is on the CPU.
+    void dispatch(const Tensor& topk_ids, const Tensor& local_topk_ids,
+                  void* stream = nullptr) const {
+        const moe_tensor ids = topk_ids.raw(), local = local_topk_ids.raw();
+        detail::check(moe_dispatch(raw(), &ids, &local, stream), "moe_dispatch");
+    }
+
+private:
+    std::unique_ptr<moe_dispatcher, detail::DispatcherDeleter> dispatcher_;
 };
 
 }  // namespace fusedmoe

@@ -1,5 +1,7 @@
 // Runs real MoE layers on the CPU through fusedmoe.hpp and checks them against a naive float64
-// reference written from SPEC.md §2-3; then checks that a bad call throws fusedmoe::Error.
+// reference written from SPEC.md §2-3; then checks that a bad call throws fusedmoe::Error; then
+// the expert-parallel dispatcher (SPEC §6): its mapping and mask, moe_dispatch, bad tables, and
+// four ranks whose outputs sum to the single-rank output.
 // Exits non-zero on any failure. CTest runs it (see CMakeLists.txt).
 
 #include "fusedmoe.hpp"
@@ -350,6 +352,287 @@ void check_bf16_conversion(Checks& checks) {
                   "bf16 conversion rounds to nearest even");
 }
 
+
+// ---- expert parallelism (SPEC §6) -------------------------------------------------------------
+
+using Ids = std::vector<int32_t>;
+
+std::string format_ids(const Ids& ids) {
+    std::string text = "[";
+    for (std::size_t i = 0; i < ids.size(); ++i)
+        text += (i ? "," : "") + std::to_string(ids[i]);
+    return text + "]";
+}
+
+// SPEC §6 read directly: local = id < 0 ? -1 : mapping[id].
+template <class I> Ids expected_local_ids(const std::vector<I>& ids, const Ids& mapping) {
+    Ids local;
+    for (I id : ids) local.push_back(id < 0 ? -1 : mapping[static_cast<std::size_t>(id)]);
+    return local;
+}
+
+// The contiguous partition of SPEC §6, and its example (E_g 9, S 1, ep_size 4, rank 1).
+void check_contiguous_partition(Checks& checks) {
+    const auto d = fusedmoe::Dispatcher::contiguous(9, 4, 1, 1);
+    const Ids mapping = d.mapping(), mask = d.expert_mask();
+    checks.expect(d.num_experts() == 9 && d.num_local_experts() == 3 &&
+                      mapping == Ids{-1, -1, 0, 1, -1, -1, -1, -1, 2} &&
+                      mask == Ids{0, 0, 1, 1, 0, 0, 0, 0, 1},
+                  "dispatcher E_g 9, S 1, ep_size 4, rank 1: mapping " + format_ids(mapping) +
+                      ", mask " + format_ids(mask) + ", E_local 3");
+
+    const auto last = fusedmoe::Dispatcher::contiguous(8, 4, 3);  // S defaults to 0
+    checks.expect(last.num_local_experts() == 2 &&
+                      last.mapping() == Ids{-1, -1, -1, -1, -1, -1, 0, 1} &&
+                      last.expert_mask() == Ids{0, 0, 0, 0, 0, 0, 1, 1},
+                  "dispatcher E_g 8, S 0, ep_size 4, rank 3: mapping " +
+                      format_ids(last.mapping()));
+
+    // Over all ranks: each routed expert on exactly one rank, the shared one on all, and each
+    // rank's local ids a permutation of [0, E_local).
+    Ids ranks_holding(9, 0);
+    bool local_ids_ok = true;
+    for (int64_t rank = 0; rank < 4; ++rank) {
+        const auto r = fusedmoe::Dispatcher::contiguous(9, 4, rank, 1);
+        const Ids map = r.mapping(), rank_mask = r.expert_mask();
+        Ids used(static_cast<std::size_t>(r.num_local_experts()), 0);
+        for (std::size_t g = 0; g < map.size(); ++g) {
+            ranks_holding[g] += rank_mask[g];
+            local_ids_ok &= (map[g] >= 0) == (rank_mask[g] == 1);
+            if (map[g] >= 0) ++used[static_cast<std::size_t>(map[g])];
+        }
+        local_ids_ok &= std::all_of(used.begin(), used.end(), [](int32_t n) { return n == 1; });
+    }
+    checks.expect(local_ids_ok && ranks_holding == Ids{1, 1, 1, 1, 1, 1, 1, 1, 4},
+                  "dispatchers of ranks 0-3 (E_g 9, S 1): experts held per global id " +
+                      format_ids(ranks_holding));
+}
+
+// An explicit (EPLB-style) table reads back as given; its mask follows from it.
+void check_explicit_mapping(Checks& checks) {
+    const Ids table{2, -1, 0, -1, 1};
+    const auto d = fusedmoe::Dispatcher::from_mapping(table, 3);
+    checks.expect(d.num_experts() == 5 && d.num_local_experts() == 3 && d.mapping() == table &&
+                      d.expert_mask() == Ids{1, 0, 1, 0, 1},
+                  "dispatcher from table " + format_ids(table) + ": reads back, mask " +
+                      format_ids(d.expert_mask()));
+}
+
+// moe_dispatch: -1 stays -1, in place works (int32 and int64), an id >= E_g throws and
+// writes nothing.
+void check_dispatch(Checks& checks) {
+    const auto d = fusedmoe::Dispatcher::contiguous(9, 4, 1, 1);
+    const Ids mapping = d.mapping();
+    const int64_t m = 4, k = 3;
+    const Ids ids{2, -1, 8, 3, 0, -1, -1, -1, -1, 7, 8, 2};
+    const Ids expected = expected_local_ids(ids, mapping);
+
+    Ids local(ids.size(), 99);
+    d.dispatch(fusedmoe::Tensor(ids.data(), {m, k}), fusedmoe::Tensor(local.data(), {m, k}));
+    checks.expect(local == expected && expected[1] == -1 && expected[6] == -1,
+                  "dispatch " + format_ids(ids) + " -> " + format_ids(local) + " (-1 stays -1)");
+
+    Ids in_place = ids;
+    const fusedmoe::Tensor in_place_view(in_place.data(), {m, k});
+    d.dispatch(in_place_view, in_place_view);
+    checks.expect(in_place == expected, "dispatch in place (int32)");
+
+    std::vector<int64_t> wide(ids.begin(), ids.end());
+    const fusedmoe::Tensor wide_view(wide.data(), {m, k});
+    d.dispatch(wide_view, wide_view);
+    checks.expect(Ids(wide.begin(), wide.end()) == expected, "dispatch in place (int64)");
+
+    Ids bad = ids, untouched(ids.size(), 99);
+    bad[10] = 9;  // = E_g
+    try {
+        d.dispatch(fusedmoe::Tensor(bad.data(), {m, k}),
+                   fusedmoe::Tensor(untouched.data(), {m, k}));
+        checks.expect(false, "dispatch of id 9 (= E_g): did not throw");
+    } catch (const fusedmoe::Error& e) {
+        checks.expect(e.status() == MOE_ERR_INVALID_ARGUMENT &&
+                          e.message().find("topk_ids") != std::string::npos &&
+                          untouched == Ids(ids.size(), 99),
+                      std::string("dispatch of id 9 (= E_g) throws, writes nothing: ") +
+                          e.what());
+    }
+}
+
+// A bad table throws INVALID_ARGUMENT; the library's own message (not the call name, which
+// contains "mapping" anyway) names the argument.
+void check_bad_table_throws(Checks& checks, const Ids& table, int64_t num_local,
+                            const std::string& what) {
+    try {
+        fusedmoe::Dispatcher::from_mapping(table, num_local);
+        checks.expect(false, what + ": did not throw");
+    } catch (const fusedmoe::Error& e) {
+        checks.expect(e.status() == MOE_ERR_INVALID_ARGUMENT &&
+                          e.message().find("mapping") != std::string::npos,
+                      what + " throws: " + e.what());
+    }
+}
+
+void check_bad_dispatchers_throw(Checks& checks) {
+    check_bad_table_throws(checks, Ids{0, 1, 0, -1}, 2, "table [0,1,0,-1] (local id 0 twice)");
+    check_bad_table_throws(checks, Ids{0, 2}, 2, "table [0,2] with E_local 2 (id out of range)");
+    check_bad_table_throws(checks, Ids{}, 1, "empty table");
+    try {
+        fusedmoe::Dispatcher::contiguous(10, 4, 0);
+        checks.expect(false, "contiguous E_g 10, ep_size 4: did not throw");
+    } catch (const fusedmoe::Error& e) {
+        checks.expect(e.status() == MOE_ERR_INVALID_ARGUMENT &&
+                          e.message().find("ep_size") != std::string::npos,
+                      std::string("contiguous E_g 10, ep_size 4 throws: ") + e.what());
+    }
+}
+
+struct EpCase {
+    int64_t experts;  // E_g
+    int64_t shared;   // S
+};
+
+constexpr int64_t ep_size = 4;
+
+// Global routes: K − S distinct routed experts per token, then, with S = 1, the shared expert
+// as the last route (as with fused shared experts); some routes dropped (-1).
+Ids ep_routes(const Dims& d, int64_t shared, std::mt19937& rng) {
+    Ids routed(elements(d.experts - shared)), ids;
+    std::iota(routed.begin(), routed.end(), 0);
+    for (int64_t m = 0; m < d.tokens; ++m) {
+        std::shuffle(routed.begin(), routed.end(), rng);
+        for (int64_t k = 0; k < d.top_k; ++k) {
+            const bool is_shared = k >= d.top_k - shared;
+            const int32_t e = is_shared ? static_cast<int32_t>(d.experts - 1) : routed[k];
+            ids.push_back(route_is_dropped(m, m * d.top_k + k) ? -1 : e);
+        }
+    }
+    return ids;
+}
+
+// Every rank stores the shared experts, but each route must be computed once for the ranks'
+// outputs to sum to the single-rank one: the host lets one replica serve a token's shared
+// routes (here token m goes to rank m mod ep_size) and drops them on the other ranks.
+void drop_shared_routes_served_elsewhere(Ids& local, const Ids& global, const Dims& d,
+                                         const EpCase& ep, int64_t rank) {
+    for (int64_t m = 0; m < d.tokens; ++m)
+        for (int64_t k = 0; k < d.top_k; ++k) {
+            const std::size_t r = elements(m * d.top_k + k);
+            if (global[r] >= d.experts - ep.shared && m % ep_size != rank) local[r] = -1;
+        }
+}
+
+// One rank's slice of the full weights: local expert l holds global expert g where
+// mapping[g] == l.
+struct RankWeights {
+    std::vector<float> w13, w2, b13, b2;
+
+    RankWeights(const Problem<float>& p, const Ids& mapping, int64_t num_local) {
+        const Dims& d = p.d;
+        const int64_t w13_block = p.n1 * d.hidden, w2_block = d.hidden * d.intermediate;
+        w13.resize(elements(num_local * w13_block));
+        w2.resize(elements(num_local * w2_block));
+        b13.resize(elements(num_local * p.n1));
+        b2.resize(elements(num_local * d.hidden));
+        for (std::size_t g = 0; g < mapping.size(); ++g) {
+            if (mapping[g] < 0) continue;
+            const int64_t e = static_cast<int64_t>(g), l = mapping[g];
+            copy_block(p.w13, e, w13, l, w13_block);
+            copy_block(p.w2, e, w2, l, w2_block);
+            copy_block(p.b13, e, b13, l, p.n1);
+            copy_block(p.b2, e, b2, l, d.hidden);
+        }
+    }
+
+    static void copy_block(const std::vector<float>& from, int64_t e, std::vector<float>& to,
+                           int64_t l, int64_t block) {
+        std::copy_n(from.begin() + e * block, block, to.begin() + l * block);
+    }
+};
+
+// ‖sum − single‖ / ‖single‖.
+double relative_difference(const std::vector<double>& sum, const std::vector<float>& single) {
+    double diff = 0, norm = 0;
+    for (std::size_t i = 0; i < single.size(); ++i) {
+        diff += (sum[i] - single[i]) * (sum[i] - single[i]);
+        norm += double(single[i]) * single[i];
+    }
+    return std::sqrt(diff / norm);
+}
+
+// ep_size ranks, each with its dispatcher, its local ids and its slice of the weights: the
+// sum of their outputs is the single-rank output (SPEC §6).
+void check_expert_parallel(Checks& checks, const EpCase& ep, unsigned seed) {
+    const Case c{"silu, gated, biases, scaling 2.5", Activation::silu, true, 2.5f};
+    const std::string title = "EP f32 E_g " + std::to_string(ep.experts) + ", S " +
+                              std::to_string(ep.shared) + ", ep_size " +
+                              std::to_string(ep_size);
+    Dims d;
+    d.experts = ep.experts;
+    std::mt19937 rng(seed);
+    Problem<float> p(d, c.gated, rng);
+    p.topk_ids = ep_routes(d, ep.shared, rng);
+
+    // The single rank: every expert, every bias.
+    {
+        const fusedmoe::Layer layer = make_layer(c, p);
+        fusedmoe::Workspace workspace(layer.workspace_size(d.tokens));
+        fusedmoe::Plan plan(layer);
+        plan.prepare(layer, p.ids_tensor(), workspace.tensor());
+        p.poison_out();
+        plan.run(layer, p.hidden_tensor(), p.weights_tensor(), p.out_tensor());
+    }
+    const double single_error = relative_error(p.out, reference(c, p));
+    checks.expect(single_error <= 1e-5,
+                  title + ": single rank vs reference: " + format_error(single_error, 1e-5));
+
+    std::vector<double> sum(p.out.size(), 0.0);
+    std::vector<float> rank_out(p.out.size());
+    int64_t routes_served = 0;
+    for (int64_t rank = 0; rank < ep_size; ++rank) {
+        const auto dispatcher = fusedmoe::Dispatcher::contiguous(ep.experts, ep_size, rank,
+                                                                 ep.shared);
+        const int64_t num_local = dispatcher.num_local_experts();
+        Ids local(p.topk_ids.size(), 99);
+        dispatcher.dispatch(p.ids_tensor(), fusedmoe::Tensor(local.data(), {d.tokens, d.top_k}));
+        drop_shared_routes_served_elsewhere(local, p.topk_ids, d, ep, rank);
+        routes_served +=
+            std::count_if(local.begin(), local.end(), [](int32_t l) { return l >= 0; });
+
+        RankWeights w(p, dispatcher.mapping(), num_local);
+        fusedmoe::Config config = make_config<float>(c, d);  // num_experts E_g
+        config.set_num_local_experts(num_local);
+        const fusedmoe::Layer layer(
+            config, fusedmoe::Tensor(w.w13.data(), {num_local, p.n1, d.hidden}),
+            fusedmoe::Tensor(w.w2.data(), {num_local, d.hidden, d.intermediate}),
+            fusedmoe::Tensor(w.b13.data(), {num_local, p.n1}),
+            fusedmoe::Tensor(w.b2.data(), {num_local, d.hidden}));
+        fusedmoe::Workspace workspace(layer.workspace_size(d.tokens));
+        fusedmoe::Plan plan(layer);
+        plan.prepare(layer, fusedmoe::Tensor(local.data(), {d.tokens, d.top_k}),
+                     workspace.tensor());
+        std::fill(rank_out.begin(), rank_out.end(), nan_value<float>());
+        plan.run(layer, p.hidden_tensor(), p.weights_tensor(),
+                 fusedmoe::Tensor(rank_out.data(), {d.tokens, d.hidden}));
+        for (std::size_t i = 0; i < sum.size(); ++i) sum[i] += rank_out[i];
+    }
+    const auto kept = std::count_if(p.topk_ids.begin(), p.topk_ids.end(),
+                                    [](int32_t e) { return e >= 0; });
+    checks.expect(routes_served == kept, title + ": the ranks serve each of the " +
+                                             std::to_string(kept) + " kept routes once");
+    const double error = relative_difference(sum, p.out);
+    checks.expect(error <= 1e-5,
+                  title + ": sum of the ranks vs single rank: " + format_error(error, 1e-5));
+}
+
+void check_dispatcher(Checks& checks) {
+    checks.expect(fusedmoe::supports("dispatch"), "moe_supports(\"dispatch\")");
+    check_contiguous_partition(checks);
+    check_explicit_mapping(checks);
+    check_dispatch(checks);
+    check_bad_dispatchers_throw(checks);
+    check_expert_parallel(checks, EpCase{8, 0}, 11);
+    check_expert_parallel(checks, EpCase{9, 1}, 12);
+}
+
 void check_all(Checks& checks) {
     const Case cases[] = {
         {"silu, gated, biases, dropped routes", Activation::silu, true, 1.0f},
@@ -362,6 +645,7 @@ void check_all(Checks& checks) {
         check_case<bf16>(checks, c, seed++);
     }
     check_bad_hidden_throws(checks, cases[0]);
+    check_dispatcher(checks);
 }
 
 }  // namespace

@@ -61,3 +61,26 @@ func ExampleLayer_Forward() {
 	// out[1][0..3] = 0.00600 0.01012 0.00930
 	// out[2][0..3] = 0.00950 0.01285 0.01132
 }
+
+// Rank 1 of 4 in expert parallelism over 9 experts, the last one shared by every rank: its
+// layer stores 3 experts, and Dispatch turns the router's global ids into their local ids.
+func ExampleDispatcher() {
+	d, err := fusedmoe.NewContiguousDispatcher(9, 4, 1, 1)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer d.Close()
+	fmt.Println("local experts:", d.NumLocalExperts())
+	fmt.Println("mapping:", d.Mapping())
+	fmt.Println("mask:   ", d.ExpertMask())
+	ids := []int32{2, 8, 5, -1, 3, 0} // [M=3, K=2], global ids; dispatched in place
+	if err := d.Dispatch(ids, ids); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("local ids:", ids)
+	// Output:
+	// local experts: 3
+	// mapping: [-1 -1 0 1 -1 -1 -1 -1 2]
+	// mask:    [0 0 1 1 0 0 0 0 1]
+	// local ids: [0 2 -1 -1 1 -1]
+}

@@ -2,10 +2,12 @@
 // libfusedmoe (include/fusedmoe.h).
 //
 // A Config describes a layer; NewLayer validates it with the expert weights; Layer.Forward runs
-// one batch, and a Plan runs many batches with one workspace. Every handle has an idempotent
-// Close, and a finalizer frees a handle that was never closed. A Config and a Plan are used by
-// one goroutine at a time; a Layer may be shared by any number of goroutines. Failures are
-// *Error values, which match ErrInvalidArgument and its siblings under errors.Is.
+// one batch, and a Plan runs many batches with one workspace. For expert parallelism, a
+// Dispatcher maps the router's global expert ids to the local ids of one rank's layer. Every
+// handle has an idempotent Close, and a finalizer frees a handle that was never closed. A
+// Config and a Plan are used by one goroutine at a time; a Layer and a Dispatcher may be shared
+// by any number of goroutines. Failures are *Error values, which match ErrInvalidArgument and
+// its siblings under errors.Is.
 package fusedmoe
 
 /*
@@ -22,7 +24,7 @@ import (
 
 // frees counts the handles freed, by Close or by a finalizer; tests read it to see that a
 // finalizer frees what was never closed.
-var frees struct{ configs, layers, plans atomic.Int64 }
+var frees struct{ configs, layers, plans, dispatchers atomic.Int64 }
 
 // Version is the library's version, e.g. "0.1.0".
 func Version() string {

@@ -6,6 +6,12 @@
     with fusedmoe.Layer(config, w13, w2) as layer:          # the weights are borrowed, not copied
         out = layer.forward(hidden, topk_ids, topk_weights)  # or Plan(layer).prepare(...).run(...)
 
+Expert parallelism (SPEC §6): a Dispatcher maps global expert ids to this rank's local ones,
+which a layer with num_local_experts = dispatcher.num_local_experts then runs:
+
+    with fusedmoe.Dispatcher.contiguous(num_experts=8, ep_size=2, ep_rank=1) as dispatcher:
+        local_ids = dispatcher.dispatch(topk_ids)           # or dispatch(ids, out=ids): in place
+
 Tensors are any object with `__dlpack__` (NumPy, PyTorch, CuPy): the library reads and writes
 their memory in place; nothing is ever copied. Every failing call raises a FusedMoEError
 subclass carrying the library's message, which names the argument ("hidden: dtype ...").
@@ -87,6 +93,10 @@ class moe_plan(ctypes.Structure):
     """Opaque."""
 
 
+class moe_dispatcher(ctypes.Structure):
+    """Opaque."""
+
+
 class moe_dtype(ctypes.Structure):
     """DLPack's DLDataType."""
 
@@ -130,6 +140,7 @@ TileConfig = namedtuple("TileConfig", [name for name, _ in moe_tile_config._fiel
 _config_p = POINTER(moe_config)
 _layer_p = POINTER(moe_layer)
 _plan_p = POINTER(moe_plan)
+_dispatcher_p = POINTER(moe_dispatcher)
 _tensor_p = POINTER(moe_tensor)
 
 # name: (restype, argtypes), in the header's order. test_fusedmoe.py diffs it with the header.
@@ -176,6 +187,26 @@ SIGNATURES = {
     "moe_config_get_no_combine_keep_router_weight": (moe_status, [_config_p, POINTER(c_bool)]),
     "moe_config_get_inplace": (moe_status, [_config_p, POINTER(c_bool)]),
     "moe_config_get_device": (moe_status, [_config_p, POINTER(moe_device)]),
+    "moe_dispatcher_create_contiguous": (
+        moe_status,
+        [c_int64, c_int64, c_int64, c_int64, moe_device, POINTER(_dispatcher_p)],
+    ),
+    "moe_dispatcher_create_mapping": (
+        moe_status,
+        [_tensor_p, c_int64, moe_device, POINTER(_dispatcher_p)],
+    ),
+    "moe_dispatcher_free": (None, [_dispatcher_p]),
+    "moe_dispatcher_num_experts": (moe_status, [_dispatcher_p, POINTER(c_int64)]),
+    "moe_dispatcher_num_local_experts": (moe_status, [_dispatcher_p, POINTER(c_int64)]),
+    "moe_dispatcher_mapping": (
+        moe_status,
+        [_dispatcher_p, POINTER(c_int32), c_size_t, POINTER(c_size_t)],
+    ),
+    "moe_dispatcher_expert_mask": (
+        moe_status,
+        [_dispatcher_p, POINTER(c_int32), c_size_t, POINTER(c_size_t)],
+    ),
+    "moe_dispatch": (moe_status, [_dispatcher_p, _tensor_p, _tensor_p, c_void_p]),
     "moe_abi_version": (c_uint32, []),
     "moe_version": (c_char_p, []),
     "moe_status_string": (c_char_p, [c_uint32]),
@@ -339,7 +370,7 @@ def status_string(status):
 
 def supports(feature):
     """Whether this build, on this machine, can run `feature` ("cuda", "bf16", "swiglu_oai",
-    "option:tile.block_m", ...)."""
+    "dispatch", "option:tile.block_m", ...)."""
     return lib.moe_supports(feature.encode())
 
 
@@ -412,7 +443,8 @@ def aligned_empty(nbytes, alignment=WORKSPACE_ALIGNMENT):
     return buffer[start : start + nbytes]
 
 
-def _empty_like(array, shape, workspace=False):
+def _empty_like(array, shape, workspace=False, caller="Layer.forward",
+                hint="pass out=, or use Plan with a workspace of your own"):
     """A new array on `array`'s device: `shape` in its dtype, or a workspace of shape bytes."""
     if isinstance(array, np.ndarray):
         return aligned_empty(shape[0]) if workspace else np.empty(shape, dtype=array.dtype)
@@ -421,8 +453,7 @@ def _empty_like(array, shape, workspace=False):
 
         return array.new_empty(shape, dtype=torch.uint8 if workspace else array.dtype)
     raise TypeError(
-        f"Layer.forward allocates NumPy and torch arrays only, not {type(array).__name__}: "
-        "pass out=, or use Plan with a workspace of your own"
+        f"{caller} allocates NumPy and torch arrays only, not {type(array).__name__}: {hint}"
     )
 
 
@@ -463,6 +494,21 @@ def _new_handle(create, handle_type, *args):
     out = POINTER(handle_type)()
     create(*args, byref(out))
     return out
+
+
+def _read_scalar(getter, handle, ctype):
+    value = ctype()
+    getter(handle, byref(value))
+    return value.value
+
+
+def _copy_int32(copy, handle):
+    """An int32 NumPy array from a (handle, dst, dst_len, *len) copy function: sized first."""
+    length = c_size_t()
+    copy(handle, None, 0, byref(length))
+    values = np.empty(length.value, dtype=np.int32)
+    copy(handle, values.ctypes.data_as(POINTER(c_int32)), values.size, byref(length))
+    return values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,13 +806,99 @@ class Plan(Managed):
         return self._copy_ids(lib.moe_plan_block_expert)
 
     def _read(self, getter, ctype):
-        value = ctype()
-        getter(self.ptr, byref(value))
-        return value.value
+        return _read_scalar(getter, self.ptr, ctype)
 
     def _copy_ids(self, copy):
-        length = c_size_t()
-        copy(self.ptr, None, 0, byref(length))
-        ids = np.empty(length.value, dtype=np.int32)
-        copy(self.ptr, ids.ctypes.data_as(POINTER(c_int32)), ids.size, byref(length))
-        return ids
+        return _copy_int32(copy, self.ptr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert parallelism (SPEC §6).
+
+
+class Dispatcher(Managed):
+    """An expert-parallel dispatcher: the global -> local expert mapping of one rank and its
+    expert mask. Made by Dispatcher.contiguous(...) or Dispatcher.from_mapping(...);
+    immutable, any thread may use it.
+
+    A rank's layer is made with num_experts = dispatcher.num_experts and num_local_experts =
+    dispatcher.num_local_experts, and local expert l holds the weights of the global expert g
+    with mapping[g] == l; dispatch() turns the router's global ids into its local ids."""
+
+    def __init__(self, *_args, **_kwargs):
+        raise TypeError(
+            "make a Dispatcher with Dispatcher.contiguous(...) or Dispatcher.from_mapping(...)"
+        )
+
+    @classmethod
+    def _adopt(cls, handle):
+        dispatcher = cls.__new__(cls)
+        Managed.__init__(dispatcher, handle, lib.moe_dispatcher_free)
+        return dispatcher
+
+    @classmethod
+    def contiguous(cls, num_experts, ep_size, ep_rank, num_shared_experts=0, device="cpu"):
+        """The contiguous partition for rank `ep_rank` of `ep_size`: with S =
+        `num_shared_experts` (the last S global ids, replicated on every rank) and
+        R = (num_experts - S) / ep_size, global ids [ep_rank*R, (ep_rank+1)*R) become local
+        0..R-1 and the shared ones R..R+S-1; every other id maps to -1."""
+        return cls._adopt(
+            _new_handle(
+                lib.moe_dispatcher_create_contiguous, moe_dispatcher, num_experts, ep_size,
+                ep_rank, num_shared_experts, _device_to_c(device),
+            )
+        )
+
+    @classmethod
+    def from_mapping(cls, mapping, num_local_experts, device="cpu"):
+        """An explicit table (EPLB-style placements): `mapping` is a 1-D int32 host array
+        [num_experts] of local ids in [-1, num_local_experts), -1 for experts stored
+        elsewhere, no local id twice. The library copies it. Arrays are passed as they are
+        (another dtype is refused, naming "mapping"); a list or tuple becomes int32."""
+        if isinstance(mapping, (list, tuple)):
+            mapping = np.array(mapping, dtype=np.int32)
+        table = _borrow(mapping)
+        return cls._adopt(
+            _new_handle(
+                lib.moe_dispatcher_create_mapping, moe_dispatcher, table.tensor,
+                num_local_experts, _device_to_c(device),
+            )
+        )
+
+    @property
+    def num_experts(self):
+        """E_g, the experts of the whole model: the length of mapping."""
+        return _read_scalar(lib.moe_dispatcher_num_experts, self.ptr, c_int64)
+
+    @property
+    def num_local_experts(self):
+        """E_local, the experts this rank stores (its layer's num_local_experts)."""
+        return _read_scalar(lib.moe_dispatcher_num_local_experts, self.ptr, c_int64)
+
+    @property
+    def mapping(self):
+        """int32 [num_experts]: the local id of each global expert, -1 where stored elsewhere
+        (a copy)."""
+        return _copy_int32(lib.moe_dispatcher_mapping, self.ptr)
+
+    @property
+    def expert_mask(self):
+        """int32 [num_experts]: 1 where the global expert is stored on this rank, else 0 (a
+        copy)."""
+        return _copy_int32(lib.moe_dispatcher_expert_mask, self.ptr)
+
+    def dispatch(self, topk_ids, out=None, stream=None):
+        """Maps global expert ids topk_ids (int32 or int64, e.g. [M, K]) to this rank's local
+        ids: -1 where the id is negative or the expert is stored elsewhere. Returns `out`
+        (allocated like topk_ids when None); out=topk_ids maps in place. An id >=
+        num_experts is refused and nothing is written. `stream`: as Plan.prepare (None on
+        the CPU)."""
+        if stream is None:
+            stream = _current_stream(topk_ids)
+        if out is None:
+            out = _empty_like(topk_ids, tuple(topk_ids.shape), caller="Dispatcher.dispatch",
+                              hint="pass out=")
+        ids = _borrow(topk_ids, stream)
+        local = ids if out is topk_ids else _borrow(out, stream)
+        lib.moe_dispatch(self.ptr, ids.tensor, local.tensor, stream)
+        return out

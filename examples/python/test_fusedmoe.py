@@ -413,8 +413,8 @@ C_TYPES = {
     "uint64_t": ctypes.c_uint64, "int32_t": ctypes.c_int32, "int64_t": ctypes.c_int64,
     "size_t": ctypes.c_size_t,
 }
-for _struct in ("moe_config", "moe_layer", "moe_lora", "moe_plan", "moe_dtype", "moe_device",
-                "moe_tensor", "moe_tile_config"):
+for _struct in ("moe_config", "moe_layer", "moe_lora", "moe_plan", "moe_dispatcher", "moe_dtype",
+                "moe_device", "moe_tensor", "moe_tile_config"):
     C_TYPES[_struct] = getattr(fm, _struct)
 
 

@@ -126,6 +126,12 @@ impl Buffer {
         }
     }
 
+    /// The elements of an int32 buffer.
+    pub fn to_i32(&mut self) -> Vec<i32> {
+        let n = self.numel();
+        unsafe { std::slice::from_raw_parts(self.ptr() as *const i32, n) }.to_vec()
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product::<i64>() as usize
     }
@@ -241,6 +247,19 @@ impl Layer {
         max_tokens: usize,
         options: &[(&str, &str)],
     ) -> Layer {
+        Layer::new_local(s, s.experts, dt, device, w, max_tokens, options)
+    }
+
+    /// A rank's layer under expert parallelism: `s.experts` local experts of `global_experts`.
+    pub fn new_local(
+        s: Shape,
+        global_experts: usize,
+        dt: Dtype,
+        device: &str,
+        w: &mut Weights,
+        max_tokens: usize,
+        options: &[(&str, &str)],
+    ) -> Layer {
         let dev = match device {
             "cpu" => moe_device {
                 device_type: MOE_DEVICE_CPU,
@@ -258,8 +277,12 @@ impl Layer {
         unsafe {
             check(moe_config_create(&mut config), "moe_config_create");
             check(
-                moe_config_set_num_experts(config, s.experts as i64),
+                moe_config_set_num_experts(config, global_experts as i64),
                 "num_experts",
+            );
+            check(
+                moe_config_set_num_local_experts(config, s.experts as i64),
+                "num_local_experts",
             );
             check(moe_config_set_top_k(config, s.top_k as i64), "top_k");
             check(

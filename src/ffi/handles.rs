@@ -10,6 +10,7 @@ use std::sync::Arc;
 const CONFIG_MAGIC: u64 = u64::from_le_bytes(*b"moe:cfg\0");
 const LAYER_MAGIC: u64 = u64::from_le_bytes(*b"moe:lyr\0");
 const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"moe:pln\0");
+const DISPATCHER_MAGIC: u64 = u64::from_le_bytes(*b"moe:dsp\0");
 /// Written over a handle's magic when it is freed.
 const DEAD_MAGIC: u64 = u64::from_le_bytes(*b"moe:dead");
 
@@ -35,6 +36,13 @@ pub struct moe_layer {
 pub struct moe_plan {
     magic: u64,
     pub(crate) plan: Plan,
+}
+
+/// An expert-parallel dispatcher: the global → local expert mapping and its mask. Immutable;
+/// any thread may use it.
+pub struct moe_dispatcher {
+    magic: u64,
+    pub(crate) dispatcher: crate::dispatch::Dispatcher,
 }
 
 /// A LoRA wrapper over a layer (SPEC §7). Declared so moe_run's signature is final; this
@@ -68,6 +76,7 @@ macro_rules! handle {
 handle!(moe_config, CONFIG_MAGIC, "moe_config");
 handle!(moe_layer, LAYER_MAGIC, "moe_layer");
 handle!(moe_plan, PLAN_MAGIC, "moe_plan");
+handle!(moe_dispatcher, DISPATCHER_MAGIC, "moe_dispatcher");
 
 /// Checks a handle argument: NULL, alignment, and the magic word.
 ///
@@ -131,6 +140,15 @@ impl moe_layer {
             magic: LAYER_MAGIC,
             layer: Arc::new(layer),
             config,
+        }
+    }
+}
+
+impl moe_dispatcher {
+    pub(crate) fn new(dispatcher: crate::dispatch::Dispatcher) -> Self {
+        moe_dispatcher {
+            magic: DISPATCHER_MAGIC,
+            dispatcher,
         }
     }
 }

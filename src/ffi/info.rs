@@ -69,7 +69,12 @@ static FEATURES: Lazy<HashSet<String>> = Lazy::new(|| {
         "inplace",
     ]
     .into_iter()
-    .chain(["router_weight_on_input", "interleaved", "tile_table"])
+    .chain([
+        "router_weight_on_input",
+        "interleaved",
+        "tile_table",
+        "dispatch",
+    ])
     .map(String::from)
     .collect();
     f.extend(Activation::ALL.iter().map(|a| a.name().to_string()));

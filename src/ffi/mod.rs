@@ -3,6 +3,7 @@
 #![allow(non_camel_case_types)]
 
 pub mod config;
+pub mod dispatch;
 pub mod handles;
 pub mod info;
 pub mod layer;
@@ -11,7 +12,8 @@ pub mod status;
 pub mod tensor;
 
 pub use config::*;
-pub use handles::{moe_config, moe_layer, moe_lora, moe_plan};
+pub use dispatch::*;
+pub use handles::{moe_config, moe_dispatcher, moe_layer, moe_lora, moe_plan};
 pub use info::*;
 pub use layer::*;
 pub use run::*;

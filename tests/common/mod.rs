@@ -491,7 +491,8 @@ impl Setup {
         s
     }
 
-    /// moe_layer_create from the current config and weights (frees a previous layer).
+    /// moe_layer_create from the current config and weights (replaces a previous layer and
+    /// its plan).
     pub fn create_layer(&mut self) -> moe_status {
         let w13 = self.w13.raw();
         let w2 = self.w2.raw();
@@ -511,6 +512,15 @@ impl Setup {
         if s == moe_status::MOE_OK {
             unsafe { moe_layer_free(self.layer) };
             self.layer = layer;
+            if !self.plan.is_null() {
+                // a plan belongs to one layer: make a new one for the new layer
+                unsafe { moe_plan_free(self.plan) };
+                self.plan = null_mut();
+                ok(
+                    unsafe { moe_plan_create(self.layer, &mut self.plan) },
+                    "moe_plan_create",
+                );
+            }
         }
         s
     }
