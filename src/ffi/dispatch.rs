@@ -3,10 +3,10 @@
 
 use super::handles::{free_boxed, handle_ref, moe_dispatcher};
 use super::status::{guard, moe_status};
-use super::tensor::{check_device, moe_device, moe_tensor, out_arg, tensor_arg};
+use super::tensor::{check_device, copy_i32_out, moe_device, moe_tensor, out_arg, tensor_arg};
 use crate::dispatch::Dispatcher;
 use crate::dtype::ElemType;
-use crate::error::{ensure, Result};
+use crate::error::ensure;
 use std::ffi::c_void;
 
 fn boxed(d: Dispatcher, out: &mut *mut moe_dispatcher) {
@@ -107,24 +107,6 @@ pub unsafe extern "C" fn moe_dispatcher_num_local_experts(
     })
 }
 
-unsafe fn copy_out(values: &[i32], dst: *mut i32, dst_len: usize, len: *mut usize) -> Result<()> {
-    ensure!(
-        !dst.is_null() || dst_len == 0,
-        "dst: NULL with dst_len {dst_len}"
-    );
-    let len = out_arg(len, "len")?;
-    if !dst.is_null() {
-        ensure!(
-            dst_len >= values.len(),
-            "dst_len: {dst_len}, the table holds {} entries",
-            values.len()
-        );
-        std::ptr::copy_nonoverlapping(values.as_ptr(), dst, values.len());
-    }
-    *len = values.len();
-    Ok(())
-}
-
 /// Copies the mapping [E_g] (local id or −1 per global expert) into `dst` (`dst_len`
 /// entries) and writes E_g to `*len`; with `dst` NULL and `dst_len` 0 only `*len` is written.
 #[no_mangle]
@@ -135,7 +117,7 @@ pub unsafe extern "C" fn moe_dispatcher_mapping(
     len: *mut usize,
 ) -> moe_status {
     guard(|| {
-        copy_out(
+        copy_i32_out(
             &handle_ref(dispatcher, "dispatcher")?.dispatcher.mapping,
             dst,
             dst_len,
@@ -154,7 +136,7 @@ pub unsafe extern "C" fn moe_dispatcher_expert_mask(
     len: *mut usize,
 ) -> moe_status {
     guard(|| {
-        copy_out(
+        copy_i32_out(
             &handle_ref(dispatcher, "dispatcher")?
                 .dispatcher
                 .expert_mask(),

@@ -3,8 +3,8 @@
 
 use super::handles::{free_boxed, handle_mut, handle_ref, moe_layer, moe_lora, moe_plan};
 use super::status::{guard, moe_status};
-use super::tensor::{moe_tensor, optional_tensor_arg, out_arg, tensor_arg};
-use crate::error::{ensure, invalid, unsupported, Result};
+use super::tensor::{copy_i32_out, moe_tensor, optional_tensor_arg, out_arg, tensor_arg};
+use crate::error::{invalid, unsupported, Result};
 use crate::plan::{self, Plan, Prepared};
 use crate::workspace::{section_mut, Section};
 use std::ffi::c_void;
@@ -180,23 +180,8 @@ unsafe fn copy_section(
 ) -> moe_status {
     guard(|| {
         let p = prepared(handle_ref(plan, "plan")?)?;
-        ensure!(
-            !dst.is_null() || dst_len == 0,
-            "dst: NULL with dst_len {dst_len}"
-        );
-        let len = out_arg(len, "len")?;
-        let s = pick(p);
-        if !dst.is_null() {
-            ensure!(
-                dst_len >= s.len,
-                "dst_len: {dst_len}, the plan holds {} entries",
-                s.len
-            );
-            let src: &[i32] = section_mut(p.workspace, s);
-            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, s.len);
-        }
-        *len = s.len;
-        Ok(())
+        let values: &[i32] = section_mut(p.workspace, pick(p));
+        copy_i32_out(values, dst, dst_len, len)
     })
 }
 

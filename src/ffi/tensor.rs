@@ -195,3 +195,31 @@ pub(crate) unsafe fn str_arg<'a>(p: *const std::ffi::c_char, name: &str) -> Resu
 pub(crate) fn out_arg<'a, T>(p: *mut T, name: &str) -> Result<&'a mut T> {
     unsafe { p.as_mut() }.ok_or_else(|| invalid!("{name}: NULL"))
 }
+
+/// Copies `values` into a caller's int32 array of `dst_len` entries and writes the count to
+/// `*len`. With `dst` NULL and `dst_len` 0 only `*len` is written (to size an array).
+///
+/// # Safety
+/// `dst` must be NULL or hold `dst_len` writable entries.
+pub(crate) unsafe fn copy_i32_out(
+    values: &[i32],
+    dst: *mut i32,
+    dst_len: usize,
+    len: *mut usize,
+) -> Result<()> {
+    ensure!(
+        !dst.is_null() || dst_len == 0,
+        "dst: NULL with dst_len {dst_len}"
+    );
+    let len = out_arg(len, "len")?;
+    if !dst.is_null() {
+        ensure!(
+            dst_len >= values.len(),
+            "dst_len: {dst_len}, the array holds {} entries",
+            values.len()
+        );
+        std::ptr::copy_nonoverlapping(values.as_ptr(), dst, values.len());
+    }
+    *len = values.len();
+    Ok(())
+}
