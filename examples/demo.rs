@@ -108,6 +108,11 @@ fn main() {
     let f32_dt = Dtype::F32;
     let mut weights = Buffer::from_f32(f32_dt, &[m, s.top_k as i64], &weights_v);
     let mut out = Buffer::zeros(dt.dl(), &[m, s.hidden as i64]);
+    if let Some(stream) = layer.stream() {
+        for b in [&mut hidden, &mut ids, &mut weights, &mut out] {
+            b.to_device(&stream);
+        }
+    }
 
     let seconds = median_seconds(5, || {
         layer.forward(&mut hidden, &mut ids, &mut weights, &mut out)

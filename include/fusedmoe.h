@@ -646,6 +646,15 @@ moe_status moe_layer_config(const moe_layer *layer, const moe_config **out);
 moe_status moe_workspace_size(const moe_layer *layer, int64_t max_tokens, size_t *bytes);
 
 /**
+ * Compiles and loads every kernel variant the layer may use for batches of up to
+ * `max_tokens` tokens (NVRTC runs here, not in the first moe_prepare/moe_run; compiled
+ * kernels are also cached on disk under FUSEDMOE_CACHE_DIR). Call it before capturing
+ * moe_prepare and moe_run into a CUDA graph. `stream`: as moe_prepare (nothing is launched on
+ * it). A CPU layer has nothing to compile: MOE_OK. Thread-safe.
+ */
+moe_status moe_warmup(const moe_layer *layer, int64_t max_tokens, void *stream);
+
+/**
  * Creates an empty plan for `layer` (it keeps the layer's internals alive). Fill it with
  * moe_prepare. A plan is used by one stream (one thread) at a time. `out` is written only on
  * success; free it with moe_plan_free.
@@ -701,7 +710,9 @@ moe_status moe_run(const moe_layer *layer,
 moe_status moe_plan_num_tokens(const moe_plan *plan, int64_t *out);
 
 /**
- * Writes num_padded: the used entries of sorted_route_ids (a multiple of BLOCK_M).
+ * Writes num_padded: the used entries of sorted_route_ids (a multiple of BLOCK_M). For a
+ * CUDA layer it is read from the workspace on the device: synchronize the plan's stream
+ * first.
  */
 moe_status moe_plan_num_padded(const moe_plan *plan, int64_t *out);
 
@@ -713,7 +724,8 @@ moe_status moe_plan_tile_config(const moe_plan *plan, moe_tile_config *out);
 /**
  * Copies sorted_route_ids (the whole capacity: used entries, padding M·K, then the tail
  * also M·K) into `dst` (`dst_len` entries) and writes the count to `*len`. With `dst` NULL
- * and `dst_len` 0 only `*len` is written. Reads the workspace the plan was prepared in.
+ * and `dst_len` 0 only `*len` is written. Reads the workspace the plan was prepared in (for
+ * a CUDA layer, a copy from the device: synchronize the plan's stream first).
  */
 moe_status moe_plan_sorted_route_ids(const moe_plan *plan,
                                      int32_t *dst,

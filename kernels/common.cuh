@@ -1,10 +1,94 @@
 // Helpers every fusedmoe kernel shares. No CUDA toolkit header is included: NVRTC declares the
-// intrinsics used here (__ballot_sync, __popc, atomicAdd) itself.
+// intrinsics used here (__ballot_sync, __popc, atomicAdd, expf, erff, tanhf) itself, and the
+// 16-bit float conversions are written in PTX.
 #pragma once
 
 #define FM_FULL_MASK 0xffffffffu
 
+typedef unsigned short fm_u16;
+typedef long long fm_i64;
+
 // Lanes below this one in the warp: for stable compaction with a ballot.
 __device__ __forceinline__ unsigned fm_lanes_below(unsigned lane) {
     return (1u << lane) - 1u;
+}
+
+// ---------------------------------------------------------------- element types
+// FM_DTYPE picks the layer's element type: 0 f32, 1 f16, 2 bf16 (src/dtype.rs's order).
+// `fm_t` is its storage type; fm_load/fm_store convert to and from f32, rounding to nearest
+// even as the CPU reference's `round` does.
+
+__device__ __forceinline__ float fm_bf16_to_f32(fm_u16 x) {
+    return __uint_as_float(((unsigned)x) << 16);
+}
+__device__ __forceinline__ fm_u16 fm_f32_to_bf16(float x) {
+    fm_u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ float fm_f16_to_f32(fm_u16 x) {
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x));
+    return r;
+}
+__device__ __forceinline__ fm_u16 fm_f32_to_f16(float x) {
+    fm_u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+
+// Reads element `i` of a float array of the given kind (0 f32, 1 f16, 2 bf16) as f32: biases
+// and router weights come as f32 or as the layer dtype.
+__device__ __forceinline__ float fm_read_as_f32(const void* p, fm_i64 i, int kind) {
+    if (kind == 0) return ((const float*)p)[i];
+    const fm_u16 x = ((const fm_u16*)p)[i];
+    return kind == 1 ? fm_f16_to_f32(x) : fm_bf16_to_f32(x);
+}
+
+#ifdef FM_DTYPE
+#if FM_DTYPE == 0
+typedef float fm_t;
+__device__ __forceinline__ float fm_load(fm_t x) { return x; }
+__device__ __forceinline__ fm_t fm_store(float x) { return x; }
+#elif FM_DTYPE == 1
+typedef fm_u16 fm_t;
+__device__ __forceinline__ float fm_load(fm_t x) { return fm_f16_to_f32(x); }
+__device__ __forceinline__ fm_t fm_store(float x) { return fm_f32_to_f16(x); }
+#elif FM_DTYPE == 2
+typedef fm_u16 fm_t;
+__device__ __forceinline__ float fm_load(fm_t x) { return fm_bf16_to_f32(x); }
+__device__ __forceinline__ fm_t fm_store(float x) { return fm_f32_to_bf16(x); }
+#else
+#error "FM_DTYPE must be 0 (f32), 1 (f16) or 2 (bf16)"
+#endif
+#endif
+
+// ---------------------------------------------------------------- async copies and mma
+
+// 16 bytes global -> shared, zero-filled where `valid` is false (nothing is read then).
+__device__ __forceinline__ void fm_cp_async16(void* smem, const void* gmem, bool valid) {
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    const int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+                 "r"(src_bytes));
+}
+__device__ __forceinline__ void fm_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N>
+__device__ __forceinline__ void fm_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void fm_ldmatrix_x4(unsigned (&r)[4], const void* smem) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void fm_ldmatrix_x2(unsigned (&r)[2], const void* smem) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
 }

@@ -1,4 +1,4 @@
-// SPEC §4 on the device: the align step in one block (E ≤ 1024), the same arrays as the CPU's
+// SPEC §4 on the device: the align step in one block (E ≤ 4096: shared memory holds 2E + 2 ints), the same arrays as the CPU's
 // src/align.rs. Stable without atomics on the route order: warp w owns experts e ≡ w (mod
 // warps) and scans the routes in order, compacting hits with a ballot (llama.cpp's mmid
 // habit), so the same routing gives the same order on every run. [TAG_GRAPH_SAFE]: no
@@ -15,8 +15,11 @@ __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [
                           int* __restrict__ route_slot,        // [numel]: padded position, -1 dropped
                           unsigned* __restrict__ bad_ids) {    // [1]: ids outside [-1, E), counted
     extern __shared__ int shared[];
-    int* counts = shared;                   // [E]
-    int* padded_start = shared + experts;   // [E + 1]
+    int* counts = shared;                           // [E]
+    int* padded_start = shared + experts;           // [E + 1]
+    unsigned* bad = (unsigned*)(shared + 2 * experts + 1);  // [1]
+    if (threadIdx.x == 0) *bad = 0;
+    __syncthreads();
     const unsigned lane = threadIdx.x & 31u;
     const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
 
@@ -32,7 +35,7 @@ __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [
     }
     for (int r = threadIdx.x; r < numel; r += blockDim.x) {
         const long long id = (long long)topk_ids[r];
-        if (id < -1 || id >= experts) atomicAdd(bad_ids, 1u);
+        if (id < -1 || id >= experts) atomicAdd(bad, 1u);
         route_slot[r] = -1;
     }
     for (int i = threadIdx.x; i < capacity; i += blockDim.x) sorted_route_ids[i] = numel;
@@ -51,6 +54,9 @@ __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [
         padded_start[experts] = padded;
         expert_offsets[experts] = kept;
         *num_padded = padded;
+        // bad_ids is host memory mapped for the device (read by the next moe_prepare or
+        // moe_run): one plain write from one thread, only when there is something to report.
+        if (*bad != 0) *(volatile unsigned*)bad_ids += *bad;
     }
     __syncthreads();
 

@@ -38,6 +38,8 @@ pub struct Layer {
     pub tiles: TileChooser,
     pub pool: Option<rayon::ThreadPool>,
     pub backend: &'static dyn Backend,
+    /// The backend's own per-layer state (the CUDA kernels and error counter).
+    pub state: backend::LayerState,
 }
 
 fn check_bias(
@@ -117,7 +119,9 @@ impl Layer {
                     })?,
             ),
         };
+        let state = backend.layer_state(&v, &weights)?;
         Ok(Layer {
+            state,
             config: config.clone(),
             v,
             weights,
@@ -135,19 +139,23 @@ impl Layer {
         let d = self.v.dims;
         let numel = num_tokens as u128 * d.top_k as u128;
         // Every align section is at most (numel + E + 1) · BLOCK_M entries of 4 bytes; the
-        // scratch is at most numel · (H + N1 + I) · 4 bytes.
-        let bound = (numel + d.experts as u128 + 1) * block_m as u128 * 4 * 8
-            + numel * (d.hidden + d.n1 + d.inter) as u128 * 4;
+        // scratch is at most numel · (H + N1 + I) · 4 bytes on the CPU, and capacity rows of
+        // N1 + I plus numel rows of H on CUDA.
+        let rows = (numel + d.experts as u128 + 1) * block_m as u128;
+        let bound = rows * 4 * 8
+            + numel * (d.hidden + d.n1 + d.inter) as u128 * 4
+            + rows * (d.n1 + d.inter) as u128 * 4;
         ensure!(
             bound <= (isize::MAX as u128) / 2,
             "max_tokens: {num_tokens} tokens need a workspace beyond what this machine can address"
         );
         let numel = numel as usize;
+        let capacity = crate::align::capacity(numel, d.experts, block_m);
         Ok(Layout::new(
             numel,
             d.experts,
             block_m,
-            self.backend.scratch_bytes(&self.v, numel),
+            self.backend.scratch_bytes(&self.v, numel, capacity),
         ))
     }
 

@@ -42,6 +42,8 @@ pub struct RunIo {
     pub out: Tensor,
 }
 
+/// Checks the stream, then reports what the device found wrong in earlier work (ids out of
+/// range on CUDA) before this call does anything.
 fn check_stream(layer: &Layer, stream: usize) -> Result<()> {
     if layer.v.device.kind == DeviceKind::Cpu {
         ensure!(
@@ -49,7 +51,7 @@ fn check_stream(layer: &Layer, stream: usize) -> Result<()> {
             "stream: {stream:#x}, expected NULL for a CPU layer"
         );
     }
-    Ok(())
+    layer.backend.take_device_errors(layer)
 }
 
 fn check_workspace(layer: &Layer, ws: &Tensor, num_tokens: usize, layout: &Layout) -> Result<()> {
@@ -112,7 +114,9 @@ pub fn prepare(
     ensure!(!ids.overlaps(ws), "topk_ids: overlaps the workspace");
 
     let numel = num_tokens * d.top_k;
-    let num_padded = layer.backend.prepare(layer, ids, ws.data, &layout, tile)?;
+    let num_padded = layer
+        .backend
+        .prepare(layer, ids, ws.data, &layout, tile, stream)?;
     plan.prepared = Some(Prepared {
         num_tokens,
         numel,
@@ -267,5 +271,17 @@ pub fn run(
     if p.num_tokens == 0 {
         return Ok(());
     }
-    layer.backend.run(layer, p, &io)
+    layer.backend.run(layer, p, &io, stream)
+}
+
+/// Compiles and loads the kernels of every tile config batches of up to `max_tokens` use.
+pub fn warmup(layer: &Layer, max_tokens: i64, stream: usize) -> Result<()> {
+    check_stream(layer, stream)?;
+    ensure!(max_tokens >= 0, "max_tokens: {max_tokens} is negative");
+    ensure!(
+        max_tokens <= crate::config::MAX_DIM,
+        "max_tokens: {max_tokens}, expected at most {}",
+        crate::config::MAX_DIM
+    );
+    layer.backend.warmup(layer, max_tokens as usize)
 }

@@ -273,6 +273,30 @@ impl TileChooser {
         self.over.apply(base)
     }
 
+    /// Every config some token count in [1, max_tokens] gets (for moe_warmup). The choice
+    /// only changes at the default rule's boundary (M = E) and halfway between table keys,
+    /// so those points and the keys themselves cover every M.
+    pub fn configs_up_to(&self, max_tokens: usize) -> Vec<TileConfig> {
+        let mut points = vec![1, max_tokens, self.experts, self.experts + 1];
+        if let Some(t) = &self.table {
+            let mut keys: Vec<usize> = t.entries.iter().map(|e| e.0).collect();
+            keys.sort_unstable();
+            points.extend(&keys);
+            for w in keys.windows(2) {
+                let mid = (w[0] + w[1]) / 2;
+                points.extend([mid, mid + 1]);
+            }
+        }
+        let mut configs: Vec<TileConfig> = Vec::new();
+        for m in points.into_iter().filter(|&m| m >= 1 && m <= max_tokens) {
+            let c = self.choose(m);
+            if !configs.contains(&c) {
+                configs.push(c);
+            }
+        }
+        configs
+    }
+
     /// The largest BLOCK_M any token count can get: it sizes the workspace.
     pub fn max_block_m(&self) -> u32 {
         if let Some(bm) = self.over.block_m {

@@ -219,6 +219,7 @@ SIGNATURES = {
     "moe_layer_free": (None, [_layer_p]),
     "moe_layer_config": (moe_status, [_layer_p, POINTER(_config_p)]),
     "moe_workspace_size": (moe_status, [_layer_p, c_int64, POINTER(c_size_t)]),
+    "moe_warmup": (moe_status, [_layer_p, c_int64, c_void_p]),
     "moe_plan_create": (moe_status, [_layer_p, POINTER(_plan_p)]),
     "moe_plan_free": (None, [_plan_p]),
     "moe_prepare": (moe_status, [_layer_p, _tensor_p, _tensor_p, _plan_p, c_void_p]),
@@ -719,6 +720,11 @@ class Layer(Managed):
         size = c_size_t()
         lib.moe_workspace_size(self.ptr, max_tokens, byref(size))
         return size.value
+
+    def warmup(self, max_tokens, stream=None):
+        """Compiles every kernel batches of up to `max_tokens` tokens use (CUDA layers; a CPU
+        layer has nothing to compile). Call it before capturing a CUDA graph."""
+        lib.moe_warmup(self.ptr, max_tokens, stream)
 
     def forward(self, hidden, topk_ids, topk_weights, out=None, stream=None):
         """Runs the layer on one batch and returns `out` (allocated like hidden when None:

@@ -2,10 +2,12 @@
 //! host buffers with their DLPack views, and seeded random data.
 #![allow(dead_code)]
 
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use fusedmoe::ffi::*;
 use half::{bf16, f16};
 use std::ffi::{c_void, CStr, CString};
 use std::ptr::{null, null_mut};
+use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Dtype {
@@ -60,11 +62,13 @@ pub fn check(s: moe_status, what: &str) {
     }
 }
 
-/// Host memory with a DLPack view. Storage is u64 so every dtype is aligned.
+/// Host memory with a DLPack view, optionally mirrored on the GPU (`to_device`). Storage is
+/// u64 so every dtype is aligned.
 pub struct Buffer {
     store: Vec<u64>,
     pub shape: Vec<i64>,
     pub dtype: moe_dtype,
+    device: Option<(Arc<CudaStream>, CudaSlice<u8>)>,
 }
 
 impl Buffer {
@@ -74,6 +78,38 @@ impl Buffer {
             store: vec![0; bytes.div_ceil(8) + 2],
             shape: shape.to_vec(),
             dtype,
+            device: None,
+        }
+    }
+
+    fn nbytes(&self) -> usize {
+        self.numel() * (self.dtype.bits as usize / 8)
+    }
+
+    /// Copies the values to the GPU; from then on `tensor()` describes the device copy.
+    pub fn to_device(&mut self, stream: &Arc<CudaStream>) {
+        let n = self.nbytes();
+        let host = unsafe { std::slice::from_raw_parts(self.ptr(), n) };
+        // at least one byte, so that an empty tensor still has an address
+        let slice = if n == 0 {
+            stream.alloc_zeros::<u8>(16)
+        } else {
+            stream.clone_htod(host)
+        }
+        .expect("copy to the GPU");
+        self.device = Some((stream.clone(), slice));
+    }
+
+    /// Copies the device values back into the host storage (after the stream's work).
+    fn sync_from_device(&mut self) {
+        let n = self.nbytes();
+        if let Some((stream, slice)) = &self.device {
+            let (stream, slice) = (stream.clone(), slice.clone());
+            let host = unsafe { std::slice::from_raw_parts_mut(self.ptr(), n) };
+            stream
+                .memcpy_dtoh(&slice.slice(0..n), host)
+                .expect("copy from the GPU");
+            stream.synchronize().expect("synchronize");
         }
     }
 
@@ -137,14 +173,19 @@ impl Buffer {
     }
 
     pub fn to_f64(&mut self, dt: Dtype) -> Vec<f64> {
+        self.sync_from_device();
         (0..self.numel()).map(|i| self.get(dt, i)).collect()
     }
 
     pub fn tensor(&mut self) -> moe_tensor {
+        let (data, device_type) = match &self.device {
+            Some((stream, slice)) => (slice.device_ptr(stream).0 as *mut c_void, MOE_DEVICE_CUDA),
+            None => (self.ptr() as *mut c_void, MOE_DEVICE_CPU),
+        };
         moe_tensor {
-            data: self.ptr() as *mut c_void,
+            data,
             device: moe_device {
-                device_type: MOE_DEVICE_CPU,
+                device_type,
                 device_id: 0,
             },
             ndim: self.shape.len() as i32,
@@ -235,6 +276,8 @@ pub struct Layer {
     layer: *mut moe_layer,
     plan: *mut moe_plan,
     workspace: Buffer,
+    /// The stream of a CUDA layer; None on the CPU.
+    stream: Option<Arc<CudaStream>>,
 }
 
 impl Layer {
@@ -260,15 +303,31 @@ impl Layer {
         max_tokens: usize,
         options: &[(&str, &str)],
     ) -> Layer {
-        let dev = match device {
-            "cpu" => moe_device {
-                device_type: MOE_DEVICE_CPU,
-                device_id: 0,
-            },
-            _ => moe_device {
-                device_type: MOE_DEVICE_CUDA,
-                device_id: 0,
-            },
+        let (dev, stream) = match device {
+            "cpu" => (
+                moe_device {
+                    device_type: MOE_DEVICE_CPU,
+                    device_id: 0,
+                },
+                None,
+            ),
+            _ => {
+                if !unsafe { moe_supports(c"cuda".as_ptr()) } {
+                    eprintln!("--device cuda: this machine cannot run CUDA layers (no driver, NVRTC or GPU; see the README's CUDA section)");
+                    std::process::exit(1);
+                }
+                let ctx = CudaContext::new(0).expect("CUDA device 0");
+                let stream = ctx.new_stream().expect("a CUDA stream");
+                w.w13.to_device(&stream);
+                w.w2.to_device(&stream);
+                (
+                    moe_device {
+                        device_type: MOE_DEVICE_CUDA,
+                        device_id: 0,
+                    },
+                    Some(stream),
+                )
+            }
         };
         let mut config = null_mut();
         let mut layer = null_mut();
@@ -316,7 +375,7 @@ impl Layer {
             );
             check(moe_plan_create(layer, &mut plan), "moe_plan_create");
         }
-        let workspace = Buffer::zeros(
+        let mut workspace = Buffer::zeros(
             moe_dtype {
                 code: MOE_DTYPE_CODE_UINT,
                 bits: 8,
@@ -324,11 +383,26 @@ impl Layer {
             },
             &[bytes as i64],
         );
+        if let Some(stream) = &stream {
+            workspace.to_device(stream);
+            let s = stream.cu_stream() as *mut c_void;
+            check(
+                unsafe { moe_warmup(layer, max_tokens as i64, s) },
+                "moe_warmup",
+            );
+        }
         Layer {
             layer,
             plan,
             workspace,
+            stream,
         }
+    }
+
+    /// The CUDA stream the layer runs on (None for a CPU layer): put the batch's buffers on
+    /// the device with `Buffer::to_device(stream)`.
+    pub fn stream(&self) -> Option<Arc<CudaStream>> {
+        self.stream.clone()
     }
 
     pub fn workspace_bytes(&self) -> usize {
@@ -350,15 +424,23 @@ impl Layer {
             out.tensor(),
             self.workspace.tensor(),
         );
+        let stream = self
+            .stream
+            .as_ref()
+            .map_or(null_mut(), |s| s.cu_stream() as *mut c_void);
         unsafe {
             check(
-                moe_prepare(self.layer, &i, &ws, self.plan, null_mut()),
+                moe_prepare(self.layer, &i, &ws, self.plan, stream),
                 "moe_prepare",
             );
             check(
-                moe_run(self.layer, null(), self.plan, &h, &w, &o, null_mut()),
+                moe_run(self.layer, null(), self.plan, &h, &w, &o, stream),
                 "moe_run",
             );
+        }
+        // CUDA work is asynchronous: wait for it, so that timings count it
+        if let Some(s) = &self.stream {
+            s.synchronize().expect("synchronize");
         }
     }
 }

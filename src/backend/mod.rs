@@ -6,18 +6,40 @@ pub mod cuda;
 
 use crate::config::Validated;
 use crate::error::Result;
-use crate::layer::Layer;
+use crate::layer::{Layer, Weights};
 use crate::plan::{Prepared, RunIo};
 use crate::tensor::{Device, DeviceKind, Tensor};
 use crate::tiles::TileConfig;
 use crate::workspace::Layout;
 
+/// What a backend keeps per layer beyond the core's fields.
+pub enum LayerState {
+    Cpu,
+    Cuda(cuda::CudaLayer),
+}
+
 pub trait Backend: Send + Sync {
-    /// Bytes of scratch a run of `numel` routes needs after the align arrays.
-    fn scratch_bytes(&self, v: &Validated, numel: usize) -> usize;
+    /// The backend's per-layer state, made at layer creation.
+    fn layer_state(&self, v: &Validated, weights: &Weights) -> Result<LayerState>;
+
+    /// Bytes of scratch a run of `numel` routes needs after the align arrays, whose sorted
+    /// route list holds `capacity` slots.
+    fn scratch_bytes(&self, v: &Validated, numel: usize, capacity: usize) -> usize;
+
+    /// Errors the device found in earlier work of this layer (ids out of range on CUDA);
+    /// reporting them clears them. Called first by every moe_prepare and moe_run.
+    fn take_device_errors(&self, _layer: &Layer) -> Result<()> {
+        Ok(())
+    }
+
+    /// Compiles and loads everything batches of up to `max_tokens` tokens need.
+    fn warmup(&self, _layer: &Layer, _max_tokens: usize) -> Result<()> {
+        Ok(())
+    }
 
     /// The align step (SPEC §4) into the workspace; checks ids where the device allows.
     /// Returns num_padded where it is known on the host (the CPU), else 0.
+    #[allow(clippy::too_many_arguments)]
     fn prepare(
         &self,
         layer: &Layer,
@@ -25,10 +47,15 @@ pub trait Backend: Send + Sync {
         ws: *mut u8,
         layout: &Layout,
         tile: TileConfig,
+        stream: usize,
     ) -> Result<usize>;
 
     /// GEMM1, activation, GEMM2 and combine for a prepared, non-empty batch.
-    fn run(&self, layer: &Layer, p: &Prepared, io: &RunIo) -> Result<()>;
+    fn run(&self, layer: &Layer, p: &Prepared, io: &RunIo, stream: usize) -> Result<()>;
+
+    /// Copies `len` int32 values at `src` (memory of this backend's device) to the host.
+    /// On CUDA this waits for the device: the host synchronizes its stream first.
+    fn read_i32s(&self, layer: &Layer, src: *const u8, len: usize) -> Result<Vec<i32>>;
 }
 
 /// The backend that runs layers on `device`.
@@ -39,7 +66,8 @@ pub fn for_device(device: Device) -> Result<&'static dyn Backend> {
     }
 }
 
-/// The device name tile tables are keyed by ("cpu"; the GPU's name for CUDA).
+/// The device name tile tables are keyed by ("cpu"; "cuda:<ordinal>" until CUDA tables
+/// key by the GPU's name).
 pub fn device_name(device: Device) -> String {
     match device.kind {
         DeviceKind::Cpu => "cpu".to_string(),

@@ -78,6 +78,10 @@ static FEATURES: Lazy<HashSet<String>> = Lazy::new(|| {
     .map(String::from)
     .collect();
     f.extend(Activation::ALL.iter().map(|a| a.name().to_string()));
+    // Every feature above runs on CUDA too, where CUDA runs at all.
+    if crate::backend::cuda::available() {
+        f.insert("cuda".to_string());
+    }
     f
 });
 

@@ -5,6 +5,7 @@ use super::handles::{free_boxed, handle_ref, moe_config, moe_layer};
 use super::status::{guard, moe_status};
 use super::tensor::{moe_tensor, optional_tensor_arg, out_arg, tensor_arg};
 use crate::layer::{Layer, Weights};
+use std::ffi::c_void;
 use std::sync::Arc;
 
 /// Creates a layer from `config` (copied: the caller may change or free it afterwards) and
@@ -78,5 +79,22 @@ pub unsafe extern "C" fn moe_workspace_size(
         let bytes = out_arg(bytes, "bytes")?;
         *bytes = h.layer.workspace_size(max_tokens)?;
         Ok(())
+    })
+}
+
+/// Compiles and loads every kernel variant the layer may use for batches of up to
+/// `max_tokens` tokens (NVRTC runs here, not in the first moe_prepare/moe_run; compiled
+/// kernels are also cached on disk under FUSEDMOE_CACHE_DIR). Call it before capturing
+/// moe_prepare and moe_run into a CUDA graph. `stream`: as moe_prepare (nothing is launched on
+/// it). A CPU layer has nothing to compile: MOE_OK. Thread-safe.
+#[no_mangle]
+pub unsafe extern "C" fn moe_warmup(
+    layer: *const moe_layer,
+    max_tokens: i64,
+    stream: *mut c_void,
+) -> moe_status {
+    guard(|| {
+        let h = handle_ref(layer, "layer")?;
+        crate::plan::warmup(&h.layer, max_tokens, stream as usize)
     })
 }

@@ -6,7 +6,7 @@ use super::status::{guard, moe_status};
 use super::tensor::{copy_i32_out, moe_tensor, optional_tensor_arg, out_arg, tensor_arg};
 use crate::error::{invalid, unsupported, Result};
 use crate::plan::{self, Plan, Prepared};
-use crate::workspace::{section_mut, Section};
+use crate::workspace::Section;
 use std::ffi::c_void;
 
 /// A tile config (SPEC §5): the kernel's block sizes, launch shape and variant flags.
@@ -138,12 +138,18 @@ pub unsafe extern "C" fn moe_plan_num_tokens(plan: *const moe_plan, out: *mut i6
     })
 }
 
-/// Writes num_padded: the used entries of sorted_route_ids (a multiple of BLOCK_M).
+/// Writes num_padded: the used entries of sorted_route_ids (a multiple of BLOCK_M). For a
+/// CUDA layer it is read from the workspace on the device: synchronize the plan's stream
+/// first.
 #[no_mangle]
 pub unsafe extern "C" fn moe_plan_num_padded(plan: *const moe_plan, out: *mut i64) -> moe_status {
     guard(|| {
-        let p = prepared(handle_ref(plan, "plan")?)?;
-        *out_arg(out, "out")? = p.num_padded as i64;
+        let h = handle_ref(plan, "plan")?;
+        let p = prepared(h)?;
+        let out = out_arg(out, "out")?;
+        let layer = &h.plan.layer;
+        let at = p.workspace.add(p.layout.num_padded.offset);
+        *out = layer.backend.read_i32s(layer, at, 1)?[0] as i64;
         Ok(())
     })
 }
@@ -179,15 +185,22 @@ unsafe fn copy_section(
     len: *mut usize,
 ) -> moe_status {
     guard(|| {
-        let p = prepared(handle_ref(plan, "plan")?)?;
-        let values: &[i32] = section_mut(p.workspace, pick(p));
-        copy_i32_out(values, dst, dst_len, len)
+        let h = handle_ref(plan, "plan")?;
+        let p = prepared(h)?;
+        let section = pick(p);
+        let layer = &h.plan.layer;
+        let values =
+            layer
+                .backend
+                .read_i32s(layer, p.workspace.add(section.offset), section.len)?;
+        copy_i32_out(&values, dst, dst_len, len)
     })
 }
 
 /// Copies sorted_route_ids (the whole capacity: used entries, padding M·K, then the tail
 /// also M·K) into `dst` (`dst_len` entries) and writes the count to `*len`. With `dst` NULL
-/// and `dst_len` 0 only `*len` is written. Reads the workspace the plan was prepared in.
+/// and `dst_len` 0 only `*len` is written. Reads the workspace the plan was prepared in (for
+/// a CUDA layer, a copy from the device: synchronize the plan's stream first).
 #[no_mangle]
 pub unsafe extern "C" fn moe_plan_sorted_route_ids(
     plan: *const moe_plan,

@@ -6,10 +6,10 @@
 mod panel;
 mod stages;
 
-use super::Backend;
+use super::{Backend, LayerState};
 use crate::config::Validated;
 use crate::error::Result;
-use crate::layer::Layer;
+use crate::layer::{Layer, Weights};
 use crate::plan::{Prepared, RunIo};
 use crate::tensor::Tensor;
 use crate::tiles::TileConfig;
@@ -18,8 +18,12 @@ use crate::workspace::Layout;
 pub struct CpuBackend;
 
 impl Backend for CpuBackend {
+    fn layer_state(&self, _v: &Validated, _weights: &Weights) -> Result<LayerState> {
+        Ok(LayerState::Cpu)
+    }
+
     /// f32 rows per kept route: x (reused for y) [H], GEMM1 out [N1], activation out [I].
-    fn scratch_bytes(&self, v: &Validated, numel: usize) -> usize {
+    fn scratch_bytes(&self, v: &Validated, numel: usize, _capacity: usize) -> usize {
         let d = v.dims;
         numel * (d.hidden + d.n1 + d.inter) * 4
     }
@@ -31,16 +35,21 @@ impl Backend for CpuBackend {
         ws: *mut u8,
         layout: &Layout,
         tile: TileConfig,
+        _stream: usize,
     ) -> Result<usize> {
         unsafe { crate::plan::align_on_host(layer, ids, ws, layout, tile.block_m as usize) }
     }
 
-    fn run(&self, layer: &Layer, p: &Prepared, io: &RunIo) -> Result<()> {
+    fn run(&self, layer: &Layer, p: &Prepared, io: &RunIo, _stream: usize) -> Result<()> {
         let job = || unsafe { stages::run_all(layer, p, io) };
         match &layer.pool {
             Some(pool) => pool.install(job),
             None => job(),
         }
         Ok(())
+    }
+
+    fn read_i32s(&self, _layer: &Layer, src: *const u8, len: usize) -> Result<Vec<i32>> {
+        Ok(unsafe { std::slice::from_raw_parts(src as *const i32, len) }.to_vec())
     }
 }

@@ -17,11 +17,22 @@ pub const HEADERS: &[Source] = &[Source {
     text: include_str!("../../../kernels/common.cuh"),
 }];
 
-/// Every kernel file; each compiles on its own.
-pub const KERNELS: &[Source] = &[Source {
+pub const KERNEL_ALIGN: Source = Source {
     name: "moe_align.cu",
     text: include_str!("../../../kernels/moe_align.cu"),
-}];
+};
+pub const KERNEL_GEMM: Source = Source {
+    name: "moe_gemm.cu",
+    text: include_str!("../../../kernels/moe_gemm.cu"),
+};
+pub const KERNEL_ACT: Source = Source {
+    name: "moe_act.cu",
+    text: include_str!("../../../kernels/moe_act.cu"),
+};
+pub const KERNEL_COMBINE: Source = Source {
+    name: "moe_combine.cu",
+    text: include_str!("../../../kernels/moe_combine.cu"),
+};
 
 fn check(result: sys::nvrtcResult, what: &str) -> Result<(), String> {
     if result == sys::nvrtcResult::NVRTC_SUCCESS {
@@ -124,11 +135,12 @@ unsafe fn log(program: sys::nvrtcProgram) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rayon::prelude::*;
 
-    /// DESIGN §4 / issue 4: every kernel compiles for sm_80 and sm_90a. Without NVRTC the test
-    /// says so, and fails when FUSEDMOE_REQUIRE_NVRTC=1 (CI installs NVRTC from PyPI).
+    /// DESIGN §4 / issue 4: every kernel variant compiles for sm_80 and sm_90a. Without NVRTC
+    /// the test says so, and fails when FUSEDMOE_REQUIRE_NVRTC=1 (CI installs NVRTC from PyPI).
     #[test]
-    fn every_kernel_compiles_for_sm80_and_sm90a() {
+    fn every_kernel_variant_compiles_for_sm80_and_sm90a() {
         if let Err(missing) = &super::super::probe::AVAILABILITY.nvrtc {
             if std::env::var("FUSEDMOE_REQUIRE_NVRTC").as_deref() == Ok("1") {
                 panic!("FUSEDMOE_REQUIRE_NVRTC=1 but {missing}");
@@ -137,18 +149,22 @@ mod tests {
             return;
         }
         let (major, minor) = unsafe { version() }.unwrap();
-        eprintln!("NVRTC {major}.{minor}");
-        for kernel in KERNELS {
-            for arch in ["sm_80", "sm_90a"] {
-                let cubin =
-                    unsafe { compile_cubin(kernel, arch, &[]) }.unwrap_or_else(|e| panic!("{e}"));
-                assert_eq!(
-                    &cubin[..4],
-                    b"\x7fELF",
-                    "{} for {arch}: a CUBIN is an ELF file",
-                    kernel.name
-                );
-            }
-        }
+        let variants = super::super::variant::ci_set();
+        eprintln!("NVRTC {major}.{minor}: {} variants", variants.len());
+        let jobs: Vec<_> = variants
+            .iter()
+            .flat_map(|v| ["sm_80", "sm_90a"].map(|arch| (v, arch)))
+            .collect();
+        let failures: Vec<String> = jobs
+            .par_iter()
+            .filter_map(|(v, arch)| {
+                match unsafe { compile_cubin(v.source(), arch, &v.options()) } {
+                    Ok(cubin) if cubin.starts_with(b"\x7fELF") => None,
+                    Ok(_) => Some(format!("{} for {arch}: not an ELF file", v.name)),
+                    Err(e) => Some(format!("{} for {arch}: {e}", v.name)),
+                }
+            })
+            .collect();
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 }

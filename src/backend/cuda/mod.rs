@@ -1,15 +1,46 @@
-//! The CUDA backend (issue 4). Today: finding out whether CUDA can run here. Kernels, NVRTC
-//! compilation and the launchers come next; until then a CUDA layer is UNSUPPORTED on a
-//! machine that has CUDA, and a DEVICE error naming what is missing on one that does not.
+//! The CUDA backend (DESIGN §4–5): kernels compiled by NVRTC at first use (or moe_warmup),
+//! launched on the host's stream with raw device pointers, all scratch in the host's
+//! workspace. moe_prepare and moe_run allocate nothing, never synchronize and copy nothing to
+//! the host, so a host can capture them in a CUDA graph.
 
-// Compiled in CI's tests today; the launchers that load the CUBINs come next.
-#[cfg_attr(not(test), allow(dead_code))]
+pub mod cache;
 pub mod compile;
+mod device;
+mod kernels;
+mod mapped;
 pub mod probe;
+pub mod variant;
 
-use super::Backend;
+use super::{Backend, LayerState};
+use crate::config::Validated;
 use crate::error::{Error, ErrorKind, Result};
-use crate::tensor::Device;
+use crate::layer::{Layer, Weights};
+use crate::plan::{Prepared, RunIo};
+use crate::tensor::{Device, Tensor};
+use crate::tiles::TileConfig;
+use crate::workspace::Layout;
+use device::{driver_error, DeviceState};
+use kernels::KernelSet;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub struct CudaBackend;
+
+static BACKEND: CudaBackend = CudaBackend;
+
+/// The most experts the one-block align kernel takes (its counts live in shared memory).
+const MAX_EXPERTS: usize = 4096;
+
+/// Whether this machine can run CUDA layers: the libraries, a device, and compute
+/// capability 8.0 or newer on device 0. Computed once.
+pub fn available() -> bool {
+    static ANSWER: once_cell::sync::Lazy<bool> = once_cell::sync::Lazy::new(|| {
+        probe::AVAILABILITY.missing().is_none()
+            && matches!(probe::AVAILABILITY.devices, Ok(n) if n > 0)
+            && device::device(0).is_ok()
+    });
+    *ANSWER
+}
 
 /// The backend for a layer on `device`, after checking the libraries and the ordinal.
 pub fn backend(device: Device) -> Result<&'static dyn Backend> {
@@ -21,10 +52,169 @@ pub fn backend(device: Device) -> Result<&'static dyn Backend> {
         ));
     }
     let count = *a.devices.as_ref().expect("checked by missing()");
-    if device.id >= count {
+    if device.id < 0 || device.id >= count {
         return Err(crate::error::invalid!(
             "device: {device}, but this machine has {count} CUDA device(s)"
         ));
     }
-    Err(crate::error::unsupported!("device: {device}: the CUDA kernels are not in this build yet (moe_supports(\"cuda\") is false)"))
+    Ok(&BACKEND)
+}
+
+/// A CUDA layer's own state: its device, the counter of ids the device found out of range
+/// (host memory the align kernel writes), and its kernels per tile config.
+pub struct CudaLayer {
+    dev: Arc<DeviceState>,
+    bad_ids: mapped::Counter,
+    /// GEMM1 may use 16-byte loads when hidden is aligned too (H % 8 == 0, w13 aligned).
+    gemm1_vec8: bool,
+    /// GEMM2 reads the workspace's activation rows and w2 (I % 8 == 0, w2 aligned).
+    gemm2_vec8: bool,
+    kernels: Mutex<HashMap<(TileConfig, bool), Arc<KernelSet>>>,
+}
+
+fn cuda_layer(layer: &Layer) -> &CudaLayer {
+    match &layer.state {
+        LayerState::Cuda(c) => c,
+        LayerState::Cpu => unreachable!("the CUDA backend runs CUDA layers only"),
+    }
+}
+
+impl CudaLayer {
+    fn kernel_set(&self, v: &Validated, tile: TileConfig, vec8: bool) -> Result<Arc<KernelSet>> {
+        if let Some(k) = self.kernels.lock().unwrap().get(&(tile, vec8)) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(KernelSet::load(&self.dev, v, tile, vec8, self.gemm2_vec8)?);
+        self.kernels.lock().unwrap().insert((tile, vec8), k.clone());
+        Ok(k)
+    }
+}
+
+/// Where GEMM1's output, the activation and GEMM2's route rows sit in the scratch section.
+struct Scratch {
+    g1: usize,
+    act: usize,
+    y: usize,
+    total: usize,
+}
+
+fn scratch(v: &Validated, numel: usize, capacity: usize) -> Scratch {
+    let d = v.dims;
+    let e = v.dtype.size();
+    let up = |x: usize| x.div_ceil(256) * 256;
+    let g1 = 0;
+    let act = up(g1 + capacity * d.n1 * e);
+    let y = up(act + capacity * d.inter * e);
+    let total = if v.no_combine {
+        y
+    } else {
+        up(y + numel * d.hidden * e)
+    };
+    Scratch { g1, act, y, total }
+}
+
+impl Backend for CudaBackend {
+    fn layer_state(&self, v: &Validated, weights: &Weights) -> Result<LayerState> {
+        let d = v.dims;
+        if d.experts > MAX_EXPERTS {
+            return Err(crate::error::unsupported!(
+                "config: {} local experts; the CUDA align kernel takes at most {MAX_EXPERTS}",
+                d.experts
+            ));
+        }
+        let dev = device::device(v.device.id as usize)?;
+        let aligned = |t: &Tensor| t.data as usize % 16 == 0;
+        Ok(LayerState::Cuda(CudaLayer {
+            bad_ids: mapped::Counter::new(&dev)?,
+            dev,
+            gemm1_vec8: d.hidden % 8 == 0 && aligned(&weights.w13),
+            gemm2_vec8: d.inter % 8 == 0 && aligned(&weights.w2),
+            kernels: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn scratch_bytes(&self, v: &Validated, numel: usize, capacity: usize) -> usize {
+        scratch(v, numel, capacity).total
+    }
+
+    fn take_device_errors(&self, layer: &Layer) -> Result<()> {
+        let bad = cuda_layer(layer).bad_ids.take();
+        if bad > 0 {
+            return Err(crate::error::invalid!(
+                "topk_ids: an earlier batch on this layer held {bad} id(s) outside [-1, {}); the device treated them as -1 (dropped), so those outputs are wrong",
+                layer.v.dims.experts
+            ));
+        }
+        Ok(())
+    }
+
+    fn warmup(&self, layer: &Layer, max_tokens: usize) -> Result<()> {
+        let c = cuda_layer(layer);
+        for tile in layer.tiles.configs_up_to(max_tokens) {
+            c.kernel_set(&layer.v, tile, c.gemm1_vec8)?;
+        }
+        Ok(())
+    }
+
+    fn prepare(
+        &self,
+        layer: &Layer,
+        ids: &Tensor,
+        ws: *mut u8,
+        layout: &Layout,
+        tile: TileConfig,
+        stream: usize,
+    ) -> Result<usize> {
+        let c = cuda_layer(layer);
+        let k = c.kernel_set(&layer.v, tile, c.gemm1_vec8)?;
+        let stream = unsafe { c.dev.ctx.wrap_borrowed_stream(stream as _) };
+        let ids_i64 = ids.elem == crate::dtype::ElemType::I64;
+        k.align(
+            &stream,
+            ids_i64,
+            kernels::AlignArgs {
+                ids: ids.data as u64,
+                ws: ws as u64,
+                layout,
+                experts: layer.v.dims.experts,
+                block_m: tile.block_m as usize,
+                bad_ids: c.bad_ids.device_ptr(),
+            },
+        )?;
+        Ok(0)
+    }
+
+    fn run(&self, layer: &Layer, p: &Prepared, io: &RunIo, stream: usize) -> Result<()> {
+        let c = cuda_layer(layer);
+        let vec8 = c.gemm1_vec8 && io.hidden.data as usize % 16 == 0;
+        let k = c.kernel_set(&layer.v, p.tile, vec8)?;
+        let s = scratch(&layer.v, p.numel, p.layout.sorted_route_ids.len);
+        let base = p.workspace as u64 + p.layout.scratch.offset as u64;
+        let stream = unsafe { c.dev.ctx.wrap_borrowed_stream(stream as _) };
+        k.run(
+            &stream,
+            layer,
+            p,
+            io,
+            kernels::ScratchPtrs {
+                g1: base + s.g1 as u64,
+                act: base + s.act as u64,
+                y: base + s.y as u64,
+            },
+        )
+    }
+
+    fn read_i32s(&self, layer: &Layer, src: *const u8, len: usize) -> Result<Vec<i32>> {
+        let c = cuda_layer(layer);
+        let mut out = vec![0i32; len];
+        if len > 0 {
+            c.dev
+                .ctx
+                .bind_to_thread()
+                .map_err(|e| driver_error("plan", e))?;
+            unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut out, src as u64) }
+                .map_err(|e| driver_error("plan: copying the workspace to the host", e))?;
+        }
+        Ok(out)
+    }
 }

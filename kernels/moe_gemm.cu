@@ -1,0 +1,284 @@
+// GEMM1 and GEMM2 of SPEC §2 over the align step's blocks (DESIGN §5). One CTA computes a
+// BM x BN tile of C[slot, n] = sum_k A[slot, k] * W[expert, n, k] for the BM slots of one
+// block (all routed to one expert), then applies the stage's epilogue:
+//   GEMM1 (FM_GEMM_MODE 1): A rows are hidden rows gathered through sorted_route_ids;
+//          g1[slot, n] = round(v * (acc + b13[e, n])), v = router weight when on-input, else 1.
+//   GEMM2 (FM_GEMM_MODE 2): A rows are the activation rows, slot by slot;
+//          y[route, n] = round((acc + b2[e, n]) * w'), w' = router weight when applied here.
+// Blocks past num_padded (read on the device) and blocks of no expert exit at once, so the
+// grid is sized for the worst case and the launch is graph-safe [TAG_GRAPH_SAFE].
+//
+// Compile-time variant: FM_DTYPE, FM_GEMM_MODE, FM_BM, FM_BN, FM_BK, FM_WARPS_M, FM_WARPS_N,
+// FM_STAGES, FM_VEC (8: 16-byte cp.async chunks, rows 16-byte aligned; 1: element loads) and
+// FM_MMA (1: mma.sync on 16-bit types; 0: SIMT in f32, the f32 layers' path).
+#include "common.cuh"
+
+struct FmGemmParams {
+    const void* a;                // GEMM1: hidden [M, kdim]; GEMM2: activation [capacity, kdim]
+    const void* w;                // [E, n, kdim]
+    const void* bias;             // [E, n] or null
+    const void* router;           // topk_weights [numel] (f32 or the layer dtype)
+    void* out;                    // GEMM1: g1 [capacity, n]; GEMM2: y [numel, n]
+    const int* sorted_route_ids;  // [capacity]
+    const int* block_expert;      // [max_blocks]
+    const int* num_padded;        // [1]
+    int n, kdim, numel, top_k;
+    int bias_kind;                // 0 f32, else the layer dtype's kind
+    int router_kind;
+    int apply_router;             // multiply by the route's router weight in the epilogue
+    int n_tiles;                  // ceil(n / FM_BN)
+};
+
+#define FM_THREADS (FM_WARPS_M * FM_WARPS_N * 32)
+
+// Where the A row of each slot starts (-1: the slot holds no route) and its route id.
+struct FmRows {
+    fm_i64 a_offset[FM_BM];
+    int route[FM_BM];
+};
+
+__device__ __forceinline__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0) {
+    for (int i = threadIdx.x; i < FM_BM; i += FM_THREADS) {
+        const int route = p.sorted_route_ids[slot0 + i];
+        const bool valid = route < p.numel;
+        rows.route[i] = valid ? route : -1;
+#if FM_GEMM_MODE == 1
+        rows.a_offset[i] = valid ? (fm_i64)(route / p.top_k) * p.kdim : -1;
+#else
+        rows.a_offset[i] = valid ? (fm_i64)(slot0 + i) * p.kdim : -1;
+#endif
+    }
+}
+
+// The epilogue for one accumulated value at tile row `i`, global column `col`.
+__device__ __forceinline__ void fm_epilogue(const FmRows& rows, const FmGemmParams& p,
+                                            int expert, int slot0, int i, int col, float acc) {
+    const int route = rows.route[i];
+    if (route < 0 || col >= p.n) return;
+    const float bias = p.bias ? fm_read_as_f32(p.bias, (fm_i64)expert * p.n + col, p.bias_kind)
+                              : 0.0f;
+    const float scale = p.apply_router ? fm_read_as_f32(p.router, route, p.router_kind) : 1.0f;
+#if FM_GEMM_MODE == 1
+    ((fm_t*)p.out)[(fm_i64)(slot0 + i) * p.n + col] = fm_store(scale * (acc + bias));
+#else
+    ((fm_t*)p.out)[(fm_i64)route * p.n + col] = fm_store((acc + bias) * scale);
+#endif
+}
+
+#if FM_MMA
+// ================================================================ tensor cores (f16, bf16)
+
+// Shared rows are padded by 8 elements (16 bytes) so ldmatrix's 8 row reads hit 32 banks.
+#define FM_LDS (FM_BK + 8)
+#define FM_WTM (FM_BM / FM_WARPS_M)
+#define FM_WTN (FM_BN / FM_WARPS_N)
+#define FM_MI (FM_WTM / 16)
+#define FM_NI (FM_WTN / 8)
+
+// Loads the k-slice [k0, k0 + BK) of the A rows and W rows into one stage.
+__device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& rows,
+                                              const FmGemmParams& p, const fm_t* w_expert,
+                                              int n0, int k0) {
+    const fm_t* a = (const fm_t*)p.a;
+    constexpr int chunks_per_row = FM_BK / 8;
+    for (int c = threadIdx.x; c < (FM_BM + FM_BN) * chunks_per_row; c += FM_THREADS) {
+        const int row = c / chunks_per_row, kk = (c % chunks_per_row) * 8, k = k0 + kk;
+        const fm_t* src;
+        fm_t* dst;
+        bool row_valid;
+        if (row < FM_BM) {
+            const fm_i64 off = rows.a_offset[row];
+            row_valid = off >= 0;
+            src = a + (row_valid ? off + k : 0);
+            dst = sa + row * FM_LDS + kk;
+        } else {
+            const int n = n0 + row - FM_BM;
+            row_valid = n < p.n;
+            src = w_expert + (row_valid ? (fm_i64)n * p.kdim + k : 0);
+            dst = sb + (row - FM_BM) * FM_LDS + kk;
+        }
+#if FM_VEC == 8
+        // kdim is a multiple of 8 here, so a chunk is wholly inside or wholly past the end
+        const bool valid = row_valid && k < p.kdim;
+        fm_cp_async16(dst, valid ? (const void*)src : p.w, valid);
+#else
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+            dst[j] = (row_valid && k + j < p.kdim) ? src[j] : (fm_t)0;
+#endif
+    }
+}
+
+__device__ __forceinline__ void fm_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                       unsigned b1) {
+#if FM_DTYPE == 2
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(FM_THREADS) moe_gemm(const FmGemmParams p) {
+    const int n_tile = blockIdx.x % p.n_tiles, m_block = blockIdx.x / p.n_tiles;
+    const int slot0 = m_block * FM_BM, n0 = n_tile * FM_BN;
+    if (slot0 >= *p.num_padded) return;
+    const int expert = p.block_expert[m_block];
+    if (expert < 0) return;
+
+    extern __shared__ __align__(16) unsigned char fm_smem[];
+    FmRows& rows = *(FmRows*)fm_smem;
+    fm_t* stages = (fm_t*)(fm_smem + ((sizeof(FmRows) + 127) / 128) * 128);
+    constexpr int stage_elems = (FM_BM + FM_BN) * FM_LDS;
+    fm_rows_setup(rows, p, slot0);
+    __syncthreads();
+
+    const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)expert * p.n * p.kdim;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = warp / FM_WARPS_N, wn = warp % FM_WARPS_N;
+    float acc[FM_MI][FM_NI][4];
+#pragma unroll
+    for (int i = 0; i < FM_MI; ++i)
+#pragma unroll
+        for (int j = 0; j < FM_NI; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+    const int k_tiles = (p.kdim + FM_BK - 1) / FM_BK;
+#pragma unroll
+    for (int s = 0; s < FM_STAGES - 1; ++s) {
+        if (s < k_tiles)
+            fm_load_stage(stages + s * stage_elems, stages + s * stage_elems + FM_BM * FM_LDS,
+                          rows, p, w_expert, n0, s * FM_BK);
+        fm_cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        const int next = kt + FM_STAGES - 1;
+        if (next < k_tiles) {
+            fm_t* st = stages + (next % FM_STAGES) * stage_elems;
+            fm_load_stage(st, st + FM_BM * FM_LDS, rows, p, w_expert, n0, next * FM_BK);
+        }
+        fm_cp_async_commit();
+        fm_cp_async_wait<FM_STAGES - 1>();
+        __syncthreads();
+
+        const fm_t* sa = stages + (kt % FM_STAGES) * stage_elems;
+        const fm_t* sb = sa + FM_BM * FM_LDS;
+#pragma unroll
+        for (int kk = 0; kk < FM_BK; kk += 16) {
+            unsigned af[FM_MI][4];
+#pragma unroll
+            for (int i = 0; i < FM_MI; ++i) {
+                const int r = wm * FM_WTM + i * 16 + (lane % 16);
+                fm_ldmatrix_x4(af[i], sa + r * FM_LDS + kk + (lane / 16) * 8);
+            }
+            unsigned bf[FM_NI][2];
+#pragma unroll
+            for (int j = 0; j + 1 < FM_NI; j += 2) {
+                // lanes 0-15: n rows j*8.., lanes 16-31: n rows (j+1)*8..; k halves by lane/8
+                const int nrow = wn * FM_WTN + j * 8 + (lane / 16) * 8 + (lane % 8);
+                unsigned r4[4];
+                fm_ldmatrix_x4(r4, sb + nrow * FM_LDS + kk + ((lane / 8) % 2) * 8);
+                bf[j][0] = r4[0];
+                bf[j][1] = r4[1];
+                bf[j + 1][0] = r4[2];
+                bf[j + 1][1] = r4[3];
+            }
+            if (FM_NI % 2 == 1) {
+                const int j = FM_NI - 1;
+                const int nrow = wn * FM_WTN + j * 8 + (lane % 8);
+                unsigned r2[2];
+                fm_ldmatrix_x2(r2, sb + nrow * FM_LDS + kk + ((lane / 8) % 2) * 8);
+                bf[j][0] = r2[0];
+                bf[j][1] = r2[1];
+            }
+#pragma unroll
+            for (int i = 0; i < FM_MI; ++i)
+#pragma unroll
+                for (int j = 0; j < FM_NI; ++j) fm_mma(acc[i][j], af[i], bf[j][0], bf[j][1]);
+        }
+        __syncthreads();
+    }
+    fm_cp_async_wait<0>();
+
+    // c0, c1: row lane/4, columns 2(lane%4) + {0, 1}; c2, c3: eight rows further down.
+#pragma unroll
+    for (int i = 0; i < FM_MI; ++i)
+#pragma unroll
+        for (int j = 0; j < FM_NI; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int row = wm * FM_WTM + i * 16 + lane / 4 + (q / 2) * 8;
+                const int col = n0 + wn * FM_WTN + j * 8 + (lane % 4) * 2 + (q % 2);
+                fm_epilogue(rows, p, expert, slot0, row, col, acc[i][j][q]);
+            }
+}
+
+#else
+// ================================================================ SIMT (f32 layers)
+// Each thread accumulates FM_PER_THREAD outputs of the tile; shared rows are padded by one
+// element so that threads reading one k across many rows hit different banks.
+#define FM_LDS (FM_BK + 1)
+#define FM_PER_THREAD ((FM_BM * FM_BN + FM_THREADS - 1) / FM_THREADS)
+
+extern "C" __global__ void __launch_bounds__(FM_THREADS) moe_gemm(const FmGemmParams p) {
+    const int n_tile = blockIdx.x % p.n_tiles, m_block = blockIdx.x / p.n_tiles;
+    const int slot0 = m_block * FM_BM, n0 = n_tile * FM_BN;
+    if (slot0 >= *p.num_padded) return;
+    const int expert = p.block_expert[m_block];
+    if (expert < 0) return;
+
+    extern __shared__ __align__(16) unsigned char fm_smem[];
+    FmRows& rows = *(FmRows*)fm_smem;
+    fm_t* sa = (fm_t*)(fm_smem + ((sizeof(FmRows) + 127) / 128) * 128);
+    fm_t* sb = sa + FM_BM * FM_LDS;
+    fm_rows_setup(rows, p, slot0);
+    __syncthreads();
+
+    const fm_t* a = (const fm_t*)p.a;
+    const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)expert * p.n * p.kdim;
+    float acc[FM_PER_THREAD];
+#pragma unroll
+    for (int q = 0; q < FM_PER_THREAD; ++q) acc[q] = 0.0f;
+
+    for (int k0 = 0; k0 < p.kdim; k0 += FM_BK) {
+        for (int c = threadIdx.x; c < (FM_BM + FM_BN) * FM_BK; c += FM_THREADS) {
+            const int row = c / FM_BK, kk = c % FM_BK, k = k0 + kk;
+            if (row < FM_BM) {
+                const fm_i64 off = rows.a_offset[row];
+                sa[row * FM_LDS + kk] = (off >= 0 && k < p.kdim) ? a[off + k] : (fm_t)0;
+            } else {
+                const int n = n0 + row - FM_BM;
+                sb[(row - FM_BM) * FM_LDS + kk] =
+                    (n < p.n && k < p.kdim) ? w_expert[(fm_i64)n * p.kdim + k] : (fm_t)0;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < FM_PER_THREAD; ++q) {
+            const int idx = threadIdx.x + q * FM_THREADS;
+            if (idx < FM_BM * FM_BN) {
+                const int row = idx / FM_BN, col = idx % FM_BN;
+                float sum = acc[q];
+                for (int kk = 0; kk < FM_BK; ++kk)
+                    sum += fm_load(sa[row * FM_LDS + kk]) * fm_load(sb[col * FM_LDS + kk]);
+                acc[q] = sum;
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int q = 0; q < FM_PER_THREAD; ++q) {
+        const int idx = threadIdx.x + q * FM_THREADS;
+        if (idx < FM_BM * FM_BN)
+            fm_epilogue(rows, p, expert, slot0, idx / FM_BN, n0 + idx % FM_BN, acc[q]);
+    }
+}
+#endif

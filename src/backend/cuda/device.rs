@@ -1,0 +1,134 @@
+//! One CUDA device as the backend uses it: the device's primary context (the one PyTorch and
+//! the runtime API use), its architecture, and the kernels loaded into it, compiled on first
+//! use (or at moe_warmup) and cached in memory and on disk.
+
+use super::variant::Variant;
+use super::{cache, compile};
+use crate::error::{Error, ErrorKind, Result};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, DriverError};
+use once_cell::sync::Lazy;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+pub struct DeviceState {
+    pub ordinal: usize,
+    pub ctx: Arc<CudaContext>,
+    /// NVRTC's --gpu-architecture: sm_90a on Hopper (wgmma needs the "a"), else sm_XY.
+    pub arch: String,
+    pub name: String,
+    max_shared_optin: usize,
+    nvrtc: (i32, i32),
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+/// A driver error as a DEVICE error that says what was being done.
+pub fn driver_error(what: &str, e: DriverError) -> Error {
+    Error::new(
+        ErrorKind::Device,
+        format!("{what}: CUDA driver error {e:?}"),
+    )
+}
+
+static DEVICES: Lazy<Mutex<HashMap<usize, Arc<DeviceState>>>> =
+    Lazy::new(|| Mutex::new(HashMap::new()));
+
+/// The state of device `ordinal`, set up on first use. Callers have checked the probe.
+pub fn device(ordinal: usize) -> Result<Arc<DeviceState>> {
+    let mut devices = DEVICES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(d) = devices.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    let what = format!("device: cuda:{ordinal}");
+    let ctx = CudaContext::new(ordinal).map_err(|e| driver_error(&what, e))?;
+    // Host memory is raw pointers to the kernels; cudarc's stream events would only add syncs.
+    unsafe { ctx.disable_event_tracking() };
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| driver_error(&what, e))?;
+    if major < 8 {
+        return Err(crate::error::unsupported!(
+            "{what}: compute capability {major}.{minor}; the CUDA kernels need 8.0 or newer (mma.sync bf16, cp.async)"
+        ));
+    }
+    let arch = if major == 9 && minor == 0 {
+        "sm_90a".to_string()
+    } else {
+        format!("sm_{major}{minor}")
+    };
+    let name = ctx.name().map_err(|e| driver_error(&what, e))?;
+    let max_shared_optin = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(|e| driver_error(&what, e))? as usize;
+    let nvrtc = unsafe { compile::version() }
+        .map_err(|e| Error::new(ErrorKind::Device, format!("{what}: {e}")))?;
+    let d = Arc::new(DeviceState {
+        ordinal,
+        ctx,
+        arch,
+        name,
+        max_shared_optin,
+        nvrtc,
+        functions: Mutex::new(HashMap::new()),
+    });
+    devices.insert(ordinal, d.clone());
+    Ok(d)
+}
+
+impl DeviceState {
+    /// The loaded kernel of a variant: from memory, else from the disk cache, else compiled.
+    /// Compiling happens outside the lock, so one slow compilation does not stall launches
+    /// of kernels that are loaded already.
+    pub fn function(&self, v: &Variant) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().unwrap().get(&v.name) {
+            return Ok(f.clone());
+        }
+        if v.shared_bytes > self.max_shared_optin {
+            return Err(crate::error::unsupported!(
+                "tile config: kernel {} needs {} bytes of shared memory; {} ({}) allows {} per block (lower tile.num_stages or the block sizes)",
+                v.name,
+                v.shared_bytes,
+                self.name,
+                self.arch,
+                self.max_shared_optin
+            ));
+        }
+        let file = cache::key(v, &self.arch, self.nvrtc);
+        let cubin = match cache::load(&file) {
+            Some(c) => c,
+            None => {
+                let c = unsafe { compile::compile_cubin(v.source(), &self.arch, &v.options()) }
+                    .map_err(|e| {
+                        Error::new(
+                            ErrorKind::Internal,
+                            format!("kernel {}: NVRTC failed: {e}", v.name),
+                        )
+                    })?;
+                cache::store(&file, &c);
+                c
+            }
+        };
+        let what = format!("kernel {} on cuda:{}", v.name, self.ordinal);
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(|e| driver_error(&what, e))?;
+        let f = module
+            .load_function(v.entry)
+            .map_err(|e| driver_error(&what, e))?;
+        if v.shared_bytes > 48 * 1024 {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                v.shared_bytes as i32,
+            )
+            .map_err(|e| driver_error(&what, e))?;
+        }
+        Ok(self
+            .functions
+            .lock()
+            .unwrap()
+            .entry(v.name.clone())
+            .or_insert(f)
+            .clone())
+    }
+}

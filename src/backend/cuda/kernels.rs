@@ -1,0 +1,334 @@
+//! The kernels one (layer, tile config) runs, loaded, and their launches. The parameter
+//! structs mirror the ones in kernels/*.cu field for field (#[repr(C)], 8-byte fields first).
+
+use super::device::{driver_error, DeviceState};
+use super::variant::{self, dtype_code, Variant};
+use crate::config::Validated;
+use crate::error::{unsupported, Result};
+use crate::layer::{Bias, Layer};
+use crate::plan::{Prepared, RunIo};
+use crate::tiles::TileConfig;
+use crate::workspace::Layout;
+use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+struct Loaded {
+    f: CudaFunction,
+    v: Variant,
+}
+
+impl Loaded {
+    fn new(dev: &DeviceState, v: Variant) -> Result<Loaded> {
+        Ok(Loaded {
+            f: dev.function(&v)?,
+            v,
+        })
+    }
+
+    /// Launches with one by-value parameter struct on a 1-D grid.
+    fn launch<P: DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        blocks: usize,
+        params: &P,
+    ) -> Result<()> {
+        if blocks == 0 {
+            return Ok(());
+        }
+        let grid = u32::try_from(blocks)
+            .ok()
+            .filter(|&b| b < i32::MAX as u32)
+            .ok_or_else(|| {
+                unsupported!("kernel {}: {blocks} blocks exceed one launch", self.v.name)
+            })?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (self.v.threads, 1, 1),
+            shared_mem_bytes: self.v.shared_bytes as u32,
+        };
+        let mut b = stream.launch_builder(&self.f);
+        b.arg(params);
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| driver_error(&format!("kernel {}", self.v.name), e))
+    }
+}
+
+pub struct KernelSet {
+    align_i32: Loaded,
+    align_i64: Loaded,
+    gemm1: Loaded,
+    act: Loaded,
+    gemm2: Loaded,
+    /// moe_combine, or moe_zero_dropped with no_combine.
+    finish: Loaded,
+    tile: TileConfig,
+}
+
+pub struct AlignArgs<'a> {
+    pub ids: u64,
+    pub ws: u64,
+    pub layout: &'a Layout,
+    pub experts: usize,
+    pub block_m: usize,
+    pub bad_ids: u64,
+}
+
+pub struct ScratchPtrs {
+    pub g1: u64,
+    pub act: u64,
+    pub y: u64,
+}
+
+#[repr(C)]
+struct GemmParams {
+    a: u64,
+    w: u64,
+    bias: u64,
+    router: u64,
+    out: u64,
+    sorted_route_ids: u64,
+    block_expert: u64,
+    num_padded: u64,
+    n: i32,
+    kdim: i32,
+    numel: i32,
+    top_k: i32,
+    bias_kind: i32,
+    router_kind: i32,
+    apply_router: i32,
+    n_tiles: i32,
+}
+
+#[repr(C)]
+struct ActParams {
+    g1: u64,
+    act: u64,
+    sorted_route_ids: u64,
+    num_padded: u64,
+    numel: i32,
+    inter: i32,
+    alpha: f32,
+    limit: f32,
+}
+
+#[repr(C)]
+struct CombineParams {
+    y: u64,
+    route_slot: u64,
+    out: u64,
+    top_k: i32,
+    hidden: i32,
+    rsf: f32,
+}
+
+#[repr(C)]
+struct ZeroParams {
+    route_slot: u64,
+    out: u64,
+    hidden: i32,
+}
+
+unsafe impl DeviceRepr for GemmParams {}
+unsafe impl DeviceRepr for ActParams {}
+unsafe impl DeviceRepr for CombineParams {}
+unsafe impl DeviceRepr for ZeroParams {}
+
+fn bias_parts(b: &Option<Bias>) -> (u64, i32) {
+    match b {
+        Some(b) => (b.data as u64, dtype_code(b.dtype) as i32),
+        None => (0, 0),
+    }
+}
+
+impl KernelSet {
+    pub fn load(
+        dev: &DeviceState,
+        v: &Validated,
+        tile: TileConfig,
+        gemm1_vec8: bool,
+        gemm2_vec8: bool,
+    ) -> Result<KernelSet> {
+        let finish = if v.no_combine {
+            "moe_zero_dropped"
+        } else {
+            "moe_combine"
+        };
+        Ok(KernelSet {
+            align_i32: Loaded::new(dev, variant::align(false))?,
+            align_i64: Loaded::new(dev, variant::align(true))?,
+            gemm1: Loaded::new(dev, variant::gemm(v.dtype, 1, tile, gemm1_vec8)?)?,
+            act: Loaded::new(dev, variant::act(v.dtype, v.act, v.gated, v.layout))?,
+            gemm2: Loaded::new(dev, variant::gemm(v.dtype, 2, tile, gemm2_vec8)?)?,
+            finish: Loaded::new(dev, variant::combine(v.dtype, finish))?,
+            tile,
+        })
+    }
+
+    /// SPEC §4 on the device: one block; counts, offsets and the scatter in shared memory.
+    pub fn align(&self, stream: &Arc<CudaStream>, ids_i64: bool, a: AlignArgs) -> Result<()> {
+        let k = if ids_i64 {
+            &self.align_i64
+        } else {
+            &self.align_i32
+        };
+        let l = a.layout;
+        let at = |s: crate::workspace::Section| a.ws + s.offset as u64;
+        let (numel, experts, block_m) =
+            (l.route_slot.len as i32, a.experts as i32, a.block_m as i32);
+        let (capacity, max_blocks) = (l.sorted_route_ids.len as i32, l.block_expert.len as i32);
+        let (sorted, blocks, padded, offsets, slots) = (
+            at(l.sorted_route_ids),
+            at(l.block_expert),
+            at(l.num_padded),
+            at(l.expert_offsets),
+            at(l.route_slot),
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (k.v.threads, 1, 1),
+            shared_mem_bytes: ((2 * a.experts + 2) * 4) as u32,
+        };
+        let mut b = stream.launch_builder(&k.f);
+        b.arg(&a.ids)
+            .arg(&numel)
+            .arg(&experts)
+            .arg(&block_m)
+            .arg(&capacity)
+            .arg(&max_blocks)
+            .arg(&sorted)
+            .arg(&blocks)
+            .arg(&padded)
+            .arg(&offsets)
+            .arg(&slots)
+            .arg(&a.bad_ids);
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| driver_error(&format!("kernel {}", k.v.name), e))
+    }
+
+    /// GEMM1, activation, GEMM2, then combine (or the zero rows of no_combine).
+    pub fn run(
+        &self,
+        stream: &Arc<CudaStream>,
+        layer: &Layer,
+        p: &Prepared,
+        io: &RunIo,
+        s: ScratchPtrs,
+    ) -> Result<()> {
+        let v = &layer.v;
+        let d = v.dims;
+        let l = &p.layout;
+        let ws = p.workspace as u64;
+        let at = |sec: crate::workspace::Section| ws + sec.offset as u64;
+        let (sorted, blocks, padded, slots) = (
+            at(l.sorted_route_ids),
+            at(l.block_expert),
+            at(l.num_padded),
+            at(l.route_slot),
+        );
+        let max_blocks = l.block_expert.len;
+        let capacity = l.sorted_route_ids.len;
+        let router = io.router_weights.data as u64;
+        let router_kind = dtype_code(io.router_dtype) as i32;
+        let bn = self.tile.block_n as usize;
+
+        let (b13, b13_kind) = bias_parts(&layer.b13);
+        let n_tiles1 = d.n1.div_ceil(bn);
+        self.gemm1.launch(
+            stream,
+            max_blocks * n_tiles1,
+            &GemmParams {
+                a: io.hidden.data as u64,
+                w: layer.weights.w13.data as u64,
+                bias: b13,
+                router,
+                out: s.g1,
+                sorted_route_ids: sorted,
+                block_expert: blocks,
+                num_padded: padded,
+                n: d.n1 as i32,
+                kdim: d.hidden as i32,
+                numel: p.numel as i32,
+                top_k: d.top_k as i32,
+                bias_kind: b13_kind,
+                router_kind,
+                apply_router: v.weight_on_input as i32,
+                n_tiles: n_tiles1 as i32,
+            },
+        )?;
+        let (alpha, limit) = match v.act {
+            crate::activation::ActFn::SwigluOai { alpha, limit } => (alpha, limit),
+            crate::activation::ActFn::SiluClamp { limit }
+            | crate::activation::ActFn::SiluPreclamp { limit } => (0.0, limit),
+            _ => (0.0, 0.0),
+        };
+        self.act.launch(
+            stream,
+            capacity,
+            &ActParams {
+                g1: s.g1,
+                act: s.act,
+                sorted_route_ids: sorted,
+                num_padded: padded,
+                numel: p.numel as i32,
+                inter: d.inter as i32,
+                alpha,
+                limit,
+            },
+        )?;
+        let (b2, b2_kind) = bias_parts(&layer.b2);
+        let n_tiles2 = d.hidden.div_ceil(bn);
+        let y = if v.no_combine {
+            io.out.data as u64
+        } else {
+            s.y
+        };
+        self.gemm2.launch(
+            stream,
+            max_blocks * n_tiles2,
+            &GemmParams {
+                a: s.act,
+                w: layer.weights.w2.data as u64,
+                bias: b2,
+                router,
+                out: y,
+                sorted_route_ids: sorted,
+                block_expert: blocks,
+                num_padded: padded,
+                n: d.hidden as i32,
+                kdim: d.inter as i32,
+                numel: p.numel as i32,
+                top_k: d.top_k as i32,
+                bias_kind: b2_kind,
+                router_kind,
+                apply_router: v.weight_after_gemm2() as i32,
+                n_tiles: n_tiles2 as i32,
+            },
+        )?;
+        if v.no_combine {
+            self.finish.launch(
+                stream,
+                p.numel,
+                &ZeroParams {
+                    route_slot: slots,
+                    out: io.out.data as u64,
+                    hidden: d.hidden as i32,
+                },
+            )
+        } else {
+            self.finish.launch(
+                stream,
+                p.num_tokens,
+                &CombineParams {
+                    y: s.y,
+                    route_slot: slots,
+                    out: io.out.data as u64,
+                    top_k: d.top_k as i32,
+                    hidden: d.hidden as i32,
+                    rsf: v.rsf,
+                },
+            )
+        }
+    }
+}

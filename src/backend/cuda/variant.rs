@@ -1,0 +1,273 @@
+//! Kernel variants: which source, entry point and `-D` defines one compiled kernel has. The
+//! same variant name keys the in-memory and disk caches and appears in errors (kernels/README).
+
+use super::compile::{Source, KERNEL_ACT, KERNEL_ALIGN, KERNEL_COMBINE, KERNEL_GEMM};
+use crate::activation::{ActFn, GateUpLayout};
+use crate::dtype::DType;
+use crate::error::{unsupported, Result};
+use crate::tiles::TileConfig;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Variant {
+    pub source: &'static str,
+    pub entry: &'static str,
+    /// (NAME, value) pairs passed as -DNAME=value.
+    pub defines: Vec<(&'static str, i64)>,
+    /// Readable and unique: "moe_gemm1__bf16_m64n64k32_w2x2_s3_v8".
+    pub name: String,
+    /// Dynamic shared memory the launch needs, in bytes.
+    pub shared_bytes: usize,
+    /// Threads per block.
+    pub threads: u32,
+}
+
+impl Variant {
+    pub fn source(&self) -> &'static Source {
+        [&KERNEL_ALIGN, &KERNEL_GEMM, &KERNEL_ACT, &KERNEL_COMBINE]
+            .into_iter()
+            .find(|s| s.name == self.source)
+            .expect("every variant names an embedded source")
+    }
+
+    pub fn options(&self) -> Vec<String> {
+        self.defines
+            .iter()
+            .map(|(k, v)| format!("-D{k}={v}"))
+            .collect()
+    }
+}
+
+/// The FM_DTYPE code of a layer dtype (kernels/common.cuh) and the float kind code of
+/// biases and router weights (the same numbering).
+pub fn dtype_code(d: DType) -> i64 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+pub fn align(ids_i64: bool) -> Variant {
+    let entry = if ids_i64 {
+        "moe_align__i64"
+    } else {
+        "moe_align__i32"
+    };
+    Variant {
+        source: KERNEL_ALIGN.name,
+        entry,
+        defines: vec![],
+        name: entry.to_string(),
+        shared_bytes: 0,
+        threads: 1024,
+    }
+}
+
+/// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config. `vec8`: every row of A and W starts
+/// 16-byte aligned (kdim a multiple of 8 and aligned bases), so 16-byte cp.async applies.
+pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, vec8: bool) -> Result<Variant> {
+    let TileConfig {
+        block_m: bm,
+        block_n: bn,
+        block_k: bk,
+        num_warps: warps,
+        num_stages: stages,
+        ..
+    } = tile;
+    let mma = dtype != DType::F32;
+    let (wm, wn) = warp_layout(bm, bn, warps, mma).ok_or_else(|| {
+        unsupported!(
+            "tile config: BLOCK_M {bm} x BLOCK_N {bn} cannot be shared by {warps} warps on CUDA (each warp needs at least {} rows and 8 columns); set tile.num_warps lower or the blocks larger",
+            if mma { 16 } else { 1 }
+        )
+    })?;
+    let threads = warps * 32;
+    let rows_bytes = (bm as usize * 12).div_ceil(128) * 128;
+    let esize = dtype.size();
+    let shared_bytes = if mma {
+        rows_bytes + stages as usize * (bm + bn) as usize * (bk as usize + 8) * esize
+    } else {
+        let per_thread = (bm * bn).div_ceil(threads);
+        if per_thread > 64 {
+            return Err(unsupported!(
+                "tile config: BLOCK_M {bm} x BLOCK_N {bn} over {threads} threads is {per_thread} outputs per thread; the f32 CUDA path takes at most 64 (raise tile.num_warps or shrink the blocks)"
+            ));
+        }
+        rows_bytes + (bm + bn) as usize * (bk as usize + 1) * esize
+    };
+    let vec = if vec8 && mma { 8 } else { 1 };
+    let name = format!(
+        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}",
+        dtype.name()
+    );
+    Ok(Variant {
+        source: KERNEL_GEMM.name,
+        entry: "moe_gemm",
+        defines: vec![
+            ("FM_DTYPE", dtype_code(dtype)),
+            ("FM_GEMM_MODE", mode as i64),
+            ("FM_BM", bm as i64),
+            ("FM_BN", bn as i64),
+            ("FM_BK", bk as i64),
+            ("FM_WARPS_M", wm as i64),
+            ("FM_WARPS_N", wn as i64),
+            ("FM_STAGES", stages as i64),
+            ("FM_VEC", vec),
+            ("FM_MMA", mma as i64),
+        ],
+        name,
+        shared_bytes,
+        threads,
+    })
+}
+
+/// Splits `warps` into (along M, along N) so that each warp's tile is as square as it can
+/// be; tensor-core warps need 16 rows and 8 columns at least.
+fn warp_layout(bm: u32, bn: u32, warps: u32, mma: bool) -> Option<(u32, u32)> {
+    let (min_m, min_n) = if mma { (16, 8) } else { (1, 1) };
+    (0..=warps.trailing_zeros())
+        .map(|s| (1u32 << s, warps >> s))
+        .filter(|&(wm, wn)| bm % wm == 0 && bn % wn == 0 && bm / wm >= min_m && bn / wn >= min_n)
+        .min_by_key(|&(wm, wn)| ((bm / wm) as i64 - (bn / wn) as i64).abs())
+}
+
+pub fn act(dtype: DType, f: ActFn, gated: bool, layout: GateUpLayout) -> Variant {
+    let code = match f {
+        ActFn::Silu => 0,
+        ActFn::Gelu => 1,
+        ActFn::GeluTanh => 2,
+        ActFn::SwigluOai { .. } => 3,
+        ActFn::SiluClamp { .. } => 4,
+        ActFn::SiluPreclamp { .. } => 5,
+        ActFn::Relu2 => 6,
+    };
+    let interleaved = gated && layout == GateUpLayout::Interleaved;
+    let name = format!(
+        "moe_act__{}_{}{}{}",
+        dtype.name(),
+        act_name(f),
+        if gated { "_gated" } else { "" },
+        if interleaved { "_interleaved" } else { "" }
+    );
+    Variant {
+        source: KERNEL_ACT.name,
+        entry: "moe_act",
+        defines: vec![
+            ("FM_DTYPE", dtype_code(dtype)),
+            ("FM_ACT", code),
+            ("FM_GATED", gated as i64),
+            ("FM_INTERLEAVED", interleaved as i64),
+        ],
+        name,
+        shared_bytes: 0,
+        threads: 256,
+    }
+}
+
+fn act_name(f: ActFn) -> &'static str {
+    match f {
+        ActFn::Silu => "silu",
+        ActFn::Gelu => "gelu",
+        ActFn::GeluTanh => "gelu_tanh",
+        ActFn::SwigluOai { .. } => "swiglu_oai",
+        ActFn::SiluClamp { .. } => "silu_clamp",
+        ActFn::SiluPreclamp { .. } => "silu_preclamp",
+        ActFn::Relu2 => "relu2",
+    }
+}
+
+/// moe_combine or moe_zero_dropped.
+pub fn combine(dtype: DType, entry: &'static str) -> Variant {
+    Variant {
+        source: KERNEL_COMBINE.name,
+        entry,
+        defines: vec![("FM_DTYPE", dtype_code(dtype))],
+        name: format!("{entry}__{}", dtype.name()),
+        shared_bytes: 0,
+        threads: 256,
+    }
+}
+
+/// The variants CI compiles for sm_80 and sm_90a: every dtype, activation, layout, stage
+/// entry and load width, at the default tile configs and a few tuned-table shapes.
+#[cfg(test)]
+pub fn ci_set() -> Vec<Variant> {
+    let tiles = [
+        crate::tiles::default_config(1, 8),
+        crate::tiles::default_config(1000, 8),
+        TileConfig {
+            block_m: 128,
+            block_n: 128,
+            block_k: 64,
+            group_m: 8,
+            num_warps: 8,
+            num_stages: 4,
+            flags: 0,
+        },
+        TileConfig {
+            block_m: 16,
+            block_n: 64,
+            block_k: 128,
+            group_m: 1,
+            num_warps: 4,
+            num_stages: 1,
+            flags: 0,
+        },
+    ];
+    let mut all = vec![align(false), align(true)];
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for tile in tiles {
+            for mode in [1, 2] {
+                for vec8 in [false, true] {
+                    if let Ok(g) = gemm(dtype, mode, tile, vec8) {
+                        if !all.contains(&g) {
+                            all.push(g);
+                        }
+                    }
+                }
+            }
+        }
+        let acts = [
+            (ActFn::Silu, true),
+            (ActFn::Gelu, true),
+            (ActFn::GeluTanh, true),
+            (
+                ActFn::SwigluOai {
+                    alpha: 1.0,
+                    limit: 1.0,
+                },
+                true,
+            ),
+            (ActFn::SiluClamp { limit: 1.0 }, true),
+            (ActFn::SiluPreclamp { limit: 1.0 }, true),
+            (ActFn::Silu, false),
+            (ActFn::Gelu, false),
+            (ActFn::Relu2, false),
+        ];
+        for (f, gated) in acts {
+            for layout in [GateUpLayout::Halves, GateUpLayout::Interleaved] {
+                let a = act(dtype, f, gated, layout);
+                if !all.contains(&a) {
+                    all.push(a);
+                }
+            }
+        }
+        all.push(combine(dtype, "moe_combine"));
+        all.push(combine(dtype, "moe_zero_dropped"));
+    }
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warp_layouts_keep_tensor_core_tiles_whole() {
+        assert_eq!(warp_layout(16, 32, 4, true), Some((1, 4)));
+        assert_eq!(warp_layout(64, 64, 4, true), Some((2, 2)));
+        assert_eq!(warp_layout(128, 128, 8, true), Some((2, 4)));
+        assert_eq!(warp_layout(16, 16, 4, true), None);
+        assert_eq!(warp_layout(16, 16, 4, false), Some((2, 2)));
+    }
+}
