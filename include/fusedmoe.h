@@ -497,7 +497,8 @@ moe_status moe_config_get_device(const moe_config *config, moe_device *out);
  * `num_shared_experts` (the last S global ids, replicated on every rank) and R = (E_g − S) /
  * ep_size, global ids [ep_rank·R, (ep_rank+1)·R) become local 0..R and the shared ones R..R+S;
  * every other id maps to −1. E_g − S must be a multiple of ep_size. `device` is where
- * moe_dispatch runs (MOE_DEVICE_CPU today). `out` is written only on success; free it with
+ * moe_dispatch runs: MOE_DEVICE_CPU, or MOE_DEVICE_CUDA (the mapping is copied to that
+ * device once, here; the kernels compile here too). `out` is written only on success; free it with
  * moe_dispatcher_free. The dispatcher is immutable and may be used from any thread.
  */
 moe_status moe_dispatcher_create_contiguous(int64_t num_experts,
@@ -558,7 +559,10 @@ moe_status moe_dispatcher_expert_mask(const moe_dispatcher *dispatcher,
  * −1 : mapping[topk_ids]. Both are int32 or int64 with the same shape (e.g. [M, K]);
  * `local_topk_ids` may be `topk_ids` itself (same dtype), but may not overlap it otherwise.
  * Negative ids stay −1. On the CPU an id ≥ E_g is INVALID_ARGUMENT and nothing is written.
- * `stream` must be NULL for a CPU dispatcher. Thread-safe for distinct outputs.
+ * On CUDA the call is one kernel launch on `stream` (capturable in a CUDA graph): an id ≥
+ * E_g is mapped to −1 (never used as an index) and counted, and the next moe_dispatch on this
+ * dispatcher after that work finished returns INVALID_ARGUMENT naming topk_ids. `stream` must
+ * be NULL for a CPU dispatcher. Thread-safe for distinct outputs.
  *
  * # Safety
  * The tensors must be valid `moe_tensor`s describing host memory as stated.

@@ -2,17 +2,29 @@
 //! and the expert mask derived from it (SGLang moved both out of the layer): one owner, made
 //! once, used by every backend.
 
+use crate::backend::cuda::dispatch::CudaDispatch;
 use crate::dtype::ElemType;
 use crate::error::{ensure, Result};
 use crate::tensor::{Device, DeviceKind, Tensor};
 
-#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Dispatcher {
     /// [E_g]: the local id of each global expert, −1 where it lives on another rank.
     pub mapping: Vec<i32>,
     /// E_local: experts this rank stores.
     pub local_experts: usize,
     pub device: Device,
+    /// The device copy of the mapping and the kernels, for a CUDA dispatcher.
+    cuda: Option<CudaDispatch>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("mapping", &self.mapping)
+            .field("local_experts", &self.local_experts)
+            .field("device", &self.device)
+            .finish()
+    }
 }
 
 impl Dispatcher {
@@ -65,11 +77,6 @@ impl Dispatcher {
     }
 
     fn checked(mapping: Vec<i32>, local_experts: usize, device: Device) -> Result<Self> {
-        if device.kind == DeviceKind::Cuda {
-            return Err(crate::error::unsupported!(
-                "device: {device}: dispatching on CUDA arrives with the CUDA backend"
-            ));
-        }
         ensure!(
             (1..=1 << 24).contains(&mapping.len()),
             "mapping: {} entries, expected one per global expert (1 to 2^24)",
@@ -95,10 +102,18 @@ impl Dispatcher {
                 owner[l as usize] = g as i64;
             }
         }
+        let cuda = match device.kind {
+            DeviceKind::Cpu => None,
+            DeviceKind::Cuda => {
+                crate::backend::cuda::backend(device)?;
+                Some(CudaDispatch::new(device.id as usize, &mapping)?)
+            }
+        };
         Ok(Dispatcher {
             mapping,
             local_experts,
             device,
+            cuda,
         })
     }
 
@@ -117,10 +132,13 @@ impl Dispatcher {
     /// local = id < 0 ? −1 : mapping[id], from `ids` into `out` (which may be `ids` itself).
     /// Checks everything, ids included, before writing.
     pub fn dispatch(&self, ids: &Tensor, out: &Tensor, stream: usize) -> Result<()> {
-        ensure!(
-            stream == 0,
-            "stream: {stream:#x}, expected NULL for a CPU dispatcher"
-        );
+        match &self.cuda {
+            None => ensure!(
+                stream == 0,
+                "stream: {stream:#x}, expected NULL for a CPU dispatcher"
+            ),
+            Some(c) => c.take_errors(self.global_experts())?,
+        }
         for (name, t) in [("topk_ids", ids), ("local_topk_ids", out)] {
             ensure!(
                 t.device == self.device,
@@ -145,6 +163,18 @@ impl Dispatcher {
             !out.overlaps(ids) || (same && out.elem == ids.elem),
             "local_topk_ids: overlaps topk_ids without being the same tensor of the same dtype"
         );
+        if let Some(c) = &self.cuda {
+            // ids >= E_g are counted on the device and reported by the next call
+            return c.launch(
+                ids.data as u64,
+                ids.elem == ElemType::I64,
+                out.data as u64,
+                out.elem == ElemType::I64,
+                ids.numel(),
+                self.global_experts(),
+                stream,
+            );
+        }
         let read = |r: usize| unsafe {
             if ids.elem == ElemType::I64 {
                 *(ids.data as *const i64).add(r)

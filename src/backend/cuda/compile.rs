@@ -29,6 +29,10 @@ pub const KERNEL_ACT: Source = Source {
     name: "moe_act.cu",
     text: include_str!("../../../kernels/moe_act.cu"),
 };
+pub const KERNEL_DISPATCH: Source = Source {
+    name: "moe_dispatch.cu",
+    text: include_str!("../../../kernels/moe_dispatch.cu"),
+};
 pub const KERNEL_COMBINE: Source = Source {
     name: "moe_combine.cu",
     text: include_str!("../../../kernels/moe_combine.cu"),

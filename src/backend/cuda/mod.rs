@@ -6,6 +6,7 @@
 pub mod cache;
 pub mod compile;
 mod device;
+pub mod dispatch;
 mod kernels;
 mod mapped;
 pub mod probe;

@@ -1,7 +1,9 @@
 //! Kernel variants: which source, entry point and `-D` defines one compiled kernel has. The
 //! same variant name keys the in-memory and disk caches and appears in errors (kernels/README).
 
-use super::compile::{Source, KERNEL_ACT, KERNEL_ALIGN, KERNEL_COMBINE, KERNEL_GEMM};
+use super::compile::{
+    Source, KERNEL_ACT, KERNEL_ALIGN, KERNEL_COMBINE, KERNEL_DISPATCH, KERNEL_GEMM,
+};
 use crate::activation::{ActFn, GateUpLayout};
 use crate::dtype::DType;
 use crate::error::{unsupported, Result};
@@ -23,10 +25,16 @@ pub struct Variant {
 
 impl Variant {
     pub fn source(&self) -> &'static Source {
-        [&KERNEL_ALIGN, &KERNEL_GEMM, &KERNEL_ACT, &KERNEL_COMBINE]
-            .into_iter()
-            .find(|s| s.name == self.source)
-            .expect("every variant names an embedded source")
+        [
+            &KERNEL_ALIGN,
+            &KERNEL_GEMM,
+            &KERNEL_ACT,
+            &KERNEL_COMBINE,
+            &KERNEL_DISPATCH,
+        ]
+        .into_iter()
+        .find(|s| s.name == self.source)
+        .expect("every variant names an embedded source")
     }
 
     pub fn options(&self) -> Vec<String> {
@@ -188,6 +196,22 @@ pub fn combine(dtype: DType, entry: &'static str) -> Variant {
     }
 }
 
+/// moe_dispatch for int32 or int64 ids in and out.
+pub fn dispatch(ids_i64: bool, out_i64: bool) -> Variant {
+    let bits = |b: bool| if b { "i64" } else { "i32" };
+    Variant {
+        source: KERNEL_DISPATCH.name,
+        entry: "moe_dispatch",
+        defines: vec![
+            ("FM_IDS_I64", ids_i64 as i64),
+            ("FM_OUT_I64", out_i64 as i64),
+        ],
+        name: format!("moe_dispatch__{}_{}", bits(ids_i64), bits(out_i64)),
+        shared_bytes: 0,
+        threads: 1024,
+    }
+}
+
 /// The variants CI compiles for sm_80 and sm_90a: every dtype, activation, layout, stage
 /// entry and load width, at the default tile configs and a few tuned-table shapes.
 #[cfg(test)]
@@ -215,6 +239,9 @@ pub fn ci_set() -> Vec<Variant> {
         },
     ];
     let mut all = vec![align(false), align(true)];
+    for (a, b) in [(false, false), (false, true), (true, false), (true, true)] {
+        all.push(dispatch(a, b));
+    }
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for tile in tiles {
             for mode in [1, 2] {
