@@ -154,8 +154,8 @@ typedef struct moe_dispatcher moe_dispatcher;
 typedef struct moe_layer moe_layer;
 
 /**
- * A LoRA wrapper over a layer (SPEC §7). Declared so moe_run's signature is final; this
- * build creates none (moe_supports("lora") is false).
+ * A LoRA wrapper over a layer (SPEC §7): L adapter slots and the max rank r. It keeps the
+ * layer's internals and config handle alive, so it outlives a freed layer handle safely.
  */
 typedef struct moe_lora moe_lora;
 
@@ -630,15 +630,16 @@ moe_status moe_layer_create(const moe_config *config,
                             moe_layer **out);
 
 /**
- * Frees a layer. NULL is a no-op; must not be called twice. Plans made for the layer may be
- * freed before or after it (they keep the layer's internals alive); the config from
- * moe_layer_config dies with the layer.
+ * Frees a layer. NULL is a no-op; must not be called twice. Plans and LoRA wrappers made for
+ * the layer may be freed before or after it (they keep the layer's internals alive); the
+ * config from moe_layer_config dies with the layer and its LoRA wrappers.
  */
 void moe_layer_free(moe_layer *layer);
 
 /**
  * Returns the layer's own, read-only config handle: every moe_config_get_* works on it; it is
- * owned by the layer (do not free it) and valid while the layer lives. Thread-safe.
+ * owned by the layer (do not free it) and valid while the layer or a LoRA wrapper over it
+ * lives (moe_lora_runner_config returns the same pointer). Thread-safe.
  */
 moe_status moe_layer_config(const moe_layer *layer, const moe_config **out);
 
@@ -657,6 +658,123 @@ moe_status moe_workspace_size(const moe_layer *layer, int64_t max_tokens, size_t
  * it). A CPU layer has nothing to compile: MOE_OK. Thread-safe.
  */
 moe_status moe_warmup(const moe_layer *layer, int64_t max_tokens, void *stream);
+
+/**
+ * Creates a LoRA wrapper over `layer` with `num_slots` adapter slots (L ≥ 1) of rank at most
+ * `max_rank` (r ≥ 1); every slot starts empty (no delta) and enabled. The wrapper keeps the
+ * layer's internals and its config handle alive: the layer handle may be freed first, and
+ * the wrapper (its config, its slots, moe_run_lora with plans of the layer) stays valid.
+ * `out` is written only on success; free it with moe_lora_free. The slot functions may be
+ * called from any thread, also while other threads run the wrapper: a run sees each slot as
+ * it was before or after a change.
+ *
+ * # Safety
+ * `layer` must be NULL or a handle made by the library and not yet freed; output pointers
+ * must be NULL or writable.
+ */
+moe_status moe_lora_create(const moe_layer *layer,
+                           int64_t num_slots,
+                           int64_t max_rank,
+                           moe_lora **out);
+
+/**
+ * Frees a LoRA wrapper (and, if the layer handle was freed already, the layer's internals
+ * once no plan holds them). NULL is a no-op; must not be called twice.
+ *
+ * # Safety
+ * `lora` must be NULL or a handle made by the library and not yet freed; output pointers
+ * must be NULL or writable.
+ */
+void moe_lora_free(moe_lora *lora);
+
+/**
+ * Sets slot `slot` (0 ≤ slot < L) to an adapter: gate_up_a [E or 1, 2r, H] (gated: rows
+ * [0, r) gate, [r, 2r) up) or [E or 1, r, H] (non-gated); gate_up_b [E, N1, r] (gate/up rows
+ * in w13's layout); down_a [E, r, I]; down_b [E or 1, H, r]. E is the layer's local expert
+ * count; an expert dimension of 1 (gate_up_a, down_b) is shared by all experts. r is the
+ * wrapper's max_rank: a smaller rank is zero padded to r. Dtype: the layer's; device: the
+ * layer's. `scaling` (alpha / rank, finite) multiplies B's products; pass 1.0 when it is
+ * folded into B. The memory is borrowed, not copied: it must stay valid and unchanged until
+ * the slot is set again or cleared, or the wrapper is freed. Replaces the slot's previous
+ * adapter; keeps its enabled flag. On failure the slot is unchanged.
+ *
+ * # Safety
+ * Tensor pointers must be NULL or point to valid `moe_tensor`s.
+ */
+moe_status moe_lora_set_slot(moe_lora *lora,
+                             int64_t slot,
+                             const moe_tensor *gate_up_a,
+                             const moe_tensor *gate_up_b,
+                             const moe_tensor *down_a,
+                             const moe_tensor *down_b,
+                             float scaling);
+
+/**
+ * Empties slot `slot`: tokens mapped to it get no delta until it is set again. The library
+ * no longer reads the slot's memory once this returns. Keeps the slot's enabled flag.
+ *
+ * # Safety
+ * `lora` must be NULL or a handle made by the library and not yet freed; output pointers
+ * must be NULL or writable.
+ */
+moe_status moe_lora_clear_slot(moe_lora *lora, int64_t slot);
+
+/**
+ * Enables or disables slot `slot`; tokens mapped to a disabled slot get no delta. Slots
+ * start enabled; the flag survives moe_lora_set_slot and moe_lora_clear_slot.
+ *
+ * # Safety
+ * `lora` must be NULL or a handle made by the library and not yet freed; output pointers
+ * must be NULL or writable.
+ */
+moe_status moe_lora_set_enabled(moe_lora *lora, int64_t slot, bool enabled);
+
+/**
+ * Writes the wrapped layer's own config handle: the very pointer moe_layer_config returns
+ * for the layer, so every moe_config_get_* reads the same through the wrapper (E_local,
+ * dtype, device, ...). Read-only, owned by the layer and the wrapper (do not free it); valid
+ * while the wrapper lives, also after the layer handle was freed. Thread-safe.
+ *
+ * # Safety
+ * `lora` must be NULL or a handle made by the library and not yet freed; output pointers
+ * must be NULL or writable.
+ */
+moe_status moe_lora_runner_config(const moe_lora *lora, const moe_config **out);
+
+/**
+ * Writes the bytes of workspace a moe_run_lora of up to `max_tokens` tokens needs: the
+ * layer's (moe_workspace_size) plus the LoRA intermediates. Prepare the plan into a
+ * workspace of this size. Thread-safe.
+ *
+ * # Safety
+ * `lora` must be NULL or a handle made by the library and not yet freed; output pointers
+ * must be NULL or writable.
+ */
+moe_status moe_lora_workspace_size(const moe_lora *lora, int64_t max_tokens, size_t *bytes);
+
+/**
+ * moe_run with the LoRA deltas of SPEC §7: the wrapped layer on a batch prepared by
+ * moe_prepare (the plan must be the wrapped layer's; its workspace at least
+ * moe_lora_workspace_size(lora, M) bytes), with each token's adapter given by exactly one
+ * map: `adapter_ids` [M] int32, or `seg_indptr` [S+1] int32 (0 = first ≤ … ≤ last = M) with
+ * `seg_adapter` [S] int32 (tokens [seg_indptr[s], seg_indptr[s+1]) use seg_adapter[s]); the
+ * other form's arguments are NULL. Adapter ids are in [−1, L); −1, an empty slot or a
+ * disabled one means no delta. hidden, topk_weights, out and `stream`: as moe_run. Every
+ * argument is checked before anything is written. On a CUDA layer: UNSUPPORTED (the CUDA
+ * LoRA kernels are not in this build). Thread-safe for distinct plans and outputs.
+ *
+ * # Safety
+ * Handles and tensors must be valid; the tensors' memory must be as described.
+ */
+moe_status moe_run_lora(const moe_lora *lora,
+                        const moe_plan *plan,
+                        const moe_tensor *hidden,
+                        const moe_tensor *topk_weights,
+                        const moe_tensor *adapter_ids,
+                        const moe_tensor *seg_indptr,
+                        const moe_tensor *seg_adapter,
+                        const moe_tensor *out,
+                        void *stream);
 
 /**
  * Creates an empty plan for `layer` (it keeps the layer's internals alive). Fill it with
@@ -693,7 +811,8 @@ moe_status moe_prepare(const moe_layer *layer,
  * [M, H] in the layer dtype; topk_weights [M, K] in f32 or the layer dtype; out [M, H], or
  * [M, K, H] with no_combine, in the layer dtype, not overlapping any input; for an inplace
  * layer `out` must be NULL or hidden, and the result replaces hidden. M must be the plan's.
- * `lora` must be NULL in this build (LoRA is not available: UNSUPPORTED). Every argument is
+ * `lora` must be NULL: a LoRA run needs its token → adapter map, so it goes through
+ * moe_run_lora (a non-NULL `lora` is INVALID_ARGUMENT). Every argument is
  * checked before anything is written; on failure out (and hidden) are untouched. `stream`:
  * as moe_prepare. Thread-safe for distinct plans and outputs.
  *

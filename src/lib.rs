@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod dtype;
 pub mod ffi;
 pub mod layer;
+pub mod lora;
 pub mod options;
 pub mod plan;
 pub mod tensor;

@@ -44,7 +44,7 @@ pub struct RunIo {
 
 /// Checks the stream, then reports what the device found wrong in earlier work (ids out of
 /// range on CUDA) before this call does anything.
-fn check_stream(layer: &Layer, stream: usize) -> Result<()> {
+pub(crate) fn check_stream(layer: &Layer, stream: usize) -> Result<()> {
     if layer.v.device.kind == DeviceKind::Cpu {
         ensure!(
             stream == 0,

@@ -150,16 +150,11 @@ fn the_capability_probe_answers_for_this_build() {
         "option:tile.block_m",
         "option:cpu.num_threads",
         "dispatch",
+        "lora",
     ] {
         assert!(yes(f), "{f}");
     }
-    for f in [
-        "cuda",
-        "lora",
-        "fp8_w8a8_block",
-        "option:tile.blockm",
-        "teleport",
-    ] {
+    for f in ["cuda", "fp8_w8a8_block", "option:tile.blockm", "teleport"] {
         assert!(!yes(f), "{f}");
     }
     assert!(!unsafe { moe_supports(null()) });

@@ -616,9 +616,9 @@ fn table() -> Vec<Bad> {
             ),
         ),
         bad(
-            "a LoRA handle in a build without LoRA",
-            MOE_ERR_UNSUPPORTED,
-            "lora: LoRA is not available",
+            "a LoRA handle passed to moe_run (LoRA runs go through moe_run_lora)",
+            MOE_ERR_INVALID_ARGUMENT,
+            "lora: must be NULL for moe_run",
             |s| {
                 ok(s.prepare(), "prepare");
                 let (hidden, router, out) = (s.hidden.raw(), s.router.raw(), s.out.raw());

@@ -86,7 +86,7 @@ class moe_layer(ctypes.Structure):
 
 
 class moe_lora(ctypes.Structure):
-    """Opaque; this binding always passes NULL (the library has no LoRA yet)."""
+    """Opaque."""
 
 
 class moe_plan(ctypes.Structure):
@@ -141,6 +141,7 @@ _config_p = POINTER(moe_config)
 _layer_p = POINTER(moe_layer)
 _plan_p = POINTER(moe_plan)
 _dispatcher_p = POINTER(moe_dispatcher)
+_lora_p = POINTER(moe_lora)
 _tensor_p = POINTER(moe_tensor)
 
 # name: (restype, argtypes), in the header's order. test_fusedmoe.py diffs it with the header.
@@ -220,12 +221,27 @@ SIGNATURES = {
     "moe_layer_config": (moe_status, [_layer_p, POINTER(_config_p)]),
     "moe_workspace_size": (moe_status, [_layer_p, c_int64, POINTER(c_size_t)]),
     "moe_warmup": (moe_status, [_layer_p, c_int64, c_void_p]),
+    "moe_lora_create": (moe_status, [_layer_p, c_int64, c_int64, POINTER(_lora_p)]),
+    "moe_lora_free": (None, [_lora_p]),
+    "moe_lora_set_slot": (
+        moe_status,
+        [_lora_p, c_int64, _tensor_p, _tensor_p, _tensor_p, _tensor_p, c_float],
+    ),
+    "moe_lora_clear_slot": (moe_status, [_lora_p, c_int64]),
+    "moe_lora_set_enabled": (moe_status, [_lora_p, c_int64, c_bool]),
+    "moe_lora_runner_config": (moe_status, [_lora_p, POINTER(_config_p)]),
+    "moe_lora_workspace_size": (moe_status, [_lora_p, c_int64, POINTER(c_size_t)]),
+    "moe_run_lora": (
+        moe_status,
+        [_lora_p, _plan_p, _tensor_p, _tensor_p, _tensor_p, _tensor_p, _tensor_p, _tensor_p,
+         c_void_p],
+    ),
     "moe_plan_create": (moe_status, [_layer_p, POINTER(_plan_p)]),
     "moe_plan_free": (None, [_plan_p]),
     "moe_prepare": (moe_status, [_layer_p, _tensor_p, _tensor_p, _plan_p, c_void_p]),
     "moe_run": (
         moe_status,
-        [_layer_p, POINTER(moe_lora), _plan_p, _tensor_p, _tensor_p, _tensor_p, c_void_p],
+        [_layer_p, _lora_p, _plan_p, _tensor_p, _tensor_p, _tensor_p, c_void_p],
     ),
     "moe_plan_num_tokens": (moe_status, [_plan_p, POINTER(c_int64)]),
     "moe_plan_num_padded": (moe_status, [_plan_p, POINTER(c_int64)]),

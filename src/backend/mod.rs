@@ -5,8 +5,9 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::config::Validated;
-use crate::error::Result;
+use crate::error::{unsupported, Result};
 use crate::layer::{Layer, Weights};
+use crate::lora::LoraBatch;
 use crate::plan::{Prepared, RunIo};
 use crate::tensor::{Device, DeviceKind, Tensor};
 use crate::tiles::TileConfig;
@@ -52,6 +53,18 @@ pub trait Backend: Send + Sync {
 
     /// GEMM1, activation, GEMM2 and combine for a prepared, non-empty batch.
     fn run(&self, layer: &Layer, p: &Prepared, io: &RunIo, stream: usize) -> Result<()>;
+
+    /// `run` with the LoRA deltas of SPEC §7 added (moe_run_lora); the batch is checked.
+    fn run_lora(
+        &self,
+        _layer: &Layer,
+        _p: &Prepared,
+        _io: &RunIo,
+        _lora: &LoraBatch,
+        _stream: usize,
+    ) -> Result<()> {
+        Err(unsupported!("lora: this backend has no LoRA kernels yet"))
+    }
 
     /// Copies `len` int32 values at `src` (memory of this backend's device) to the host.
     /// On CUDA this waits for the device: the host synchronizes its stream first.

@@ -11,6 +11,7 @@ const CONFIG_MAGIC: u64 = u64::from_le_bytes(*b"moe:cfg\0");
 const LAYER_MAGIC: u64 = u64::from_le_bytes(*b"moe:lyr\0");
 const PLAN_MAGIC: u64 = u64::from_le_bytes(*b"moe:pln\0");
 const DISPATCHER_MAGIC: u64 = u64::from_le_bytes(*b"moe:dsp\0");
+const LORA_MAGIC: u64 = u64::from_le_bytes(*b"moe:lra\0");
 /// Written over a handle's magic when it is freed.
 const DEAD_MAGIC: u64 = u64::from_le_bytes(*b"moe:dead");
 
@@ -45,10 +46,13 @@ pub struct moe_dispatcher {
     pub(crate) dispatcher: crate::dispatch::Dispatcher,
 }
 
-/// A LoRA wrapper over a layer (SPEC §7). Declared so moe_run's signature is final; this
-/// build creates none (moe_supports("lora") is false).
+/// A LoRA wrapper over a layer (SPEC §7): L adapter slots and the max rank r. It keeps the
+/// layer's internals and config handle alive, so it outlives a freed layer handle safely.
 pub struct moe_lora {
-    _private: [u8; 0],
+    magic: u64,
+    pub(crate) lora: crate::lora::Lora,
+    /// The wrapped layer's own config handle (the very same Arc the layer handle holds).
+    pub(crate) config: Arc<moe_config>,
 }
 
 pub(crate) trait Handle {
@@ -77,6 +81,7 @@ handle!(moe_config, CONFIG_MAGIC, "moe_config");
 handle!(moe_layer, LAYER_MAGIC, "moe_layer");
 handle!(moe_plan, PLAN_MAGIC, "moe_plan");
 handle!(moe_dispatcher, DISPATCHER_MAGIC, "moe_dispatcher");
+handle!(moe_lora, LORA_MAGIC, "moe_lora");
 
 /// Checks a handle argument: NULL, alignment, and the magic word.
 ///
@@ -149,6 +154,16 @@ impl moe_dispatcher {
         moe_dispatcher {
             magic: DISPATCHER_MAGIC,
             dispatcher,
+        }
+    }
+}
+
+impl moe_lora {
+    pub(crate) fn new(lora: crate::lora::Lora, config: Arc<moe_config>) -> Self {
+        moe_lora {
+            magic: LORA_MAGIC,
+            lora,
+            config,
         }
     }
 }

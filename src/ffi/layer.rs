@@ -42,16 +42,17 @@ pub unsafe extern "C" fn moe_layer_create(
     })
 }
 
-/// Frees a layer. NULL is a no-op; must not be called twice. Plans made for the layer may be
-/// freed before or after it (they keep the layer's internals alive); the config from
-/// moe_layer_config dies with the layer.
+/// Frees a layer. NULL is a no-op; must not be called twice. Plans and LoRA wrappers made for
+/// the layer may be freed before or after it (they keep the layer's internals alive); the
+/// config from moe_layer_config dies with the layer and its LoRA wrappers.
 #[no_mangle]
 pub unsafe extern "C" fn moe_layer_free(layer: *mut moe_layer) {
     let _ = guard(|| free_boxed(layer));
 }
 
 /// Returns the layer's own, read-only config handle: every moe_config_get_* works on it; it is
-/// owned by the layer (do not free it) and valid while the layer lives. Thread-safe.
+/// owned by the layer (do not free it) and valid while the layer or a LoRA wrapper over it
+/// lives (moe_lora_runner_config returns the same pointer). Thread-safe.
 #[no_mangle]
 pub unsafe extern "C" fn moe_layer_config(
     layer: *const moe_layer,

@@ -4,7 +4,7 @@
 use super::handles::{free_boxed, handle_mut, handle_ref, moe_layer, moe_lora, moe_plan};
 use super::status::{guard, moe_status};
 use super::tensor::{copy_i32_out, moe_tensor, optional_tensor_arg, out_arg, tensor_arg};
-use crate::error::{invalid, unsupported, Result};
+use crate::error::{invalid, Result};
 use crate::plan::{self, Plan, Prepared};
 use crate::workspace::Section;
 use std::ffi::c_void;
@@ -85,7 +85,8 @@ pub unsafe extern "C" fn moe_prepare(
 /// [M, H] in the layer dtype; topk_weights [M, K] in f32 or the layer dtype; out [M, H], or
 /// [M, K, H] with no_combine, in the layer dtype, not overlapping any input; for an inplace
 /// layer `out` must be NULL or hidden, and the result replaces hidden. M must be the plan's.
-/// `lora` must be NULL in this build (LoRA is not available: UNSUPPORTED). Every argument is
+/// `lora` must be NULL: a LoRA run needs its token → adapter map, so it goes through
+/// moe_run_lora (a non-NULL `lora` is INVALID_ARGUMENT). Every argument is
 /// checked before anything is written; on failure out (and hidden) are untouched. `stream`:
 /// as moe_prepare. Thread-safe for distinct plans and outputs.
 ///
@@ -104,7 +105,10 @@ pub unsafe extern "C" fn moe_run(
     guard(|| {
         let l = handle_ref(layer, "layer")?;
         if !lora.is_null() {
-            return Err(unsupported!("lora: LoRA is not available in this build (moe_supports(\"lora\") is false); pass NULL"));
+            return Err(invalid!(
+                "lora: must be NULL for moe_run; run a LoRA wrapper with moe_run_lora, which \
+                 takes the token → adapter map"
+            ));
         }
         let p = handle_ref(plan, "plan")?;
         let hidden = tensor_arg(hidden, "hidden")?;

@@ -654,7 +654,7 @@ fn gelu(x: f64) -> f64 {
     0.5 * x * (1.0 + unsafe { erf(x / std::f64::consts::SQRT_2) })
 }
 
-fn ref_single(act: u32, x: f64) -> f64 {
+pub fn ref_single(act: u32, x: f64) -> f64 {
     match act {
         MOE_ACTIVATION_SILU => silu(x),
         MOE_ACTIVATION_GELU => gelu(x),
@@ -663,7 +663,7 @@ fn ref_single(act: u32, x: f64) -> f64 {
     }
 }
 
-fn ref_gated(c: &Case, g: f64, u: f64) -> f64 {
+pub fn ref_gated(c: &Case, g: f64, u: f64) -> f64 {
     let l = c.limit.unwrap_or(0.0) as f64;
     match c.activation {
         MOE_ACTIVATION_SILU => silu(g) * u,

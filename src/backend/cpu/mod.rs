@@ -3,6 +3,7 @@
 //! gather → GEMM1 (+ b13, × on-input weight, round) → activation (round) → GEMM2 (+ b2,
 //! × router weight, round) → combine (Σ_k in order, × rsf, one rounding) or no_combine rows.
 
+mod lora;
 mod panel;
 mod stages;
 
@@ -10,6 +11,7 @@ use super::{Backend, LayerState};
 use crate::config::Validated;
 use crate::error::Result;
 use crate::layer::{Layer, Weights};
+use crate::lora::LoraBatch;
 use crate::plan::{Prepared, RunIo};
 use crate::tensor::Tensor;
 use crate::tiles::TileConfig;
@@ -41,7 +43,23 @@ impl Backend for CpuBackend {
     }
 
     fn run(&self, layer: &Layer, p: &Prepared, io: &RunIo, _stream: usize) -> Result<()> {
-        let job = || unsafe { stages::run_all(layer, p, io) };
+        let job = || unsafe { stages::run_all(layer, p, io, None) };
+        match &layer.pool {
+            Some(pool) => pool.install(job),
+            None => job(),
+        }
+        Ok(())
+    }
+
+    fn run_lora(
+        &self,
+        layer: &Layer,
+        p: &Prepared,
+        io: &RunIo,
+        lora: &LoraBatch,
+        _stream: usize,
+    ) -> Result<()> {
+        let job = || unsafe { stages::run_all(layer, p, io, Some(lora)) };
         match &layer.pool {
             Some(pool) => pool.install(job),
             None => job(),

@@ -1,22 +1,24 @@
 //! The CPU stages over one prepared batch. Routes are processed in the align step's compact
 //! order: expert e's kept routes are rows [offsets[e], offsets[e+1]) of every scratch matrix.
 
+use super::lora::Stage as LoraStage;
 use super::panel::{matmul_panel, panel_rows};
 use crate::dtype::DType;
 use crate::layer::{Bias, Layer};
+use crate::lora::LoraBatch;
 use crate::plan::{Prepared, RunIo};
 use crate::workspace::section_mut;
 use rayon::prelude::*;
 
 /// A raw pointer the stages share across threads; each task writes rows no other task does.
 #[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
+pub(super) struct Shared<T>(pub(super) *mut T);
 unsafe impl<T> Send for Shared<T> {}
 unsafe impl<T> Sync for Shared<T> {}
 
 impl<T> Shared<T> {
     #[inline(always)]
-    unsafe fn at(self, i: usize) -> *mut T {
+    pub(super) unsafe fn at(self, i: usize) -> *mut T {
         self.0.add(i)
     }
 }
@@ -79,8 +81,9 @@ unsafe fn expert_products(
     });
 }
 
-/// Runs every stage. `p` is non-empty and checked against `layer` and `io`.
-pub unsafe fn run_all(layer: &Layer, p: &Prepared, io: &RunIo) {
+/// Runs every stage, with the LoRA deltas where `lora` is given. `p` is non-empty and checked
+/// against `layer`, `io` and `lora`.
+pub unsafe fn run_all(layer: &Layer, p: &Prepared, io: &RunIo, lora: Option<&LoraBatch>) {
     let v = &layer.v;
     let d = v.dims;
     let (k_top, h, n1, inter) = (d.top_k, d.hidden, d.n1, d.inter);
@@ -106,8 +109,12 @@ pub unsafe fn run_all(layer: &Layer, p: &Prepared, io: &RunIo) {
         let dst = std::slice::from_raw_parts_mut(xy.at(c * h), h);
         dtype.load(hidden.at(m * h * dtype.size()), dst);
     });
+    let lora = lora.map(|batch| LoraStage::new(layer, batch, p.num_tokens, compact, offsets));
+    if let Some(l) = &lora {
+        l.shrink_gate_up(xy, kept);
+    }
 
-    // GEMM1; epilogue: g1 = round(v · (x·w13ᵀ + b13)).
+    // GEMM1; epilogue: g1 = round(v · (x·w13ᵀ + LoRA delta + b13)).
     let w13 = Shared(layer.weights.w13.data);
     expert_products(
         offsets,
@@ -119,6 +126,9 @@ pub unsafe fn run_all(layer: &Layer, p: &Prepared, io: &RunIo) {
         dtype,
         g1,
         |e, c, n0, row| {
+            if let Some(l) = &lora {
+                l.expand_gate_up(e, c, n0, row);
+            }
             let scale = if v.weight_on_input {
                 router_weight(compact[c] as usize)
             } else {
@@ -146,7 +156,11 @@ pub unsafe fn run_all(layer: &Layer, p: &Prepared, io: &RunIo) {
         }
     });
 
-    // GEMM2; epilogue: y = round((a·w2ᵀ + b2) · w').
+    if let Some(l) = &lora {
+        l.shrink_down(act, kept);
+    }
+
+    // GEMM2; epilogue: y = round((a·w2ᵀ + LoRA delta + b2) · w').
     let w2 = Shared(layer.weights.w2.data);
     let weight_after = v.weight_after_gemm2();
     expert_products(
@@ -159,6 +173,9 @@ pub unsafe fn run_all(layer: &Layer, p: &Prepared, io: &RunIo) {
         dtype,
         xy,
         |e, c, h0, row| {
+            if let Some(l) = &lora {
+                l.expand_down(e, c, h0, row);
+            }
             let scale = if weight_after {
                 router_weight(compact[c] as usize)
             } else {
