@@ -664,7 +664,8 @@ moe_status moe_warmup(const moe_layer *layer, int64_t max_tokens, void *stream);
  * `max_rank` (r ≥ 1); every slot starts empty (no delta) and enabled. The wrapper keeps the
  * layer's internals and its config handle alive: the layer handle may be freed first, and
  * the wrapper (its config, its slots, moe_run_lora with plans of the layer) stays valid.
- * `out` is written only on success; free it with moe_lora_free. The slot functions may be
+ * The layer's weights must then stay valid until the wrapper is freed too (moe_prepare
+ * still needs the layer handle). `out` is written only on success; free it with moe_lora_free. The slot functions may be
  * called from any thread, also while other threads run the wrapper: a run sees each slot as
  * it was before or after a change.
  *

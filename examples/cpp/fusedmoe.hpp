@@ -18,6 +18,13 @@
 //   plan.run(layer, fusedmoe::Tensor(x.data(), {m, 64}), fusedmoe::Tensor(w.data(), {m, 2}),
 //            fusedmoe::Tensor(out.data(), {m, 64}));
 //
+// LoRA (SPEC §7): adapter slots over a layer; each token picks a slot (-1: none).
+//   fusedmoe::Lora lora(layer, num_slots, max_rank);
+//   lora.set_slot(0, gate_up_a, gate_up_b, down_a, down_b, scaling);   // borrowed tensors
+//   fusedmoe::Workspace lora_workspace(lora.workspace_size(max_tokens));
+//   plan.prepare(layer, topk_ids, lora_workspace.tensor());
+//   plan.run_lora(lora, hidden, topk_weights, adapter_ids, out);        // or run_lora_segments
+//
 // Expert parallelism (SPEC §6): a rank maps global expert ids to its local ones first.
 //   auto dispatcher = fusedmoe::Dispatcher::contiguous(num_experts, ep_size, ep_rank);
 //   dispatcher.dispatch(fusedmoe::Tensor(ids.data(), {m, 2}),
@@ -78,6 +85,9 @@ struct LayerDeleter {
 };
 struct PlanDeleter {
     void operator()(moe_plan* plan) const noexcept { moe_plan_free(plan); }
+};
+struct LoraDeleter {
+    void operator()(moe_lora* lora) const noexcept { moe_lora_free(lora); }
 };
 struct DispatcherDeleter {
     void operator()(moe_dispatcher* dispatcher) const noexcept {
@@ -471,6 +481,66 @@ private:
     std::unique_ptr<moe_layer, detail::LayerDeleter> layer_;
 };
 
+// A LoRA wrapper over a layer (SPEC §7): num_slots adapter slots of rank at most max_rank.
+// It keeps the layer's internals alive: the Layer object may be destroyed first, and the
+// wrapper, its runner config and runs with plans prepared before stay valid. Slots may be
+// changed while other threads run the wrapper (a run sees a slot before or after a change).
+class Lora {
+public:
+    Lora(const Layer& layer, int64_t num_slots, int64_t max_rank)
+        : lora_(create(layer, num_slots, max_rank)) {}
+
+    const moe_lora* raw() const noexcept { return lora_.get(); }
+    moe_lora* raw() noexcept { return lora_.get(); }
+
+    // Borrows gate_up_a [E or 1, 2r (gated) or r, H], gate_up_b [E, N1, r], down_a [E, r, I]
+    // and down_b [E or 1, H, r] in the layer dtype (r = max_rank; a smaller rank is zero
+    // padded); the memory must stay valid and unchanged until the slot is set again or
+    // cleared, or the wrapper is destroyed. scaling multiplies B's products.
+    Lora& set_slot(int64_t slot, const Tensor& gate_up_a, const Tensor& gate_up_b,
+                   const Tensor& down_a, const Tensor& down_b, float scaling = 1.0f) {
+        const moe_tensor a = gate_up_a.raw(), b = gate_up_b.raw(), c = down_a.raw(),
+                         d = down_b.raw();
+        detail::check(moe_lora_set_slot(raw(), slot, &a, &b, &c, &d, scaling),
+                      "moe_lora_set_slot");
+        return *this;
+    }
+    Lora& clear_slot(int64_t slot) {
+        detail::check(moe_lora_clear_slot(raw(), slot), "moe_lora_clear_slot");
+        return *this;
+    }
+    Lora& set_enabled(int64_t slot, bool enabled) {
+        detail::check(moe_lora_set_enabled(raw(), slot, enabled), "moe_lora_set_enabled");
+        return *this;
+    }
+
+    // The wrapped layer's own config (the very handle Layer::config() views); valid while
+    // this wrapper lives, also after the Layer is destroyed.
+    ConfigView runner_config() const {
+        const moe_config* config = nullptr;
+        detail::check(moe_lora_runner_config(raw(), &config), "moe_lora_runner_config");
+        return ConfigView(config);
+    }
+
+    // Bytes of workspace a LoRA run of up to max_tokens tokens needs (prepare into it).
+    std::size_t workspace_size(int64_t max_tokens) const {
+        std::size_t bytes = 0;
+        detail::check(moe_lora_workspace_size(raw(), max_tokens, &bytes),
+                      "moe_lora_workspace_size");
+        return bytes;
+    }
+
+private:
+    static moe_lora* create(const Layer& layer, int64_t num_slots, int64_t max_rank) {
+        moe_lora* lora = nullptr;
+        detail::check(moe_lora_create(layer.raw(), num_slots, max_rank, &lora),
+                      "moe_lora_create");
+        return lora;
+    }
+
+    std::unique_ptr<moe_lora, detail::LoraDeleter> lora_;
+};
+
 // One batch's routing (the align step) and tile choice. One thread (stream) at a time. The
 // C calls name the layer besides the plan; it must be the layer the plan was made for.
 class Plan {
@@ -498,6 +568,24 @@ public:
     void run_inplace(const Layer& layer, const Tensor& hidden, const Tensor& topk_weights,
                      void* stream = nullptr) const {
         run_into(layer, hidden, topk_weights, nullptr, stream);
+    }
+
+    // run with the LoRA deltas of lora's slots (the wrapper of the plan's layer; prepare into
+    // a workspace of lora.workspace_size bytes): token m uses adapter adapter_ids[m] (int32
+    // [M]; -1, an empty or a disabled slot: no delta).
+    void run_lora(const Lora& lora, const Tensor& hidden, const Tensor& topk_weights,
+                  const Tensor& adapter_ids, const Tensor& out, void* stream = nullptr) const {
+        const moe_tensor ids = adapter_ids.raw();
+        run_lora_into(lora, hidden, topk_weights, &ids, nullptr, nullptr, out, stream);
+    }
+
+    // run_lora with the map as segments: tokens [seg_indptr[s], seg_indptr[s+1]) use adapter
+    // seg_adapter[s] (int32 [S+1] and [S]).
+    void run_lora_segments(const Lora& lora, const Tensor& hidden, const Tensor& topk_weights,
+                           const Tensor& seg_indptr, const Tensor& seg_adapter, const Tensor& out,
+                           void* stream = nullptr) const {
+        const moe_tensor indptr = seg_indptr.raw(), adapter = seg_adapter.raw();
+        run_lora_into(lora, hidden, topk_weights, nullptr, &indptr, &adapter, out, stream);
     }
 
     int64_t num_tokens() const {
@@ -532,8 +620,17 @@ private:
     void run_into(const Layer& layer, const Tensor& hidden, const Tensor& topk_weights,
                   const moe_tensor* out, void* stream) const {
         const moe_tensor x = hidden.raw(), w = topk_weights.raw();
-        // LoRA: this build has none (moe_supports("lora") is false), so always NULL.
+        // LoRA runs go through moe_run_lora (run_lora), which takes the adapter map.
         detail::check(moe_run(layer.raw(), nullptr, raw(), &x, &w, out, stream), "moe_run");
+    }
+
+    void run_lora_into(const Lora& lora, const Tensor& hidden, const Tensor& topk_weights,
+                       const moe_tensor* adapter_ids, const moe_tensor* seg_indptr,
+                       const moe_tensor* seg_adapter, const Tensor& out, void* stream) const {
+        const moe_tensor x = hidden.raw(), w = topk_weights.raw(), o = out.raw();
+        detail::check(moe_run_lora(lora.raw(), raw(), &x, &w, adapter_ids, seg_indptr,
+                                   seg_adapter, &o, stream),
+                      "moe_run_lora");
     }
 
     std::unique_ptr<moe_plan, detail::PlanDeleter> plan_;

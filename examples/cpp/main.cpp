@@ -1,7 +1,8 @@
 // Runs real MoE layers on the CPU through fusedmoe.hpp and checks them against a naive float64
 // reference written from SPEC.md §2-3; then checks that a bad call throws fusedmoe::Error; then
 // the expert-parallel dispatcher (SPEC §6): its mapping and mask, moe_dispatch, bad tables, and
-// four ranks whose outputs sum to the single-rank output.
+// four ranks whose outputs sum to the single-rank output; then LoRA (SPEC §7): mixed adapters
+// against the float64 reference, its config passed through, a wrapper outliving its layer.
 // Exits non-zero on any failure. CTest runs it (see CMakeLists.txt).
 
 #include "fusedmoe.hpp"
@@ -13,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -187,42 +189,116 @@ double activation(Activation act, bool gated, double g, double u) {
     }
 }
 
-// One route's y_mk [H] (SPEC §2), router weight applied after GEMM2 and its bias.
+// One LoRA adapter (SPEC §7) of an f32 gated layer, zero padded to max_rank r: gate_up_a
+// [E or 1, 2r, H] (rows [0, r) gate, [r, 2r) up), gate_up_b [E, N1, r], down_a [E, r, I],
+// down_b [E or 1, H, r]; only the first `rank` rows of A's halves and columns of B are live.
+struct Adapter {
+    int64_t r, outer;
+    float scaling;
+    std::vector<float> gate_up_a, gate_up_b, down_a, down_b;
+
+    Adapter(const Dims& d, int64_t n1, int64_t max_rank, int64_t rank, bool shared,
+            float scaling_, std::mt19937& rng)
+        : r(max_rank), outer(shared ? 1 : d.experts), scaling(scaling_),
+          gate_up_a(values(outer, 2 * r, d.hidden, rng, [&](int64_t row, int64_t) {
+              return row % r < rank;
+          })),
+          gate_up_b(values(d.experts, n1, r, rng, [&](int64_t, int64_t col) { return col < rank; })),
+          down_a(values(d.experts, r, d.intermediate, rng,
+                        [&](int64_t row, int64_t) { return row < rank; })),
+          down_b(values(outer, d.hidden, r, rng, [&](int64_t, int64_t col) { return col < rank; })) {}
+
+    // [a, rows, cols] of uniform values scaled by 1.5/sqrt(live length); zero where not live.
+    template <class Live>
+    static std::vector<float> values(int64_t a, int64_t rows, int64_t cols, std::mt19937& rng,
+                                     Live live) {
+        std::uniform_real_distribution<double> uniform(-1.0, 1.0);
+        std::vector<float> v(elements(a * rows * cols));
+        for (int64_t i = 0; i < a * rows * cols; ++i) {
+            const int64_t row = (i / cols) % rows, col = i % cols;
+            v[elements(i)] = live(row, col) ? static_cast<float>(uniform(rng) * 1.5 / std::sqrt(double(cols))) : 0.0f;
+        }
+        return v;
+    }
+
+    void set(fusedmoe::Lora& lora, int64_t slot, const Dims& d, int64_t n1) const {
+        lora.set_slot(slot, fusedmoe::Tensor(gate_up_a.data(), {outer, 2 * r, d.hidden}),
+                      fusedmoe::Tensor(gate_up_b.data(), {d.experts, n1, r}),
+                      fusedmoe::Tensor(down_a.data(), {d.experts, r, d.intermediate}),
+                      fusedmoe::Tensor(down_b.data(), {outer, d.hidden, r}), scaling);
+    }
+};
+
+// round(A · v) for the `rows` rows of A at `a` (each v.size() long).
+template <class T>
+std::vector<double> shrink(const float* a, int64_t rows, const std::vector<double>& v) {
+    std::vector<double> t(elements(rows));
+    for (int64_t q = 0; q < rows; ++q) {
+        double sum = 0;
+        for (std::size_t j = 0; j < v.size(); ++j) sum += double(a[q * int64_t(v.size()) + int64_t(j)]) * v[j];
+        t[elements(q)] = round_to<T>(sum);
+    }
+    return t;
+}
+
+// s · Σ_q B[row, q] · t[offset + q] over the r columns of row `row` of B at `b`.
+double expand(const Adapter& l, const float* b, int64_t row, const std::vector<double>& t,
+              int64_t offset) {
+    double sum = 0;
+    for (int64_t q = 0; q < l.r; ++q) sum += double(b[row * l.r + q]) * t[elements(offset + q)];
+    return l.scaling * sum;
+}
+
+// One route's y_mk [H] (SPEC §2), router weight applied after GEMM2 and its bias; with an
+// adapter, its deltas (SPEC §7) added before each rounding (halves layout).
 template <class T>
 std::vector<double> route_output(const Case& c, const Problem<T>& p, int64_t m, int64_t e,
-                                 double router_weight) {
+                                 double router_weight, const Adapter* lora = nullptr) {
     const Dims& d = p.d;
-    std::vector<double> g1(elements(p.n1)), a(elements(d.intermediate));
+    std::vector<double> x(elements(d.hidden)), g1(elements(p.n1)), a(elements(d.intermediate));
+    for (int64_t h = 0; h < d.hidden; ++h) x[elements(h)] = p.at(p.hidden, m * d.hidden + h);
+    std::vector<double> t;
+    if (lora) t = shrink<T>(&lora->gate_up_a[elements((lora->outer == 1 ? 0 : e) * 2 * lora->r * d.hidden)], 2 * lora->r, x);
     for (int64_t n = 0; n < p.n1; ++n) {
         double sum = p.at(p.b13, e * p.n1 + n);
         for (int64_t h = 0; h < d.hidden; ++h)
-            sum += p.at(p.hidden, m * d.hidden + h) * p.at(p.w13, (e * p.n1 + n) * d.hidden + h);
+            sum += x[elements(h)] * p.at(p.w13, (e * p.n1 + n) * d.hidden + h);
+        if (lora)
+            sum += expand(*lora, &lora->gate_up_b[elements(e * p.n1 * lora->r)], n, t,
+                          n < d.intermediate ? 0 : lora->r);
         g1[n] = round_to<T>(sum);
     }
     for (int64_t j = 0; j < d.intermediate; ++j) {
         const double up = c.gated ? g1[d.intermediate + j] : 0.0;  // halves layout
         a[j] = round_to<T>(activation(c.activation, c.gated, g1[j], up));
     }
+    if (lora) t = shrink<T>(&lora->down_a[elements(e * lora->r * d.intermediate)], lora->r, a);
     std::vector<double> y(elements(d.hidden));
     for (int64_t h = 0; h < d.hidden; ++h) {
         double sum = p.at(p.b2, e * d.hidden + h);
         for (int64_t j = 0; j < d.intermediate; ++j)
             sum += a[j] * p.at(p.w2, (e * d.hidden + h) * d.intermediate + j);
+        if (lora)
+            sum += expand(*lora, &lora->down_b[elements((lora->outer == 1 ? 0 : e) * d.hidden * lora->r)], h, t, 0);
         y[h] = round_to<T>(sum * router_weight);
     }
     return y;
 }
 
-// out [M, H]: the scaled sum over a token's routes; a dropped route contributes zero.
-template <class T> std::vector<double> reference(const Case& c, const Problem<T>& p) {
+// out [M, H]: the scaled sum over a token's routes; a dropped route contributes zero. With
+// `adapters`, token m's routes get the deltas of adapters[m] (nullptr: none).
+template <class T>
+std::vector<double> reference(const Case& c, const Problem<T>& p,
+                              const std::vector<const Adapter*>& adapters = {}) {
     const Dims& d = p.d;
     std::vector<double> out(elements(d.tokens * d.hidden));
     for (int64_t m = 0; m < d.tokens; ++m) {
         std::vector<double> sum(elements(d.hidden), 0.0);
+        const Adapter* lora = adapters.empty() ? nullptr : adapters[elements(m)];
         for (int64_t k = 0; k < d.top_k; ++k) {
             const int64_t route = m * d.top_k + k, e = p.topk_ids[route];
             if (e < 0) continue;
-            const std::vector<double> y = route_output(c, p, m, e, p.topk_weights[route]);
+            const std::vector<double> y = route_output(c, p, m, e, p.topk_weights[route], lora);
             for (int64_t h = 0; h < d.hidden; ++h) sum[h] += y[h];
         }
         for (int64_t h = 0; h < d.hidden; ++h)
@@ -633,6 +709,95 @@ void check_dispatcher(Checks& checks) {
     check_expert_parallel(checks, EpCase{9, 1}, 12);
 }
 
+// ---- LoRA (SPEC §7) --------------------------------------------------------------------------
+
+// Three slots over an f32 layer: rank 8, rank 4 zero padded with shared-outer A and B, and a
+// disabled one; token groups of four map to -1, 0, 1, 2 in turn. The Layer object is destroyed
+// before the runs: the wrapper keeps the layer alive (ASan checks that nothing is freed early).
+void check_lora(Checks& checks) {
+    checks.expect(fusedmoe::supports("lora"), "moe_supports(\"lora\")");
+    const Case c{"silu, gated, biases, LoRA", Activation::silu, true, 1.5f};
+    std::mt19937 rng(21);
+    Problem<float> p(Dims{}, c.gated, rng);
+    const Dims& d = p.d;
+    const int64_t r = 8;
+    const std::vector<Adapter> adapters{Adapter(d, p.n1, r, 8, false, 0.5f, rng),
+                                        Adapter(d, p.n1, r, 4, true, 2.0f, rng),
+                                        Adapter(d, p.n1, r, 8, false, 1.0f, rng)};
+    std::vector<int32_t> adapter_ids(elements(d.tokens)), seg_indptr{0}, seg_adapter;
+    std::vector<const Adapter*> active(elements(d.tokens), nullptr);
+    for (int64_t m = 0; m < d.tokens; ++m) {
+        const int32_t a = static_cast<int32_t>((m / 4) % 4) - 1;
+        adapter_ids[elements(m)] = a;
+        if (a == 0 || a == 1) active[elements(m)] = &adapters[elements(a)];  // slot 2 disabled
+        if (m % 4 == 0) seg_adapter.push_back(a);
+        if (m % 4 == 3 || m == d.tokens - 1) seg_indptr.push_back(static_cast<int32_t>(m + 1));
+    }
+
+    std::optional<fusedmoe::Layer> layer(make_layer(c, p));
+    fusedmoe::Lora lora(*layer, 3, r);
+    for (int64_t s = 0; s < 3; ++s) adapters[elements(s)].set(lora, s, d, p.n1);
+    lora.set_enabled(2, false);
+    checks.expect(lora.runner_config().raw() == layer->config().raw(),
+                  "LoRA runner config is the layer's own config handle (pointer identity)");
+    fusedmoe::Workspace workspace(lora.workspace_size(d.tokens));
+    fusedmoe::Plan plan(*layer);
+    plan.prepare(*layer, p.ids_tensor(), workspace.tensor());
+    layer.reset();
+
+    const fusedmoe::ConfigView config = lora.runner_config();
+    checks.expect(config.num_local_experts() == d.experts && config.top_k() == d.top_k &&
+                      config.dtype().bits == 32 && config.device().device_type == MOE_DEVICE_CPU,
+                  "LoRA runner config reads the layer's fields after the Layer is destroyed");
+
+    const std::vector<double> want = reference(c, p, active);
+    p.poison_out();
+    plan.run_lora(lora, p.hidden_tensor(), p.weights_tensor(),
+                  fusedmoe::Tensor(adapter_ids.data(), {d.tokens}), p.out_tensor());
+    double error = relative_error(p.out, want);
+    checks.expect(error <= 1e-5, "LoRA f32, per-token adapters -1/0/1/disabled: " +
+                                     format_error(error, 1e-5));
+    const double base_error = relative_error(p.out, reference(c, p));
+    checks.expect(base_error > 1e-3, "LoRA deltas change the output (base layer off by " +
+                                         std::to_string(base_error) + ", > 1e-3)");
+
+    p.poison_out();
+    plan.run_lora_segments(
+        lora, p.hidden_tensor(), p.weights_tensor(),
+        fusedmoe::Tensor(seg_indptr.data(), {static_cast<int64_t>(seg_indptr.size())}),
+        fusedmoe::Tensor(seg_adapter.data(), {static_cast<int64_t>(seg_adapter.size())}),
+        p.out_tensor());
+    error = relative_error(p.out, want);
+    checks.expect(error <= 1e-5, "LoRA f32, segment map: " + format_error(error, 1e-5));
+
+    std::vector<int32_t> bad_ids = adapter_ids;
+    bad_ids[5] = 3;  // = num_slots
+    p.poison_out();
+    try {
+        plan.run_lora(lora, p.hidden_tensor(), p.weights_tensor(),
+                      fusedmoe::Tensor(bad_ids.data(), {d.tokens}), p.out_tensor());
+        checks.expect(false, "adapter id 3 (= num_slots): did not throw");
+    } catch (const fusedmoe::Error& e) {
+        const bool out_untouched =
+            std::all_of(p.out.begin(), p.out.end(), [](float v) { return std::isnan(v); });
+        checks.expect(e.status() == MOE_ERR_INVALID_ARGUMENT &&
+                          e.message().find("adapter_ids") != std::string::npos && out_untouched,
+                      std::string("adapter id 3 (= num_slots) throws, writes nothing: ") +
+                          e.what());
+    }
+    try {
+        lora.set_slot(0, fusedmoe::Tensor(adapters[0].gate_up_a.data(), {d.experts, 2 * r, d.hidden}),
+                      fusedmoe::Tensor(adapters[0].gate_up_b.data(), {d.experts, p.n1, 2 * r}),
+                      fusedmoe::Tensor(adapters[0].down_a.data(), {d.experts, r, d.intermediate}),
+                      fusedmoe::Tensor(adapters[0].down_b.data(), {d.experts, d.hidden, r}));
+        checks.expect(false, "gate_up_b of rank 2r: did not throw");
+    } catch (const fusedmoe::Error& e) {
+        checks.expect(e.status() == MOE_ERR_INVALID_ARGUMENT &&
+                          e.message().find("gate_up_b") != std::string::npos,
+                      std::string("gate_up_b of rank 2r throws: ") + e.what());
+    }
+}
+
 void check_all(Checks& checks) {
     const Case cases[] = {
         {"silu, gated, biases, dropped routes", Activation::silu, true, 1.0f},
@@ -646,6 +811,7 @@ void check_all(Checks& checks) {
     }
     check_bad_hidden_throws(checks, cases[0]);
     check_dispatcher(checks);
+    check_lora(checks);
 }
 
 }  // namespace

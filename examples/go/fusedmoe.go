@@ -3,7 +3,8 @@
 //
 // A Config describes a layer; NewLayer validates it with the expert weights; Layer.Forward runs
 // one batch, and a Plan runs many batches with one workspace. For expert parallelism, a
-// Dispatcher maps the router's global expert ids to the local ids of one rank's layer. Every
+// Dispatcher maps the router's global expert ids to the local ids of one rank's layer. A Lora
+// wraps a layer with LoRA adapter slots (SPEC §7) that each token picks from. Every
 // handle has an idempotent Close, and a finalizer frees a handle that was never closed. A
 // Config and a Plan are used by one goroutine at a time; a Layer and a Dispatcher may be shared
 // by any number of goroutines. Failures are *Error values, which match ErrInvalidArgument and

@@ -31,6 +31,7 @@ import "C"
 import (
 	"fmt"
 	"runtime"
+	"sync/atomic"
 	"unsafe"
 )
 
@@ -52,7 +53,10 @@ type Layer[T Element] struct {
 	// and frees after moe_layer_free. Handing out Go slices over C memory for the caller to
 	// fill instead would save that copy but leave slices that dangle after Close.
 	weights [4]unsafe.Pointer
-	sizes   layerSizes
+	// The layer and each LoRA wrapper over it, which the library keeps the layer alive for:
+	// the weights are freed when the last of them closes.
+	weightUsers atomic.Int32
+	sizes       layerSizes
 }
 
 // layerSizes is what a Layer needs from its config to shape its tensors.
@@ -129,6 +133,7 @@ func NewLayer[T Element](config *Config, w Weights[T]) (*Layer[T], error) {
 		return nil, err
 	}
 	l := &Layer[T]{raw: raw, weights: weights, sizes: s}
+	l.weightUsers.Store(1)
 	runtime.SetFinalizer(l, (*Layer[T]).Close)
 	return l, nil
 }
@@ -174,10 +179,17 @@ func (l *Layer[T]) Close() {
 		return
 	}
 	C.moe_layer_free(l.raw)
-	freeAll(l.weights) // after the layer, which borrows them
+	l.releaseWeights() // after the layer, which borrows them
 	l.raw = nil
 	runtime.SetFinalizer(l, nil)
 	frees.layers.Add(1)
+}
+
+// releaseWeights frees the weights once the layer and every LoRA wrapper over it closed.
+func (l *Layer[T]) releaseWeights() {
+	if l.weightUsers.Add(-1) == 0 {
+		freeAll(l.weights)
+	}
 }
 
 func (l *Layer[T]) ptr() *C.moe_layer {

@@ -62,12 +62,17 @@ func (l *Layer[T]) NewPlan(maxTokens int) (*Plan[T], error) {
 	if err != nil {
 		return nil, err
 	}
+	return l.newPlan(bytes)
+}
+
+// newPlan makes a plan with a workspace of bytes.
+func (l *Layer[T]) newPlan(bytes int) (*Plan[T], error) {
 	workspace := C.fm_workspace_alloc(C.size_t(bytes))
 	if workspace == nil {
 		return nil, &Error{StatusOutOfMemory, fmt.Sprintf("workspace: cannot allocate %d bytes", bytes)}
 	}
 	var raw *C.moe_plan
-	err = call(func(e *C.fm_error) C.moe_status { return C.fm_plan_create(l.ptr(), &raw, e) })
+	err := call(func(e *C.fm_error) C.moe_status { return C.fm_plan_create(l.ptr(), &raw, e) })
 	runtime.KeepAlive(l)
 	if err != nil {
 		C.free(workspace)

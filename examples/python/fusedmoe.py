@@ -12,6 +12,12 @@ which a layer with num_local_experts = dispatcher.num_local_experts then runs:
     with fusedmoe.Dispatcher.contiguous(num_experts=8, ep_size=2, ep_rank=1) as dispatcher:
         local_ids = dispatcher.dispatch(topk_ids)           # or dispatch(ids, out=ids): in place
 
+LoRA (SPEC §7): adapter slots over a layer; each token picks a slot (-1: none):
+
+    with fusedmoe.Lora(layer, num_slots=4, max_rank=16) as lora:
+        lora.set_slot(0, gate_up_a, gate_up_b, down_a, down_b, scaling=0.5)   # borrowed
+        out = lora.forward(hidden, topk_ids, topk_weights, adapter_ids=ids)  # or seg_indptr=,
+                                                                             # seg_adapter=
 Tensors are any object with `__dlpack__` (NumPy, PyTorch, CuPy): the library reads and writes
 their memory in place; nothing is ever copied. Every failing call raises a FusedMoEError
 subclass carrying the library's message, which names the argument ("hidden: dtype ...").
@@ -827,6 +833,18 @@ class Plan(Managed):
         """The expert of each BLOCK_M entries of the capacity (int32); -1 past the used ones."""
         return self._copy_ids(lib.moe_plan_block_expert)
 
+    def run_lora(self, lora, hidden, topk_weights, adapter_ids=None, seg_indptr=None,
+                 seg_adapter=None, out=None, stream=None):
+        """run() with the deltas of `lora`'s slots (a wrapper of this plan's layer; prepare
+        into a workspace of lora.workspace_size(M) bytes). The token -> adapter map is
+        adapter_ids [M] (int32) or seg_indptr [S+1] with seg_adapter [S] (int32): tokens
+        [seg_indptr[s], seg_indptr[s+1]) use seg_adapter[s]. -1, an empty or a disabled slot
+        means no delta."""
+        tensors = [_borrow(t, stream) for t in
+                   (hidden, topk_weights, adapter_ids, seg_indptr, seg_adapter, out)]
+        lib.moe_run_lora(lora.ptr, self.ptr, *[_tensor_arg(t) for t in tensors], stream)
+        return out
+
     def _read(self, getter, ctype):
         return _read_scalar(getter, self.ptr, ctype)
 
@@ -924,3 +942,90 @@ class Dispatcher(Managed):
         local = ids if out is topk_ids else _borrow(out, stream)
         lib.moe_dispatch(self.ptr, ids.tensor, local.tensor, stream)
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (SPEC §7).
+
+
+class LoraConfig(_ConfigFields):
+    """A LoRA wrapper's runner config: the wrapped layer's own config handle (the very pointer
+    Layer.config has), read-only; it stays valid while the wrapper is open."""
+
+    def __init__(self, lora):
+        self._lora = lora
+        self._handle = _new_handle(lib.moe_lora_runner_config, moe_config, lora.ptr)
+
+    @property
+    def ptr(self):
+        if self._lora.closed:
+            raise ValueError("Lora is closed, and its runner config with it")
+        return self._handle
+
+
+class Lora(Managed):
+    """A LoRA wrapper over `layer`: `num_slots` adapter slots of rank at most `max_rank`, all
+    empty and enabled at first. The library keeps the layer alive for the wrapper, so the
+    runner config stays valid after layer.close(); this object keeps the layer's weights and
+    every slot's weights alive. Slots may change while other threads run the wrapper."""
+
+    def __init__(self, layer, num_slots, max_rank):
+        handle = _new_handle(lib.moe_lora_create, moe_lora, layer.ptr, num_slots, max_rank)
+        super().__init__(handle, lib.moe_lora_free)
+        self._layer = layer  # its weights (and a Plan's need of its handle to prepare)
+        self._slots = {}
+        self._per_thread = threading.local()
+        self.num_slots, self.max_rank = num_slots, max_rank
+
+    def set_slot(self, slot, gate_up_a, gate_up_b, down_a, down_b, scaling=1.0):
+        """Sets slot `slot` to an adapter (borrowed, not copied): gate_up_a [E or 1, 2r, H]
+        (gated; rows [0, r) gate, [r, 2r) up) or [E or 1, r, H], gate_up_b [E, N1, r], down_a
+        [E, r, I], down_b [E or 1, H, r], in the layer dtype; r = max_rank (zero pad smaller
+        ranks). `scaling` multiplies B's products."""
+        weights = [_borrow(w) for w in (gate_up_a, gate_up_b, down_a, down_b)]
+        lib.moe_lora_set_slot(self.ptr, slot, *[w.tensor for w in weights], scaling)
+        self._slots[slot] = weights
+        return self
+
+    def clear_slot(self, slot):
+        lib.moe_lora_clear_slot(self.ptr, slot)
+        self._slots.pop(slot, None)
+        return self
+
+    def set_enabled(self, slot, enabled=True):
+        lib.moe_lora_set_enabled(self.ptr, slot, enabled)
+        return self
+
+    @property
+    def runner_config(self):
+        return LoraConfig(self)
+
+    def workspace_size(self, max_tokens):
+        """Bytes of workspace a LoRA run of up to `max_tokens` tokens needs."""
+        size = c_size_t()
+        lib.moe_lora_workspace_size(self.ptr, max_tokens, byref(size))
+        return size.value
+
+    def forward(self, hidden, topk_ids, topk_weights, adapter_ids=None, seg_indptr=None,
+                seg_adapter=None, out=None, stream=None):
+        """Layer.forward with each token's adapter (see Plan.run_lora for the map)."""
+        if stream is None:
+            stream = _current_stream(hidden)
+        config = self.runner_config
+        plan, workspace = self._scratch(hidden, len(topk_ids))
+        plan.prepare(topk_ids, workspace, stream)
+        if out is None and not config.inplace:
+            out = _empty_like(hidden, _output_shape(config, hidden, topk_ids))
+        plan.run_lora(self, hidden, topk_weights, adapter_ids, seg_indptr, seg_adapter, out,
+                      stream)
+        return hidden if config.inplace else out
+
+    def _scratch(self, like, tokens):
+        scratch = self._per_thread
+        if not hasattr(scratch, "plan"):
+            scratch.plan = Plan(self._layer)
+            scratch.workspace, scratch.max_tokens = None, -1
+        if tokens > scratch.max_tokens:
+            scratch.workspace = _empty_like(like, (self.workspace_size(tokens),), workspace=True)
+            scratch.max_tokens = tokens
+        return scratch.plan, scratch.workspace

@@ -100,6 +100,46 @@ def moe(hidden, w13, w2, topk_ids, topk_weights, b13=None, b2=None, round_to=no_
     return round_to(routed_scaling_factor * routes.sum(axis=1))
 
 
+def moe_lora(hidden, w13, w2, topk_ids, topk_weights, adapters, token_adapter,
+             round_to=no_rounding, routed_scaling_factor=1.0, apply_router_weight_on_input=False,
+             gated=True, gate_up_layout="halves", **activation):
+    """SPEC §2 with the LoRA deltas of SPEC §7 (no biases, combined output): token m uses
+    adapters[token_adapter[m]] (None or -1: none), each a dict of gate_up_a, gate_up_b,
+    down_a, down_b (float64, r-padded) and scaling."""
+    tokens, top_k = topk_ids.shape
+    routes = np.zeros((tokens, top_k, hidden.shape[1]))
+    for m in range(tokens):
+        a = token_adapter[m]
+        lora = adapters[a] if a >= 0 else None
+        for k in range(top_k):
+            e, w = topk_ids[m, k], topk_weights[m, k]
+            if e < 0:
+                continue
+            g1 = w13[e] @ hidden[m]
+            if lora is not None:
+                ea = 0 if lora["gate_up_a"].shape[0] == 1 else e
+                t = round_to(lora["gate_up_a"][ea] @ hidden[m])
+                r = lora["gate_up_b"].shape[2]
+                b = lora["gate_up_b"][e]
+                if not gated:
+                    g1 = g1 + lora["scaling"] * (b @ t)
+                else:
+                    up = (np.arange(len(g1)) % 2 == 1) if gate_up_layout == "interleaved" \
+                        else (np.arange(len(g1)) >= len(g1) // 2)
+                    g1 = g1 + lora["scaling"] * np.where(up, b @ t[r:], b @ t[:r])
+            on_input = w if apply_router_weight_on_input else 1.0
+            g1 = round_to(on_input * g1)
+            act = round_to(activate(g1, gated=gated, gate_up_layout=gate_up_layout,
+                                    **activation))
+            y = w2[e] @ act
+            if lora is not None:
+                eb = 0 if lora["down_b"].shape[0] == 1 else e
+                u = round_to(lora["down_a"][e] @ act)
+                y = y + lora["scaling"] * (lora["down_b"][eb] @ u)
+            routes[m, k] = round_to(y * (1.0 if apply_router_weight_on_input else w))
+    return round_to(routed_scaling_factor * routes.sum(axis=1))
+
+
 def relative_error(got, want):
     """‖got − want‖ / ‖want‖ (Frobenius); a NaN anywhere gives NaN, which fails any bound."""
     got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
