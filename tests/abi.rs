@@ -154,7 +154,9 @@ fn the_capability_probe_answers_for_this_build() {
     ] {
         assert!(yes(f), "{f}");
     }
-    for f in ["cuda", "fp8_w8a8_block", "option:tile.blockm", "teleport"] {
+    // "cuda" depends on the machine: tests/cuda.rs checks it is true on a GPU machine,
+    // tests/cuda_probe.rs that it is false where NVRTC cannot load.
+    for f in ["fp8_w8a8_block", "option:tile.blockm", "teleport"] {
         assert!(!yes(f), "{f}");
     }
     assert!(!unsafe { moe_supports(null()) });

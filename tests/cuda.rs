@@ -1,0 +1,1018 @@
+//! The CUDA backend against the CPU layer (and the float64 reference of tests/common where it
+//! is affordable): every dtype, activation, layout and flag, a grid of token / route / expert
+//! counts, odd and model-sized shapes, CUDA graph capture and replay, out-of-range ids, tensors
+//! on the wrong device, and empty batches. Each case builds the CPU `Setup`, makes a CUDA
+//! layer from the same config (device set to CUDA) and the same weights and batch copied to
+//! the device, poisons every output (0xFF = NaN), and compares.
+//!
+//! Without a GPU (or without CUDA in this build) every test prints `SKIPPED: <reason>` and
+//! passes; with `FUSEDMOE_REQUIRE_GPU=1` it fails instead. `FUSEDMOE_GPU_REDUCED=1` runs a
+//! small subset, for compute-sanitizer; `FUSEDMOE_GPU_SANITIZER=1` (set by check.sh under
+//! compute-sanitizer) leaves out the stream gate, which a sanitizer's serialized launches
+//! would deadlock on. On the GPU machine: `bash tests/gpu/check.sh` (README, "Checking the
+//! CUDA backend on a GPU").
+
+mod common;
+mod cuda_support;
+
+use common::*;
+use cuda_support::*;
+use cudarc::driver::{sys, CudaContext};
+use fusedmoe::ffi::*;
+use std::ptr::null_mut;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const DTYPES: [Dt; 3] = [Dt::Bf16, Dt::F16, Dt::F32];
+const GATED: [u32; 6] = [
+    MOE_ACTIVATION_SILU,
+    MOE_ACTIVATION_GELU,
+    MOE_ACTIVATION_GELU_TANH,
+    MOE_ACTIVATION_SWIGLU_OAI,
+    MOE_ACTIVATION_SILU_CLAMP,
+    MOE_ACTIVATION_SILU_PRECLAMP,
+];
+const NON_GATED: [u32; 3] = [
+    MOE_ACTIVATION_SILU,
+    MOE_ACTIVATION_GELU,
+    MOE_ACTIVATION_RELU2,
+];
+
+/// H and I not multiples of 64 (nor of 16): 200 = 3·64 + 8, 72 = 64 + 8.
+fn base(dt: Dt, seed: u64) -> Case {
+    Case {
+        dt,
+        hidden: 200,
+        inter: 72,
+        tokens: 33,
+        experts: 8,
+        top_k: 2,
+        seed,
+        ..Case::default()
+    }
+}
+
+/// Non-gated cases need `gated = false` (with_activation keeps silu and gelu gated).
+fn non_gated(c: Case, act: u32) -> Case {
+    let mut c = c.with_activation(act);
+    c.gated = false;
+    c
+}
+
+/// In reduced mode, keeps the cases `keep` selects.
+fn select(cases: Vec<Case>, keep: impl Fn(&Case) -> bool) -> Vec<Case> {
+    if reduced() {
+        cases.into_iter().filter(|c| keep(c)).collect()
+    } else {
+        cases
+    }
+}
+
+#[test]
+fn cuda_is_supported_where_a_gpu_is_present() {
+    let Some(_ctx) = gpu("cuda_is_supported_where_a_gpu_is_present") else {
+        return;
+    };
+    let count = CudaContext::device_count().expect("cuDeviceGetCount");
+    assert!(
+        count >= 1,
+        "moe_supports(\"cuda\") is true with {count} devices"
+    );
+    for feature in [
+        c"cuda",
+        c"f32",
+        c"f16",
+        c"bf16",
+        c"bias",
+        c"no_combine",
+        c"inplace",
+        c"interleaved",
+        c"int64_ids",
+        c"router_weight_on_input",
+        c"swiglu_oai",
+        c"relu2",
+    ] {
+        assert!(
+            unsafe { moe_supports(feature.as_ptr()) },
+            "moe_supports({feature:?}) is false in a build that runs CUDA"
+        );
+    }
+}
+
+#[test]
+fn every_activation_and_layout_matches_the_cpu() {
+    let Some(ctx) = gpu("every_activation_and_layout_matches_the_cpu") else {
+        return;
+    };
+    let mut cases = Vec::new();
+    let mut seed = 100;
+    for dt in DTYPES {
+        for act in GATED {
+            for layout in [MOE_GATE_UP_HALVES, MOE_GATE_UP_INTERLEAVED] {
+                seed += 1;
+                let bias = seed % 2 == 0;
+                cases.push(
+                    Case {
+                        layout,
+                        tokens: 64,
+                        b13: bias,
+                        b2: bias,
+                        ..base(dt, seed)
+                    }
+                    .with_activation(act),
+                );
+            }
+        }
+        for act in NON_GATED {
+            seed += 1;
+            cases.push(non_gated(
+                Case {
+                    tokens: 64,
+                    b13: true,
+                    ..base(dt, seed)
+                },
+                act,
+            ));
+        }
+    }
+    run_cases("activations", &ctx, &select(cases, |c| c.dt == Dt::Bf16));
+}
+
+/// Each flag alone, then three mixes, per dtype; the activation rotates.
+#[test]
+fn every_flag_matches_the_cpu() {
+    let Some(ctx) = gpu("every_flag_matches_the_cpu") else {
+        return;
+    };
+    let flags: Vec<fn(Case) -> Case> = vec![
+        |c| Case {
+            b13: true,
+            bias_f32: true,
+            ..c
+        },
+        |c| Case { b13: true, ..c },
+        |c| Case {
+            b2: true,
+            bias_f32: true,
+            ..c
+        },
+        |c| Case { b2: true, ..c },
+        |c| Case { rsf: 2.5, ..c },
+        |c| Case {
+            on_input: true,
+            b13: true,
+            ..c
+        },
+        |c| Case {
+            no_combine: true,
+            drop: 0.3,
+            ..c
+        },
+        |c| Case {
+            no_combine: true,
+            keep_weight: true,
+            drop: 0.3,
+            ..c
+        },
+        |c| Case { inplace: true, ..c },
+        |c| Case {
+            inplace: true,
+            on_input: true,
+            ..c
+        },
+        |c| Case {
+            router_in_dtype: true,
+            ..c
+        },
+        |c| Case { ids_i64: true, ..c },
+        |c| Case { drop: 0.5, ..c },
+        |c| Case {
+            drop: 1.0,
+            b2: true,
+            ..c
+        },
+        |c| Case {
+            drop: 1.0,
+            b2: true,
+            no_combine: true,
+            ..c
+        },
+        |c| Case {
+            on_input: true,
+            b13: true,
+            b2: true,
+            bias_f32: true,
+            rsf: 0.75,
+            drop: 0.2,
+            ids_i64: true,
+            ..c
+        },
+        |c| Case {
+            no_combine: true,
+            keep_weight: true,
+            b13: true,
+            b2: true,
+            router_in_dtype: true,
+            drop: 0.25,
+            ..c
+        },
+        |c| Case {
+            inplace: true,
+            rsf: 2.5,
+            b13: true,
+            b2: true,
+            drop: 0.2,
+            router_in_dtype: true,
+            ids_i64: true,
+            ..c
+        },
+    ];
+    let mut cases = Vec::new();
+    for (d, dt) in DTYPES.into_iter().enumerate() {
+        for (f, flag) in flags.iter().enumerate() {
+            let seed = 1000 + (d * 100 + f) as u64;
+            let act = GATED[(d + f) % GATED.len()];
+            cases.push(flag(base(dt, seed)).with_activation(act));
+        }
+    }
+    run_cases("flags", &ctx, &select(cases, |c| c.dt == Dt::Bf16));
+}
+
+/// M ∈ {0, 1, 3, 64, 257, 4096}, K ∈ {1, 2, 6, 8}, E ∈ {1, 8, 64, 256}: not the product, but
+/// every value with small and large partners; dtypes rotate.
+#[test]
+fn token_route_and_expert_counts_match_the_cpu() {
+    let Some(ctx) = gpu("token_route_and_expert_counts_match_the_cpu") else {
+        return;
+    };
+    let mut grid: Vec<(usize, usize, usize)> = Vec::new(); // (M, K, E)
+    for m in [0, 1, 3, 64, 257] {
+        for (k, e) in [(1, 1), (2, 8), (6, 64), (8, 256)] {
+            grid.push((m, k, e));
+        }
+    }
+    grid.extend([(3, 2, 1), (64, 1, 256), (257, 8, 8)]);
+    grid.extend([(4096, 2, 8), (4096, 8, 64), (4096, 6, 256), (4096, 1, 1)]);
+    let reduced_grid = [
+        (0, 2, 8),
+        (1, 1, 1),
+        (3, 2, 1),
+        (3, 8, 256),
+        (64, 6, 64),
+        (64, 8, 256),
+    ];
+    let cases: Vec<Case> = grid
+        .iter()
+        .enumerate()
+        .map(|(n, &(tokens, top_k, experts))| Case {
+            tokens,
+            top_k,
+            experts,
+            drop: 0.1,
+            ..base(DTYPES[n % 3], 2000 + n as u64)
+        })
+        .collect();
+    run_cases(
+        "grid",
+        &ctx,
+        &select(cases, |c| {
+            reduced_grid.contains(&(c.tokens, c.top_k, c.experts))
+        }),
+    );
+}
+
+/// H and I that are odd, not multiples of 8, larger than one tile, or I > H.
+#[test]
+fn odd_hidden_and_intermediate_sizes_match_the_cpu() {
+    let Some(ctx) = gpu("odd_hidden_and_intermediate_sizes_match_the_cpu") else {
+        return;
+    };
+    let mut cases = Vec::new();
+    let mut seed = 3000;
+    for (hidden, inter) in [(100, 36), (63, 37), (72, 200), (1030, 520), (8, 8), (2, 3)] {
+        for dt in DTYPES {
+            seed += 1;
+            cases.push(Case {
+                hidden,
+                inter,
+                b13: true,
+                b2: true,
+                drop: 0.1,
+                ..base(dt, seed)
+            });
+        }
+    }
+    seed += 1;
+    cases.push(
+        Case {
+            hidden: 63,
+            inter: 37,
+            layout: MOE_GATE_UP_INTERLEAVED,
+            ..base(Dt::Bf16, seed)
+        }
+        .with_activation(MOE_ACTIVATION_SWIGLU_OAI),
+    );
+    seed += 1;
+    cases.push(non_gated(
+        Case {
+            hidden: 63,
+            inter: 37,
+            ..base(Dt::F16, seed)
+        },
+        MOE_ACTIVATION_RELU2,
+    ));
+    run_cases(
+        "odd sizes",
+        &ctx,
+        &select(cases, |c| {
+            (c.hidden, c.inter, c.dt) == (63, 37, Dt::Bf16)
+                || (c.hidden, c.inter, c.dt) == (100, 36, Dt::F16)
+        }),
+    );
+}
+
+/// A host's tile.block_m (the align granularity) changes nothing in the result.
+#[test]
+fn tile_block_m_overrides_match_the_cpu() {
+    let Some(ctx) = gpu("tile_block_m_overrides_match_the_cpu") else {
+        return;
+    };
+    let mut cases = Vec::new();
+    for (n, block_m) in ["16", "32", "64", "128"].into_iter().enumerate() {
+        for (tokens, experts) in [(257, 8), (5, 64)] {
+            cases.push(Case {
+                tokens,
+                experts,
+                drop: 0.1,
+                options: vec![("tile.block_m".into(), block_m.into())],
+                ..base(DTYPES[n % 3], 4000 + (n * 10 + tokens) as u64)
+            });
+        }
+    }
+    run_cases(
+        "tile.block_m",
+        &ctx,
+        &select(cases, |c| c.tokens == 5 && c.options[0].1 == "16"),
+    );
+}
+
+/// With the same BLOCK_M, the CUDA align step gives the CPU's plan (SPEC §4 fixes the order).
+#[test]
+fn cuda_plan_arrays_equal_the_cpu_plan() {
+    let Some(ctx) = gpu("cuda_plan_arrays_equal_the_cpu_plan") else {
+        return;
+    };
+    for (n, block_m) in ["16", "64"].into_iter().enumerate() {
+        let c = Case {
+            tokens: 100,
+            experts: 16,
+            top_k: 4,
+            drop: 0.2,
+            options: vec![("tile.block_m".into(), block_m.into())],
+            ..base(Dt::Bf16, 4500 + n as u64)
+        };
+        let mut s = Setup::new(&c);
+        let stream = ctx.new_stream().unwrap();
+        let layer = CudaLayer::new(&s, &stream).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        let mut d = DeviceBatch::new(&s, &layer, &stream).unwrap();
+        let (ids, ws) = (d.ids.raw(), d.ws.raw());
+        status(layer.prepare_raw(&ids, &ws, cu(&stream)), "moe_prepare")
+            .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        sync(&stream);
+        ok(s.prepare(), "CPU moe_prepare");
+        let (cpu, gpu) = (plan_arrays(s.plan), plan_arrays(layer.plan));
+        match gpu {
+            Ok(gpu) => assert_eq!(
+                gpu,
+                cpu.unwrap(),
+                "plan arrays (num_padded, sorted route ids, block experts) of {c:?}"
+            ),
+            Err(e) => println!("NOTE: plan getters on a CUDA plan: {e}"),
+        }
+    }
+}
+
+type PlanArrays = (i64, Vec<i32>, Vec<i32>);
+
+fn plan_arrays(plan: *mut moe_plan) -> Result<PlanArrays, String> {
+    let mut padded = 0i64;
+    let (mut n_sorted, mut n_blocks) = (0usize, 0usize);
+    unsafe {
+        status(
+            moe_plan_num_padded(plan, &mut padded),
+            "moe_plan_num_padded",
+        )?;
+        status(
+            moe_plan_sorted_route_ids(plan, null_mut(), 0, &mut n_sorted),
+            "moe_plan_sorted_route_ids",
+        )?;
+        status(
+            moe_plan_block_expert(plan, null_mut(), 0, &mut n_blocks),
+            "moe_plan_block_expert",
+        )?;
+        let (mut sorted, mut blocks) = (vec![0i32; n_sorted], vec![0i32; n_blocks]);
+        let mut len = 0usize;
+        status(
+            moe_plan_sorted_route_ids(plan, sorted.as_mut_ptr(), n_sorted, &mut len),
+            "moe_plan_sorted_route_ids",
+        )?;
+        status(
+            moe_plan_block_expert(plan, blocks.as_mut_ptr(), n_blocks, &mut len),
+            "moe_plan_block_expert",
+        )?;
+        Ok((padded, sorted, blocks))
+    }
+}
+
+/// Mixtral, Qwen3-30B-A3B, DeepSeek-V3 (TP8: 256 routed + 1 shared expert) and gpt-oss-120b
+/// (swiglu_oai with biases, interleaved) in bf16, at M = 1, 64 and 257 on one set of weights.
+#[test]
+fn model_shapes_match_the_cpu() {
+    let Some(ctx) = gpu("model_shapes_match_the_cpu") else {
+        return;
+    };
+    if reduced() {
+        println!("SKIPPED: model shapes in FUSEDMOE_GPU_REDUCED mode");
+        return;
+    }
+    let model = |name, hidden, inter, experts, top_k| {
+        (
+            name,
+            Case {
+                dt: Dt::Bf16,
+                hidden,
+                inter,
+                experts,
+                top_k,
+                tokens: 257,
+                seed: 5000 + experts as u64,
+                ..Case::default()
+            },
+        )
+    };
+    let models = [
+        (model("mixtral-8x7b", 4096, 14336, 8, 2), false),
+        (model("qwen3-30b-a3b", 2048, 768, 128, 8), false),
+        (
+            (
+                "deepseek-v3-tp8",
+                Case {
+                    rsf: 2.5,
+                    ..model("", 7168, 256, 257, 8).1
+                },
+            ),
+            true,
+        ),
+        (
+            (
+                "gpt-oss-120b",
+                Case {
+                    layout: MOE_GATE_UP_INTERLEAVED,
+                    b13: true,
+                    b2: true,
+                    alpha: Some(1.702),
+                    limit: Some(7.0),
+                    activation: MOE_ACTIVATION_SWIGLU_OAI,
+                    ..model("", 2880, 2880, 128, 4).1
+                },
+            ),
+            false,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for ((name, c), shared) in models {
+        let start = Instant::now();
+        let mut s = big_setup(&c, shared);
+        let stream = ctx.new_stream().unwrap();
+        let layer = match CudaLayer::new(&s, &stream) {
+            Ok(l) => l,
+            Err(e) => {
+                failures.push(format!("{name} {c:?}\n    {e}"));
+                continue;
+            }
+        };
+        let mut d = DeviceBatch::new(&s, &layer, &stream).unwrap();
+        println!("{name}: set up in {:.1} s", start.elapsed().as_secs_f64());
+        for m in [1, 64, 257] {
+            let result = (|| {
+                d.rows(m);
+                d.out.fill(POISON);
+                d.launch(&layer, &c)?;
+                cpu_rows(&mut s, m);
+                s.out.fill_bytes(POISON);
+                status(s.prepare(), "CPU moe_prepare")?;
+                status(s.run(), "CPU moe_run")?;
+                let n = m * c.hidden;
+                let cpu = &s.output()[..n];
+                let reference = (reference_cost(&s.case) <= 400_000_000).then(|| s.reference());
+                sync(&stream);
+                let got = &d.out.values()[..n];
+                let ids = &s.ids.values()[..m * c.top_k];
+                let line = compare(&s.case, got, cpu, reference.as_deref(), ids)?;
+                if !d.out.poisoned_from(n * c.dt.size()) {
+                    return Err(format!("rows past M = {m} of out were written"));
+                }
+                Ok::<_, String>(line)
+            })();
+            match result {
+                Ok(line) => println!("ok   {name} M={m}: {line}"),
+                Err(e) => {
+                    println!("FAIL {name} M={m}: {e}");
+                    failures.push(format!("{name} M={m} {:?}\n    {e}", s.case));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "model shapes failed:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// Captured once at M = 64 after moe_warmup (no eager run first), the graph replays: the
+/// captured batch, a new batch written into the same buffers, and a batch whose tokens from
+/// 40 on are padding (ids −1, hidden NaN) that must give the first 40 tokens' result and
+/// zeros. Replays are bitwise repeatable.
+#[test]
+fn a_captured_graph_replays_new_batches_and_fewer_tokens() {
+    let Some(ctx) = gpu("a_captured_graph_replays_new_batches_and_fewer_tokens") else {
+        return;
+    };
+    let mut cases = vec![Case {
+        tokens: 64,
+        b13: true,
+        b2: true,
+        drop: 0.1,
+        ..base(Dt::Bf16, 6001)
+    }];
+    if !reduced() {
+        cases.push(Case {
+            tokens: 64,
+            no_combine: true,
+            keep_weight: true,
+            b2: true,
+            drop: 0.1,
+            ids_i64: true,
+            ..base(Dt::F16, 6002)
+        });
+        cases.push(Case {
+            tokens: 64,
+            inplace: true,
+            rsf: 2.5,
+            b13: true,
+            experts: 64,
+            top_k: 6,
+            ..base(Dt::F32, 6003)
+        });
+    }
+    for c in cases {
+        graph_case(&ctx, &c).unwrap_or_else(|e| panic!("graph capture: {c:?}\n    {e}"));
+    }
+}
+
+fn graph_case(ctx: &Arc<CudaContext>, c: &Case) -> Result<(), String> {
+    const VALID: usize = 40;
+    let mut s = Setup::new(c);
+    let stream = ctx.new_stream().unwrap();
+    let layer = CudaLayer::new(&s, &stream)?;
+    let mut d = DeviceBatch::new(&s, &layer, &stream)?;
+    status(layer.warmup(c.tokens, &stream), "moe_warmup")?;
+    sync(&stream);
+
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| format!("cuStreamBeginCapture: {e:?}"))?;
+    let launched = d.launch(&layer, c);
+    // end the capture whatever happened, so the stream is usable again
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    launched.map_err(|e| format!("during capture: {e}"))?;
+    let graph = graph
+        .map_err(|e| format!("cuStreamEndCapture / instantiate: {e:?}"))?
+        .ok_or("the capture recorded an empty graph")?;
+
+    let rows_per_token = if c.no_combine { c.top_k } else { 1 };
+    let replay = |d: &mut DeviceBatch, s: &Setup| {
+        // inplace replays overwrite hidden: write it again every time
+        d.hidden.write(&HostTensor::from_f64(
+            s.hidden.dt,
+            &s.hidden.shape,
+            &s.hidden_in,
+        ));
+        d.out.fill(POISON);
+        graph.launch().expect("cuGraphLaunch");
+        sync(&stream);
+        d.output(c)
+    };
+
+    // 1. the captured batch
+    let got = replay(&mut d, &s);
+    status(s.prepare(), "CPU moe_prepare")?;
+    status(s.run(), "CPU moe_run")?;
+    compare(c, &got, &s.output(), Some(&s.reference()), &s.ids.values())
+        .map_err(|e| format!("replay of the captured batch: {e}"))?;
+
+    // 2. a new batch in the same buffers, replayed twice
+    refill_batch(&mut s, c.tokens, c.seed + 1);
+    d.ids.write(&s.ids);
+    d.router.write(&s.router);
+    let got = replay(&mut d, &s);
+    let again = replay(&mut d, &s);
+    if got
+        .iter()
+        .zip(&again)
+        .any(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        return Err("two replays of the same batch differ".into());
+    }
+    status(s.prepare(), "CPU moe_prepare")?;
+    status(s.run(), "CPU moe_run")?;
+    compare(c, &got, &s.output(), Some(&s.reference()), &s.ids.values())
+        .map_err(|e| format!("replay of a new batch: {e}"))?;
+
+    // 3. fewer tokens than captured: tokens ≥ VALID are padding
+    refill_batch(&mut s, VALID, c.seed + 2);
+    d.ids.write(&s.ids);
+    d.router.write(&s.router);
+    let got = replay(&mut d, &s);
+    cpu_rows(&mut s, VALID);
+    status(s.prepare(), "CPU moe_prepare (first 40 tokens)")?;
+    status(s.run(), "CPU moe_run (first 40 tokens)")?;
+    let n = VALID * rows_per_token * c.hidden;
+    let ids = s.ids.values();
+    compare(
+        &s.case,
+        &got[..n],
+        &s.output()[..n],
+        Some(&s.reference()),
+        &ids,
+    )
+    .map_err(|e| format!("replay with tokens ≥ {VALID} padded, first {VALID} tokens: {e}"))?;
+    if let Some(i) = got[n..].iter().position(|&v| v != 0.0) {
+        return Err(format!(
+            "replay with tokens ≥ {VALID} padded: output {} past the valid rows is {}, expected 0",
+            n + i,
+            got[n + i]
+        ));
+    }
+    Ok(())
+}
+
+/// Ids outside [−1, E) are dropped on CUDA and counted; the next call on the layer after the
+/// stream has finished reports "topk_ids: ..." and writes nothing; the call after that works.
+/// The bad batch's prepare and run are made behind a gate that holds the stream, which also
+/// shows that neither waits for the stream (no host synchronization in the hot path; not
+/// under compute-sanitizer, where the bad ids are there for memcheck).
+#[test]
+fn out_of_range_ids_are_dropped_and_reported_by_the_next_call() {
+    let Some(ctx) = gpu("out_of_range_ids_are_dropped_and_reported_by_the_next_call") else {
+        return;
+    };
+    for ids_i64 in [false, true] {
+        let c = Case {
+            tokens: 64,
+            ids_i64,
+            b13: true,
+            b2: true,
+            drop: 0.1,
+            ..base(Dt::Bf16, 7000 + ids_i64 as u64)
+        };
+        bad_ids_case(&ctx, &c).unwrap_or_else(|e| panic!("out-of-range ids: {c:?}\n    {e}"));
+    }
+}
+
+fn bad_ids_case(ctx: &Arc<CudaContext>, c: &Case) -> Result<(), String> {
+    let mut s = Setup::new(c);
+    let e = c.experts as f64;
+    let mut bad: Vec<(usize, f64)> = vec![(3, e), (10, 1000.0), (17, -5.0), (40, e + 1.0)];
+    if c.ids_i64 {
+        // wrong if narrowed to 32 bits: 2^32 + 1 → 1, −2^32 + 2 → 2
+        bad.extend([(51, 4294967297.0), (77, -4294967294.0)]);
+    } else {
+        bad.extend([(51, i32::MAX as f64), (77, i32::MIN as f64)]);
+    }
+    for &(r, v) in &bad {
+        s.ids.set(r, v);
+    }
+    let stream = ctx.new_stream().unwrap();
+    let st = cu(&stream);
+    let layer = CudaLayer::new(&s, &stream)?;
+    let mut d = DeviceBatch::new(&s, &layer, &stream)?; // the bad ids
+    for &(r, _) in &bad {
+        s.ids.set(r, -1.0);
+    }
+    let mut good = DeviceTensor::upload(&stream, &s.ids); // the same batch, bad ids as −1
+    status(s.prepare(), "CPU moe_prepare")?;
+    status(s.run(), "CPU moe_run")?;
+    let (cpu, reference, ids) = (s.output(), s.reference(), s.ids.values());
+    status(layer.warmup(c.tokens, &stream), "moe_warmup")?;
+    sync(&stream);
+    let (bad_ids, good_ids, ws) = (d.ids.raw(), good.raw(), d.ws.raw());
+    let (hidden, router, out) = (d.hidden.raw(), d.router.raw(), d.out.raw());
+    let run = || layer.run_raw(&hidden, &router, Some(&out), st);
+
+    // 1. the bad batch runs, queued behind a closed gate (so that its own moe_run cannot have
+    //    seen the count yet); neither call waits for the stream. Not under compute-sanitizer,
+    //    which serializes launches: a launch behind the gate would wait for it.
+    if !sanitizer() {
+        let gate = Gate::close(&stream);
+        let start = Instant::now();
+        let launched = status(layer.prepare_raw(&bad_ids, &ws, st), "moe_prepare")
+            .and_then(|()| status(run(), "moe_run"));
+        let waited = start.elapsed();
+        gate.open();
+        sync(&stream);
+        if waited > GATE_LIMIT / 2 {
+            return Err(format!(
+                "moe_prepare + moe_run took {waited:?} with the stream held: they wait for the \
+                 stream (a host synchronization, or compiling / loading a kernel that \
+                 moe_warmup did not); their result: {launched:?}"
+            ));
+        }
+        launched.map_err(|e| format!("the bad batch itself must run (in {waited:?}): {e}"))?;
+        compare(c, &d.output(c), &cpu, Some(&reference), &ids)
+            .map_err(|e| format!("the bad batch's valid routes: {e}"))?;
+    } else {
+        status(
+            layer.prepare_raw(&bad_ids, &ws, st),
+            "moe_prepare of the bad batch",
+        )?;
+        sync(&stream);
+    }
+
+    // 2. the next call, a moe_prepare, reports it and writes nothing; the call after works
+    let ws_before = d.ws.read_bytes();
+    expect_topk_ids_error(layer.prepare_raw(&good_ids, &ws, st), "moe_prepare")?;
+    if d.ws.read_bytes() != ws_before {
+        return Err("the refused moe_prepare wrote the workspace".into());
+    }
+    status(
+        layer.prepare_raw(&good_ids, &ws, st),
+        "moe_prepare after the report",
+    )?;
+    d.out.fill(POISON);
+    status(run(), "moe_run after the report")?;
+    sync(&stream);
+    compare(c, &d.out.values(), &cpu, Some(&reference), &ids)
+        .map_err(|e| format!("the batch after the report: {e}"))?;
+
+    // 3. again, reported by a moe_run this time: it writes nothing; the run after it computes
+    //    the bad batch (its plan) with the bad ids dropped
+    status(
+        layer.prepare_raw(&bad_ids, &ws, st),
+        "moe_prepare of the second bad batch",
+    )?;
+    sync(&stream);
+    d.out.fill(POISON);
+    expect_topk_ids_error(run(), "moe_run")?;
+    sync(&stream);
+    if !d.out.poisoned_from(0) {
+        return Err("the refused moe_run wrote out".into());
+    }
+    status(run(), "moe_run after the report")?;
+    sync(&stream);
+    compare(c, &d.out.values(), &cpu, Some(&reference), &ids)
+        .map_err(|e| format!("the run after the report: {e}"))?;
+    Ok(())
+}
+
+fn expect_topk_ids_error(s: moe_status, what: &str) -> Result<(), String> {
+    let message = last_error();
+    if s != moe_status::MOE_ERR_INVALID_ARGUMENT || !message.starts_with("topk_ids:") {
+        return Err(format!(
+            "{what} after a batch with out-of-range ids: {s:?} \"{message}\", expected \
+             MOE_ERR_INVALID_ARGUMENT with a message starting \"topk_ids:\""
+        ));
+    }
+    Ok(())
+}
+
+/// Host tensors, or tensors on device ordinal 1, given to a CUDA layer are refused by name;
+/// nothing is written.
+#[test]
+fn tensors_on_the_wrong_device_are_refused_by_name() {
+    let Some(ctx) = gpu("tensors_on_the_wrong_device_are_refused_by_name") else {
+        return;
+    };
+    let c = Case {
+        tokens: 16,
+        b13: true,
+        b2: true,
+        ..base(Dt::Bf16, 8000)
+    };
+    let mut s = Setup::new(&c);
+    let stream = ctx.new_stream().unwrap();
+    let st = cu(&stream);
+    let mut layer = CudaLayer::new(&s, &stream).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    let mut d = DeviceBatch::new(&s, &layer, &stream).unwrap();
+    let refused = |status: moe_status, name: &str, how: &str| {
+        let message = last_error();
+        assert_eq!(
+            status,
+            moe_status::MOE_ERR_INVALID_ARGUMENT,
+            "{name} {how}: \"{message}\""
+        );
+        assert!(
+            message.starts_with(&format!("{name}:")),
+            "{name} {how}: the message does not name it: \"{message}\""
+        );
+    };
+    let on_device_1 = |mut t: moe_tensor| {
+        t.device.device_id = 1;
+        t
+    };
+
+    // moe_prepare: ids and workspace
+    let (ids, ws) = (d.ids.raw(), d.ws.raw());
+    let (host_ids, host_ws) = (s.ids.raw(), s.workspace.raw());
+    refused(
+        layer.prepare_raw(&host_ids, &ws, st),
+        "topk_ids",
+        "in host memory",
+    );
+    refused(
+        layer.prepare_raw(&ids, &host_ws, st),
+        "workspace",
+        "in host memory",
+    );
+    refused(
+        layer.prepare_raw(&on_device_1(ids), &ws, st),
+        "topk_ids",
+        "on cuda:1",
+    );
+    refused(
+        layer.prepare_raw(&ids, &on_device_1(ws), st),
+        "workspace",
+        "on cuda:1",
+    );
+
+    // moe_run: hidden, router weights, out
+    ok(layer.prepare_raw(&ids, &ws, st), "moe_prepare");
+    let (hidden, router, out) = (d.hidden.raw(), d.router.raw(), d.out.raw());
+    let (host_hidden, host_router, host_out) = (s.hidden.raw(), s.router.raw(), s.out.raw());
+    refused(
+        layer.run_raw(&host_hidden, &router, Some(&out), st),
+        "hidden",
+        "in host memory",
+    );
+    refused(
+        layer.run_raw(&hidden, &host_router, Some(&out), st),
+        "topk_weights",
+        "in host memory",
+    );
+    refused(
+        layer.run_raw(&hidden, &router, Some(&host_out), st),
+        "out",
+        "in host memory",
+    );
+    refused(
+        layer.run_raw(&on_device_1(hidden), &router, Some(&out), st),
+        "hidden",
+        "on cuda:1",
+    );
+    refused(
+        layer.run_raw(&hidden, &on_device_1(router), Some(&out), st),
+        "topk_weights",
+        "on cuda:1",
+    );
+    refused(
+        layer.run_raw(&hidden, &router, Some(&on_device_1(out)), st),
+        "out",
+        "on cuda:1",
+    );
+    sync(&stream);
+    assert!(d.out.poisoned_from(0), "a refused moe_run wrote out");
+    assert!(
+        s.out.bytes().iter().all(|&b| b == POISON),
+        "a refused moe_run wrote the host out"
+    );
+    // the same tensors on the right device run
+    ok(layer.run_raw(&hidden, &router, Some(&out), st), "moe_run");
+    sync(&stream);
+
+    // moe_layer_create: weights in host memory or on cuda:1
+    let host_w13 = s.w13.raw();
+    let saved = layer.w13.device;
+    layer.w13.device.device_id = 1;
+    refused(layer.create(), "w13", "on cuda:1");
+    layer.w13.device = saved;
+    let mut b2 = layer.b2.take().unwrap();
+    b2.device.device_id = 1;
+    layer.b2 = Some(b2);
+    refused(layer.create(), "b2", "on cuda:1");
+    let w2 = layer.w2.raw();
+    let mut created = null_mut();
+    refused(
+        unsafe {
+            moe_layer_create(
+                layer.config,
+                &host_w13,
+                &w2,
+                std::ptr::null(),
+                std::ptr::null(),
+                &mut created,
+            )
+        },
+        "w13",
+        "in host memory",
+    );
+    assert!(created.is_null());
+    // a layer on an ordinal that does not exist fails at creation, naming the device
+    if CudaContext::device_count().unwrap() == 1 {
+        let cuda1 = moe_device {
+            device_type: MOE_DEVICE_CUDA,
+            device_id: 1,
+        };
+        let (w13, w2) = (on_device_1(layer.w13.raw()), on_device_1(layer.w2.raw()));
+        unsafe {
+            ok(
+                moe_config_set_device(layer.config, cuda1),
+                "moe_config_set_device",
+            );
+            let st = moe_layer_create(
+                layer.config,
+                &w13,
+                &w2,
+                std::ptr::null(),
+                std::ptr::null(),
+                &mut created,
+            );
+            let message = last_error();
+            assert_ne!(
+                st,
+                moe_status::MOE_OK,
+                "a layer on cuda:1 of a one-GPU machine"
+            );
+            assert!(created.is_null());
+            assert!(
+                message.contains("device"),
+                "a layer on cuda:1: \"{message}\""
+            );
+        }
+    }
+}
+
+/// M = 0 writes nothing: out and hidden (inplace) stay poisoned. (moe_prepare still records
+/// the empty plan in the workspace, num_padded 0 and the expert offsets, as the CPU does.)
+#[test]
+fn an_empty_batch_writes_nothing() {
+    let Some(ctx) = gpu("an_empty_batch_writes_nothing") else {
+        return;
+    };
+    for (n, (no_combine, inplace)) in [(false, false), (true, false), (false, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let c = Case {
+            tokens: 0,
+            no_combine,
+            inplace,
+            b13: true,
+            b2: true,
+            ..base(Dt::Bf16, 9000 + n as u64)
+        };
+        let s = Setup::new(&c);
+        let stream = ctx.new_stream().unwrap();
+        let layer = CudaLayer::new(&s, &stream).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        let mut d = DeviceBatch::new(&s, &layer, &stream).unwrap();
+        d.launch(&layer, &c)
+            .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        sync(&stream);
+        for (name, t) in [("out", &d.out), ("hidden", &d.hidden)] {
+            let bytes = t.read_bytes();
+            if let Some(at) = bytes.iter().position(|&b| b != POISON) {
+                let written = bytes.iter().filter(|&&b| b != POISON).count();
+                panic!(
+                    "M = 0 wrote {name}: {written} of {} bytes changed, the first at byte {at}: {c:?}",
+                    bytes.len()
+                );
+            }
+        }
+    }
+}
+
+/// The timing in this file's gate needs the gate to hold: a sanity check of the harness.
+#[test]
+fn the_stream_gate_holds_queued_work() {
+    let Some(ctx) = gpu("the_stream_gate_holds_queued_work") else {
+        return;
+    };
+    if sanitizer() {
+        println!("SKIPPED: the stream gate under compute-sanitizer (launches are serialized)");
+        return;
+    }
+    let stream = ctx.new_stream().unwrap();
+    let mut t = DeviceTensor::poisoned(&stream, Dt::U8, &[64]);
+    let gate = Gate::close(&stream);
+    t.fill(0);
+    std::thread::sleep(Duration::from_millis(50));
+    let done = unsafe { sys::cuStreamQuery(stream.cu_stream()) };
+    gate.open();
+    sync(&stream);
+    assert_eq!(
+        done,
+        sys::CUresult::CUDA_ERROR_NOT_READY,
+        "the gate did not hold the stream"
+    );
+    assert!(t.read_bytes().iter().all(|&b| b == 0));
+}
