@@ -1,0 +1,1379 @@
+//! The library-alone GPU benchmark (issues 5 and 6): bf16 MoE layers of four models through
+//! the C ABI on CUDA device 0, next to the device's copy bandwidth measured in the same run.
+//!
+//!   cargo build --release --examples                  # on a machine with Rust; then, on the GPU:
+//!   FUSEDMOE_NVRTC_PATH=/path/to/libnvrtc.so.13 target/release/examples/bench [--quick]
+//!       [--shapes mixtral,qwen3,deepseek,gpt-oss,ep] [--tokens 1,16,256] [--reps N] [--json PATH]
+//!
+//! Per shape and token count M (random softmax top-k routing, fresh per input set):
+//! - time per call of moe_prepare + moe_run: CUDA graph replays for M ≤ 256 (one graph per
+//!   input set, captured after moe_warmup), direct calls above; CUDA events around many
+//!   calls, the median of the repeats. Input sets (hidden, ids, router weights, out) rotate
+//!   between calls, so a call does not find the previous call's inputs in L2. For M ≤ 256
+//!   also every set in one graph, per call: the launch cost of a replay spread over the sets.
+//! - TB/s: the weight bytes the batch must read (distinct experts hit × one expert's w13, w2
+//!   and biases) over the time; its % of the copy bandwidth (cuMemcpyDtoDAsync of 1 GiB,
+//!   counting bytes read plus bytes written, 2 GiB per copy); TFLOP/s: 2·routes·(N1·H + H·I).
+//! - moe_prepare alone, graph replays.
+//!
+//! The table comes last; --json PATH writes every number (BENCHMARKS.md says more).
+//!
+//! Issue 6 (`ep` in --shapes): moe_dispatch alone on a CUDA dispatcher (E_g 257, 8 ranks,
+//! rank 0, one shared expert), and DeepSeek-V3's rank-0 layer (32 routed + 1 shared = 33
+//! local experts) on the dispatched ids against the full 257-expert layer at M = 16.
+//!
+//! Without a GPU (or NVRTC) it exits with status 1 and the library's reason.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream};
+use cudarc::driver::{DevicePtr, DeviceRepr};
+use fusedmoe::ffi::*;
+use half::bf16;
+use rayon::prelude::*;
+use serde_json::{json, Value};
+use std::ffi::{c_void, CStr};
+use std::ptr::{null, null_mut};
+use std::sync::Arc;
+use std::time::Instant;
+use support::{check, route, Rng, Shape};
+
+const CUDA0: moe_device = moe_device {
+    device_type: MOE_DEVICE_CUDA,
+    device_id: 0,
+};
+const BF16: moe_dtype = moe_dtype {
+    code: MOE_DTYPE_CODE_BFLOAT,
+    bits: 16,
+    lanes: 1,
+};
+const F32: moe_dtype = moe_dtype {
+    code: MOE_DTYPE_CODE_FLOAT,
+    bits: 32,
+    lanes: 1,
+};
+const I32: moe_dtype = moe_dtype {
+    code: MOE_DTYPE_CODE_INT,
+    bits: 32,
+    lanes: 1,
+};
+const U8: moe_dtype = moe_dtype {
+    code: MOE_DTYPE_CODE_UINT,
+    bits: 8,
+    lanes: 1,
+};
+
+const ALL_TOKENS: [usize; 8] = [1, 4, 16, 64, 256, 1024, 4096, 16384];
+const QUICK_TOKENS: [usize; 6] = [1, 16, 64, 256, 1024, 4096];
+/// Token counts up to this are timed as graph replays, larger ones as direct calls.
+const GRAPH_MAX_TOKENS: usize = 256;
+/// The random block copied over and over to fill weights and activations.
+const PATTERN_BYTES: usize = 64 << 20;
+/// Input sets together should exceed twice the 50 MB L2 of an H100/H200 ...
+const SETS_TARGET_BYTES: usize = 100_000_000;
+/// ... with at least this many sets, at most SETS_MAX (a graph and a plan each), within
+/// SETS_MEMORY bytes, and never fewer than 2.
+const SETS_MIN: usize = 4;
+const SETS_MAX: usize = 16;
+const SETS_MEMORY: usize = 4 << 30;
+/// The copy whose rate is the bandwidth ceiling.
+const COPY_BYTES: usize = 1 << 30;
+/// Calls shorter than this get a head start of queued calls before the start event, so the
+/// host's launch cost stays off the device's timeline.
+const HEAD_START_MS: f64 = 0.5;
+const MAX_ITERS: usize = 5000;
+/// Issue 6: the expert-parallel setup (DeepSeek-V3 on 8 ranks, rank 0, 1 shared expert).
+const EP_SIZE: i64 = 8;
+const EP_TOKENS: usize = 16;
+const DISPATCH_TOKENS: [usize; 4] = [1, 16, 256, 4096];
+
+// ---------------------------------------------------------------- models
+
+#[derive(Clone, Copy, Debug)]
+struct Model {
+    name: &'static str,
+    experts: usize,
+    hidden: usize,
+    inter: usize,
+    top_k: usize,
+    /// The last expert is shared: every token takes it as its last route, weight 1
+    /// (DeepSeek-V3 with the shared expert fused into the layer).
+    shared: bool,
+    /// gpt-oss: swiglu_oai (alpha 1.702, limit 7.0), interleaved gate/up, bf16 b13 and b2.
+    oai: bool,
+}
+
+const MODELS: [Model; 4] = [
+    Model {
+        name: "mixtral",
+        experts: 8,
+        hidden: 4096,
+        inter: 14336,
+        top_k: 2,
+        shared: false,
+        oai: false,
+    },
+    Model {
+        name: "qwen3",
+        experts: 128,
+        hidden: 2048,
+        inter: 768,
+        top_k: 8,
+        shared: false,
+        oai: false,
+    },
+    Model {
+        name: "deepseek",
+        experts: 257,
+        hidden: 7168,
+        inter: 256,
+        top_k: 9,
+        shared: true,
+        oai: false,
+    },
+    Model {
+        name: "gpt-oss",
+        experts: 128,
+        hidden: 2880,
+        inter: 2880,
+        top_k: 4,
+        shared: false,
+        oai: true,
+    },
+];
+
+impl Model {
+    fn n1(&self) -> usize {
+        2 * self.inter
+    }
+
+    /// The bytes of one expert's weights and biases: what a batch that hits it must read.
+    fn expert_bytes(&self) -> usize {
+        let w = self.n1() * self.hidden + self.hidden * self.inter;
+        let b = if self.oai { self.n1() + self.hidden } else { 0 };
+        2 * (w + b)
+    }
+
+    /// 2·routes·(N1·H + H·I): both GEMMs of every kept route.
+    fn flops(&self, routes: usize) -> f64 {
+        let per_route = self.n1() * self.hidden + self.hidden * self.inter;
+        2.0 * routes as f64 * per_route as f64
+    }
+
+    fn activation(&self) -> &'static str {
+        if self.oai {
+            "swiglu_oai"
+        } else {
+            "silu"
+        }
+    }
+
+    /// Softmax top-k over random logits; with a shared expert, top-(K−1) over the routed
+    /// experts and the shared id last.
+    fn route(&self, rng: &mut Rng, tokens: usize) -> (Vec<i32>, Vec<f32>) {
+        if !self.shared {
+            return route(rng, tokens, self.shape(self.experts, self.top_k));
+        }
+        let k = self.top_k - 1;
+        let (routed, weights) = route(rng, tokens, self.shape(self.experts - 1, k));
+        let (mut ids, mut w) = (Vec::new(), Vec::new());
+        for t in 0..tokens {
+            ids.extend_from_slice(&routed[t * k..][..k]);
+            ids.push(self.experts as i32 - 1);
+            w.extend_from_slice(&weights[t * k..][..k]);
+            w.push(1.0);
+        }
+        (ids, w)
+    }
+
+    fn shape(&self, experts: usize, top_k: usize) -> Shape {
+        Shape {
+            experts,
+            hidden: self.hidden,
+            inter: self.inter,
+            top_k,
+        }
+    }
+
+    /// Bytes of one input set: hidden and out [M, H] bf16, ids and router weights [M, K].
+    fn set_bytes(&self, tokens: usize) -> usize {
+        tokens * (4 * self.hidden + 8 * self.top_k)
+    }
+
+    fn describe(&self) -> Value {
+        json!({
+            "name": self.name, "experts": self.experts, "hidden": self.hidden,
+            "inter": self.inter, "top_k": self.top_k, "activation": self.activation(),
+            "shared_expert": self.shared, "biases": self.oai,
+            "gate_up_layout": if self.oai { "interleaved" } else { "halves" },
+        })
+    }
+}
+
+/// How many input sets of `bytes` each to rotate through (see SETS_*).
+fn set_count(bytes: usize) -> usize {
+    let want = SETS_TARGET_BYTES.div_ceil(bytes.max(1)).max(SETS_MIN);
+    want.min(SETS_MAX).min(SETS_MEMORY / bytes.max(1)).max(2)
+}
+
+fn distinct(ids: &[i32]) -> usize {
+    let mut seen: Vec<i32> = ids.iter().copied().filter(|&e| e >= 0).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
+}
+
+fn die(msg: &str) -> ! {
+    eprintln!("bench: {msg}");
+    std::process::exit(1)
+}
+
+// ---------------------------------------------------------------- the device
+
+struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+/// Median, spread and shape of one timing: `reps` repeats of `iters` calls each.
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    median_us: f64,
+    min_us: f64,
+    max_us: f64,
+    iters: usize,
+    reps: usize,
+}
+
+impl Timing {
+    fn json(&self) -> Value {
+        json!({
+            "median_us": self.median_us, "min_us": self.min_us, "max_us": self.max_us,
+            "iters_per_repeat": self.iters, "repeats": self.reps,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Repeats {
+    reps: usize,
+    /// Device time each repeat should last, at least one call.
+    target_ms: f64,
+}
+
+impl Gpu {
+    fn new() -> Gpu {
+        let ctx = CudaContext::new(0).unwrap_or_else(|e| die(&format!("CUDA device 0: {e:?}")));
+        // SAFETY: before any allocation. All work is ordered on one stream and synchronized
+        // before the host reads anything; cudarc's per-buffer events would only add syncs
+        // (and event records inside graph captures).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().expect("cuStreamCreate");
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = ctx.new_event(timing).expect("cuEventCreate");
+        let end = ctx.new_event(timing).expect("cuEventCreate");
+        Gpu {
+            ctx,
+            stream,
+            start,
+            end,
+        }
+    }
+
+    /// The stream as the ABI takes it.
+    fn raw(&self) -> *mut c_void {
+        self.stream.cu_stream() as *mut c_void
+    }
+
+    fn sync(&self) {
+        self.stream
+            .synchronize()
+            .unwrap_or_else(|e| die(&format!("cuStreamSynchronize: {e:?}")));
+    }
+
+    fn alloc(&self, bytes: usize) -> CudaSlice<u8> {
+        // SAFETY: every buffer is written (filled, uploaded or poisoned) before it is read.
+        unsafe { self.stream.alloc::<u8>(bytes.max(256)) }
+            .unwrap_or_else(|e| die(&format!("cuMemAlloc of {bytes} bytes: {e:?}")))
+    }
+
+    fn copy(&self, dst: u64, src: u64, bytes: usize) {
+        unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .unwrap_or_else(|e| die(&format!("cuMemcpyDtoDAsync: {e:?}")));
+    }
+
+    fn memset(&self, dst: u64, byte: u8, bytes: usize) {
+        unsafe { result::memset_d8_async(dst, byte, bytes, self.stream.cu_stream()) }
+            .unwrap_or_else(|e| die(&format!("cuMemsetD8Async: {e:?}")));
+    }
+
+    /// `body`'s work on the stream, captured into an instantiated graph.
+    fn capture(&self, body: impl FnOnce()) -> CudaGraph {
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.stream
+            .begin_capture(mode)
+            .unwrap_or_else(|e| die(&format!("cuStreamBeginCapture: {e:?}")));
+        body();
+        let graph = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .unwrap_or_else(|e| die(&format!("cuStreamEndCapture / instantiate: {e:?}")))
+            .unwrap_or_else(|| die("the capture recorded an empty graph"));
+        graph
+            .upload()
+            .unwrap_or_else(|e| die(&format!("cuGraphUpload: {e:?}")));
+        graph
+    }
+
+    /// Device milliseconds of the work `f` enqueues, between two events.
+    fn span_ms(&self, f: impl FnOnce()) -> f64 {
+        self.start.record(&self.stream).expect("cuEventRecord");
+        f();
+        self.end.record(&self.stream).expect("cuEventRecord");
+        let ms = self
+            .start
+            .elapsed_ms(&self.end)
+            .unwrap_or_else(|e| die(&format!("the timed work failed: {e:?}")));
+        ms as f64
+    }
+
+    /// Times `call(set)`, the sets taken in turn (0, 1, …, sets−1, 0, …) across the warm-up,
+    /// the pilot, the head starts and the repeats. Every set runs at least once.
+    fn time(&self, p: Repeats, sets: usize, mut call: impl FnMut(usize)) -> Timing {
+        let mut next = 0usize;
+        let mut enqueue = |n: usize| {
+            for _ in 0..n {
+                call(next % sets);
+                next += 1;
+            }
+        };
+        enqueue(sets);
+        self.sync();
+        let pilot_n = sets.min(4);
+        let pilot = self.span_ms(|| enqueue(pilot_n)) / pilot_n as f64;
+        let iters = ((p.target_ms / pilot).ceil() as usize).clamp(1, MAX_ITERS);
+        let head = if pilot < HEAD_START_MS {
+            ((HEAD_START_MS / pilot).ceil() as usize).min(iters)
+        } else {
+            0
+        };
+        let mut us: Vec<f64> = (0..p.reps)
+            .map(|_| {
+                enqueue(head);
+                self.span_ms(|| enqueue(iters)) * 1e3 / iters as f64
+            })
+            .collect();
+        us.sort_by(f64::total_cmp);
+        Timing {
+            median_us: us[us.len() / 2],
+            min_us: us[0],
+            max_us: us[us.len() - 1],
+            iters,
+            reps: p.reps,
+        }
+    }
+}
+
+fn launch(g: &CudaGraph) {
+    g.launch()
+        .unwrap_or_else(|e| die(&format!("cuGraphLaunch: {e:?}")));
+}
+
+// ---------------------------------------------------------------- device buffers
+
+/// A device buffer with the DLPack description the ABI gets.
+struct DevBuf {
+    buf: CudaSlice<u8>,
+    ptr: u64,
+    dtype: moe_dtype,
+    shape: Vec<i64>,
+}
+
+/// A `moe_tensor` on device 0. The library only reads `shape` (the ABI's pointer is not
+/// const), so a shared slice serves.
+fn tensor_at(ptr: u64, dtype: moe_dtype, shape: &[i64]) -> moe_tensor {
+    moe_tensor {
+        data: ptr as *mut c_void,
+        device: CUDA0,
+        ndim: shape.len() as i32,
+        dtype,
+        shape: shape.as_ptr() as *mut i64,
+        strides: null_mut(),
+        byte_offset: 0,
+    }
+}
+
+fn as_bytes<T: DeviceRepr>(v: &[T]) -> &[u8] {
+    // SAFETY: plain numbers (i32, f32, u16), read as their bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+impl DevBuf {
+    /// Uninitialised; the caller writes it before anything reads it.
+    fn new(gpu: &Gpu, dtype: moe_dtype, shape: &[i64]) -> DevBuf {
+        let bytes = shape.iter().product::<i64>() as usize * dtype.bits as usize / 8;
+        let buf = gpu.alloc(bytes);
+        let ptr = buf.device_ptr(&gpu.stream).0;
+        DevBuf {
+            buf,
+            ptr,
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+
+    fn upload<T: DeviceRepr>(gpu: &Gpu, dtype: moe_dtype, shape: &[i64], host: &[T]) -> DevBuf {
+        let mut b = DevBuf::new(gpu, dtype, shape);
+        assert_eq!(as_bytes(host).len(), b.bytes());
+        gpu.stream
+            .memcpy_htod(as_bytes(host), &mut b.buf)
+            .unwrap_or_else(|e| die(&format!("cuMemcpyHtoD: {e:?}")));
+        b
+    }
+
+    fn bytes(&self) -> usize {
+        self.shape.iter().product::<i64>() as usize * self.dtype.bits as usize / 8
+    }
+
+    fn tensor(&self) -> moe_tensor {
+        tensor_at(self.ptr, self.dtype, &self.shape)
+    }
+
+    /// The contents, after the stream's work.
+    fn download(&self, gpu: &Gpu) -> Vec<u8> {
+        let host = gpu
+            .stream
+            .clone_dtoh(&self.buf.slice(0..self.bytes()))
+            .unwrap_or_else(|e| die(&format!("cuMemcpyDtoH: {e:?}")));
+        gpu.sync();
+        host
+    }
+}
+
+/// A 64 MiB block of random bf16 values ~U(−a, a) on the device. Big buffers are filled by
+/// copying pieces of it (device to device) from varying offsets: generating gigabytes of
+/// random numbers on the host would take longer than the benchmark.
+struct Pattern {
+    block: DevBuf,
+}
+
+impl Pattern {
+    fn new(gpu: &Gpu, seed: u64, a: f32) -> Pattern {
+        let mut host = vec![0u16; PATTERN_BYTES / 2];
+        host.par_chunks_mut(1 << 16)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let mut rng = Rng(seed.wrapping_mul(0x1000_0000_01B3) ^ c as u64);
+                for v in chunk {
+                    *v = bf16::from_f32(rng.uniform(-a, a)).to_bits();
+                }
+            });
+        let n = host.len() as i64;
+        Pattern {
+            block: DevBuf::upload(gpu, BF16, &[n], &host),
+        }
+    }
+
+    /// Fills `bytes` bytes at `dst` with pieces of the block; `salt` varies the offsets.
+    fn fill(&self, gpu: &Gpu, dst: u64, bytes: usize, salt: usize) {
+        let window = PATTERN_BYTES / 2;
+        let (mut done, mut j) = (0, salt);
+        while done < bytes {
+            let n = window.min(bytes - done);
+            let offset = (j * 97 % 128) * (window / 128);
+            gpu.copy(dst + done as u64, self.block.ptr + offset as u64, n);
+            done += n;
+            j += 1;
+        }
+    }
+}
+
+// ---------------------------------------------------------------- ABI handles
+
+/// The layer's weights on the device: w13 [E, N1, H], w2 [E, H, I], biases [E, N1], [E, H].
+struct Weights {
+    w13: DevBuf,
+    w2: DevBuf,
+    b13: Option<DevBuf>,
+    b2: Option<DevBuf>,
+}
+
+impl Weights {
+    /// Values ~U(−a, a), a = 1/√(the product's reduction length).
+    fn random(gpu: &Gpu, m: &Model, seed: u64) -> Weights {
+        let (e, n1, h, i) = (
+            m.experts as i64,
+            m.n1() as i64,
+            m.hidden as i64,
+            m.inter as i64,
+        );
+        let p13 = Pattern::new(gpu, seed, 1.0 / (m.hidden as f32).sqrt());
+        let p2 = Pattern::new(gpu, seed + 1, 1.0 / (m.inter as f32).sqrt());
+        let filled = |p: &Pattern, shape: &[i64], salt: usize| {
+            let b = DevBuf::new(gpu, BF16, shape);
+            p.fill(gpu, b.ptr, b.bytes(), salt);
+            b
+        };
+        let w = Weights {
+            w13: filled(&p13, &[e, n1, h], 0),
+            w2: filled(&p2, &[e, h, i], 0),
+            b13: m.oai.then(|| filled(&p2, &[e, n1], 1)),
+            b2: m.oai.then(|| filled(&p2, &[e, h], 2)),
+        };
+        gpu.sync();
+        w
+    }
+
+    fn bytes(&self) -> usize {
+        self.w13.bytes()
+            + self.w2.bytes()
+            + self.b13.as_ref().map_or(0, DevBuf::bytes)
+            + self.b2.as_ref().map_or(0, DevBuf::bytes)
+    }
+}
+
+struct Layer(*mut moe_layer);
+
+impl Drop for Layer {
+    fn drop(&mut self) {
+        unsafe { moe_layer_free(self.0) };
+    }
+}
+
+struct Plan(*mut moe_plan);
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        unsafe { moe_plan_free(self.0) };
+    }
+}
+
+impl Layer {
+    /// `m`'s layer over the first `local` experts of `w` (all of them, or an EP rank's
+    /// share: the values do not matter for timing).
+    fn new(m: &Model, w: &Weights, local: usize) -> Layer {
+        let (e, n1, h, i) = (local as i64, m.n1() as i64, m.hidden as i64, m.inter as i64);
+        let (s13, s2, sb13, sb2) = ([e, n1, h], [e, h, i], [e, n1], [e, h]);
+        let w13 = tensor_at(w.w13.ptr, BF16, &s13);
+        let w2 = tensor_at(w.w2.ptr, BF16, &s2);
+        let b13 = w.b13.as_ref().map(|b| tensor_at(b.ptr, BF16, &sb13));
+        let b2 = w.b2.as_ref().map(|b| tensor_at(b.ptr, BF16, &sb2));
+        let opt = |t: &Option<moe_tensor>| t.as_ref().map_or(null(), |t| t as *const _);
+        let mut config = null_mut();
+        let mut layer = null_mut();
+        unsafe {
+            check(moe_config_create(&mut config), "moe_config_create");
+            check(
+                moe_config_set_num_experts(config, m.experts as i64),
+                "num_experts",
+            );
+            check(moe_config_set_num_local_experts(config, e), "local experts");
+            check(moe_config_set_top_k(config, m.top_k as i64), "top_k");
+            check(moe_config_set_hidden_size(config, h), "hidden_size");
+            check(moe_config_set_intermediate_size(config, i), "inter");
+            check(moe_config_set_dtype(config, BF16), "dtype");
+            check(moe_config_set_device(config, CUDA0), "device");
+            if m.oai {
+                let act = MOE_ACTIVATION_SWIGLU_OAI;
+                check(moe_config_set_activation(config, act), "activation");
+                check(moe_config_set_gemm1_alpha(config, 1.702), "gemm1_alpha");
+                check(moe_config_set_gemm1_limit(config, 7.0), "gemm1_limit");
+                let layout = MOE_GATE_UP_INTERLEAVED;
+                check(moe_config_set_gate_up_layout(config, layout), "layout");
+            }
+            let status = moe_layer_create(config, &w13, &w2, opt(&b13), opt(&b2), &mut layer);
+            moe_config_free(config);
+            check(status, "moe_layer_create");
+        }
+        Layer(layer)
+    }
+
+    /// A workspace for up to `max_tokens` tokens.
+    fn workspace(&self, gpu: &Gpu, max_tokens: usize) -> DevBuf {
+        let mut bytes = 0usize;
+        let status = unsafe { moe_workspace_size(self.0, max_tokens as i64, &mut bytes) };
+        check(status, "moe_workspace_size");
+        DevBuf::new(gpu, U8, &[bytes as i64])
+    }
+
+    /// moe_warmup (NVRTC runs here, or the disk cache answers); its wall seconds.
+    fn warmup(&self, gpu: &Gpu, max_tokens: usize) -> f64 {
+        let t = Instant::now();
+        check(
+            unsafe { moe_warmup(self.0, max_tokens as i64, gpu.raw()) },
+            "moe_warmup",
+        );
+        t.elapsed().as_secs_f64()
+    }
+
+    fn plan(&self) -> Plan {
+        let mut p = null_mut();
+        check(
+            unsafe { moe_plan_create(self.0, &mut p) },
+            "moe_plan_create",
+        );
+        Plan(p)
+    }
+}
+
+struct Dispatcher(*mut moe_dispatcher);
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        unsafe { moe_dispatcher_free(self.0) };
+    }
+}
+
+impl Dispatcher {
+    /// The contiguous partition of E_g experts with `shared` shared ones, for `rank`.
+    fn contiguous(global: usize, shared: usize, rank: i64) -> Dispatcher {
+        let mut d = null_mut();
+        let (g, s) = (global as i64, shared as i64);
+        let status =
+            unsafe { moe_dispatcher_create_contiguous(g, EP_SIZE, rank, s, CUDA0, &mut d) };
+        check(status, "moe_dispatcher_create_contiguous");
+        Dispatcher(d)
+    }
+
+    fn local_experts(&self) -> usize {
+        let mut n = 0i64;
+        let status = unsafe { moe_dispatcher_num_local_experts(self.0, &mut n) };
+        check(status, "moe_dispatcher_num_local_experts");
+        n as usize
+    }
+
+    fn mapping(&self, global: usize) -> Vec<i32> {
+        let (mut map, mut len) = (vec![0i32; global], 0usize);
+        let status = unsafe { moe_dispatcher_mapping(self.0, map.as_mut_ptr(), global, &mut len) };
+        check(status, "moe_dispatcher_mapping");
+        map
+    }
+
+    fn dispatch(&self, gpu: &Gpu, ids: &DevBuf, local: &DevBuf) {
+        let (i, l) = (ids.tensor(), local.tensor());
+        check(
+            unsafe { moe_dispatch(self.0, &i, &l, gpu.raw()) },
+            "moe_dispatch",
+        );
+    }
+}
+
+// ---------------------------------------------------------------- input sets
+
+/// One batch's buffers on the device and its plan (one per set, so each captured graph has
+/// its own).
+struct InputSet {
+    hidden: DevBuf,
+    ids: DevBuf,
+    router: DevBuf,
+    out: DevBuf,
+    plan: Plan,
+    /// Distinct experts the ids hit and the routes kept (ids ≥ 0).
+    distinct: usize,
+    routes: usize,
+}
+
+/// What a set is built from: host routing and the pattern its hidden rows are copied from.
+struct Batch<'a> {
+    ids: &'a [i32],
+    router: &'a [f32],
+    hidden: &'a Pattern,
+    salt: usize,
+}
+
+impl InputSet {
+    fn new(gpu: &Gpu, layer: &Layer, m: &Model, b: Batch) -> InputSet {
+        let (t, h, k) = (
+            (b.ids.len() / m.top_k) as i64,
+            m.hidden as i64,
+            m.top_k as i64,
+        );
+        let hidden = DevBuf::new(gpu, BF16, &[t, h]);
+        b.hidden.fill(gpu, hidden.ptr, hidden.bytes(), b.salt * 7);
+        let out = DevBuf::new(gpu, BF16, &[t, h]);
+        gpu.memset(out.ptr, 0xFF, out.bytes()); // NaN: an unwritten row shows
+        InputSet {
+            hidden,
+            ids: DevBuf::upload(gpu, I32, &[t, k], b.ids),
+            router: DevBuf::upload(gpu, F32, &[t, k], b.router),
+            out,
+            plan: layer.plan(),
+            distinct: distinct(b.ids),
+            routes: b.ids.iter().filter(|&&e| e >= 0).count(),
+        }
+    }
+
+    fn prepare(&self, layer: &Layer, ws: &DevBuf, gpu: &Gpu) {
+        let (ids, w) = (self.ids.tensor(), ws.tensor());
+        check(
+            unsafe { moe_prepare(layer.0, &ids, &w, self.plan.0, gpu.raw()) },
+            "moe_prepare",
+        );
+    }
+
+    fn forward(&self, layer: &Layer, ws: &DevBuf, gpu: &Gpu) {
+        self.prepare(layer, ws, gpu);
+        let (h, r, o) = (
+            self.hidden.tensor(),
+            self.router.tensor(),
+            self.out.tensor(),
+        );
+        let p = self.plan.0;
+        check(
+            unsafe { moe_run(layer.0, null(), p, &h, &r, &o, gpu.raw()) },
+            "moe_run",
+        );
+    }
+
+    fn tile(&self) -> moe_tile_config {
+        let mut t = moe_tile_config {
+            block_m: 0,
+            block_n: 0,
+            block_k: 0,
+            group_m: 0,
+            num_warps: 0,
+            num_stages: 0,
+            flags: 0,
+        };
+        check(
+            unsafe { moe_plan_tile_config(self.plan.0, &mut t) },
+            "moe_plan_tile_config",
+        );
+        t
+    }
+
+    /// Every output value finite (the poison is NaN) and some not zero.
+    fn check_output(&self, gpu: &Gpu, what: &str) {
+        let bytes = self.out.download(gpu);
+        let v: Vec<u16> = bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
+        if let Some(i) = v.iter().position(|&x| x & 0x7F80 == 0x7F80) {
+            die(&format!(
+                "{what}: output element {i} is not finite (unwritten or wrong)"
+            ));
+        }
+        if v.iter().all(|&x| x & 0x7FFF == 0) {
+            die(&format!("{what}: the output is all zeros"));
+        }
+    }
+}
+
+/// `n` sets of `tokens` tokens with fresh routing.
+fn make_sets(
+    gpu: &Gpu,
+    layer: &Layer,
+    m: &Model,
+    tokens: usize,
+    n: usize,
+    hidden: &Pattern,
+) -> Vec<InputSet> {
+    let mut rng = Rng(1000 + tokens as u64);
+    let sets = (0..n)
+        .map(|s| {
+            let (ids, router) = m.route(&mut rng, tokens);
+            let b = Batch {
+                ids: &ids,
+                router: &router,
+                hidden,
+                salt: s,
+            };
+            InputSet::new(gpu, layer, m, b)
+        })
+        .collect();
+    gpu.sync();
+    sets
+}
+
+fn tile_json(t: &moe_tile_config) -> Value {
+    json!({
+        "block_m": t.block_m, "block_n": t.block_n, "block_k": t.block_k,
+        "group_m": t.group_m, "num_warps": t.num_warps, "num_stages": t.num_stages,
+    })
+}
+
+// ---------------------------------------------------------------- the measurements
+
+struct Options {
+    models: Vec<Model>,
+    ep: bool,
+    tokens: Vec<usize>,
+    repeats: Repeats,
+    json: Option<String>,
+    quick: bool,
+}
+
+/// What every measurement needs.
+struct Bench<'a> {
+    gpu: &'a Gpu,
+    o: &'a Options,
+    /// Hidden rows are copied from it: ~U(−1, 1).
+    hidden: &'a Pattern,
+    /// The copy bandwidth, read + write bytes, TB/s.
+    copy_tbs: f64,
+}
+
+/// Graph replays, per call: one graph per input set replayed in turn (the launch cost of
+/// each replay included), and one graph that runs every set in turn (that cost spread over
+/// the sets: what a host's graph of a whole forward pass sees).
+struct Replays {
+    per_set: Timing,
+    one_graph: Timing,
+}
+
+impl Replays {
+    /// `work(s)` enqueues set s's work; it is captured once per set and once for all.
+    fn time(b: &Bench, sets: usize, work: impl Fn(usize)) -> Replays {
+        let gpu = b.gpu;
+        let graphs: Vec<CudaGraph> = (0..sets).map(|s| gpu.capture(|| work(s))).collect();
+        let per_set = gpu.time(b.o.repeats, sets, |i| launch(&graphs[i]));
+        drop(graphs);
+        let all = gpu.capture(|| (0..sets).for_each(&work));
+        let one_graph = gpu.time(b.o.repeats, 1, |_| launch(&all)).per_call(sets);
+        Replays { per_set, one_graph }
+    }
+
+    fn json(&self) -> Value {
+        json!({ "graph_per_set": self.per_set.json(), "one_graph_all_sets": self.one_graph.json() })
+    }
+}
+
+impl Timing {
+    /// A timing of calls that each did `n` calls' work.
+    fn per_call(self, n: usize) -> Timing {
+        let n_f = n as f64;
+        Timing {
+            median_us: self.median_us / n_f,
+            min_us: self.min_us / n_f,
+            max_us: self.max_us / n_f,
+            iters: self.iters * n,
+            reps: self.reps,
+        }
+    }
+}
+
+/// One table row: a shape at one token count.
+struct Row {
+    model: Model,
+    tokens: usize,
+    sets: usize,
+    /// moe_prepare + moe_run: graph replays (M ≤ 256), else direct calls.
+    run: Timing,
+    /// The same in one graph over all sets (M ≤ 256).
+    run_one_graph: Option<Timing>,
+    prepare: Replays,
+    distinct: f64,
+    weight_bytes: f64,
+    routes: usize,
+    tile: moe_tile_config,
+    copy_tbs: f64,
+}
+
+impl Row {
+    fn graph(&self) -> bool {
+        self.run_one_graph.is_some()
+    }
+
+    fn tbs(&self) -> f64 {
+        self.weight_bytes / (self.run.median_us * 1e-6) / 1e12
+    }
+
+    fn tflops(&self) -> f64 {
+        self.model.flops(self.routes) / (self.run.median_us * 1e-6) / 1e12
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "shape": self.model.name, "tokens": self.tokens, "routes": self.routes,
+            "timed_as": if self.graph() { "graph replay, one graph per input set" } else { "direct calls" },
+            "input_sets": self.sets, "time_us": self.run.median_us, "run": self.run.json(),
+            "run_one_graph_all_sets": self.run_one_graph.map(|t| t.json()),
+            "distinct_experts": self.distinct, "weight_bytes": self.weight_bytes,
+            "tb_per_s": self.tbs(), "pct_copy_bw": 100.0 * self.tbs() / self.copy_tbs,
+            "tflop_per_s": self.tflops(), "prepare_us": self.prepare.per_set.median_us,
+            "prepare": self.prepare.json(), "tile": tile_json(&self.tile),
+        })
+    }
+
+    fn print(&self) {
+        let pct = if self.tokens <= 64 {
+            format!("{:.0} %", 100.0 * self.tbs() / self.copy_tbs)
+        } else {
+            "–".into()
+        };
+        let one = self
+            .run_one_graph
+            .map_or("–".into(), |t| format!("{:.1}", t.median_us));
+        let t = &self.tile;
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {one} | {:.1} | {:.3} | {:.2} | {pct} | {:.1} | {:.1} | {:.1} | {}×{}×{} |",
+            self.model.name,
+            self.tokens,
+            if self.graph() { "graph" } else { "direct" },
+            self.sets,
+            self.run.median_us,
+            self.distinct,
+            self.weight_bytes / 1e9,
+            self.tbs(),
+            self.tflops(),
+            self.prepare.per_set.median_us,
+            self.prepare.one_graph.median_us,
+            t.block_m,
+            t.block_n,
+            t.block_k
+        );
+    }
+}
+
+/// The same-run ceiling: cuMemcpyDtoDAsync of 1 GiB, counted as 2 GiB (read + write).
+fn copy_bandwidth(gpu: &Gpu, o: &Options) -> (Timing, f64) {
+    let src = DevBuf::new(gpu, U8, &[COPY_BYTES as i64]);
+    let dst = DevBuf::new(gpu, U8, &[COPY_BYTES as i64]);
+    gpu.memset(src.ptr, 0x3C, COPY_BYTES);
+    let t = gpu.time(o.repeats, 1, |_| gpu.copy(dst.ptr, src.ptr, COPY_BYTES));
+    let tbs = 2.0 * COPY_BYTES as f64 / (t.median_us * 1e-6) / 1e12;
+    (t, tbs)
+}
+
+/// One shape at one token count: the layer, then moe_prepare alone.
+fn bench_row(b: &Bench, m: &Model, layer: &Layer, ws: &DevBuf, tokens: usize) -> Row {
+    let gpu = b.gpu;
+    let n = set_count(m.set_bytes(tokens));
+    let sets = make_sets(gpu, layer, m, tokens, n, b.hidden);
+    let forward = |s: usize| sets[s].forward(layer, ws, gpu);
+    let (run, run_one_graph) = if tokens <= GRAPH_MAX_TOKENS {
+        let r = Replays::time(b, n, forward);
+        (r.per_set, Some(r.one_graph))
+    } else {
+        (gpu.time(b.o.repeats, n, forward), None)
+    };
+    // every set has run (the warm-up pass of each timing)
+    let what = format!("{} M={tokens}", m.name);
+    let check_all = n * sets[0].out.bytes() <= 256 << 20;
+    for s in sets.iter().take(if check_all { n } else { 1 }) {
+        s.check_output(gpu, &what);
+    }
+    let prepare = Replays::time(b, n, |s| sets[s].prepare(layer, ws, gpu));
+    let distinct = sets.iter().map(|s| s.distinct as f64).sum::<f64>() / n as f64;
+    Row {
+        model: *m,
+        tokens,
+        sets: n,
+        run,
+        run_one_graph,
+        prepare,
+        distinct,
+        weight_bytes: distinct * m.expert_bytes() as f64,
+        routes: sets[0].routes,
+        tile: sets[0].tile(),
+        copy_tbs: b.copy_tbs,
+    }
+}
+
+/// Every token count of one shape, then (DeepSeek-V3 with `ep`) the EP comparison.
+fn bench_model(b: &Bench, m: &Model, ep: Option<&Dispatcher>) -> (Vec<Row>, Option<Value>) {
+    let (gpu, t0) = (b.gpu, Instant::now());
+    let w = Weights::random(gpu, m, 7);
+    let layer = Layer::new(m, &w, m.experts);
+    let max_tokens = b.o.tokens.iter().copied().chain([EP_TOKENS]).max().unwrap();
+    let ws = layer.workspace(gpu, max_tokens);
+    let warm = layer.warmup(gpu, max_tokens);
+    eprintln!(
+        "{}: weights {:.2} GB, workspace {:.2} GB for M ≤ {max_tokens}; ready in {:.1} s (moe_warmup {:.1} s)",
+        m.name,
+        w.bytes() as f64 / 1e9,
+        ws.bytes() as f64 / 1e9,
+        t0.elapsed().as_secs_f64(),
+        warm
+    );
+    let mut rows = Vec::new();
+    for &tokens in &b.o.tokens {
+        let t = Instant::now();
+        let row = bench_row(b, m, &layer, &ws, tokens);
+        eprintln!(
+            "  M={tokens}: {:.1} µs, {:.2} TB/s, {:.1} TFLOP/s, prepare {:.1} µs ({:.1} s)",
+            row.run.median_us,
+            row.tbs(),
+            row.tflops(),
+            row.prepare.per_set.median_us,
+            t.elapsed().as_secs_f64()
+        );
+        rows.push(row);
+    }
+    let full = (&layer, &ws);
+    let ep = ep.map(|d| expert_parallel(b, m, &w, full, d));
+    drop(layer);
+    gpu.sync();
+    (rows, ep)
+}
+
+/// Issue 6: rank 0's 33-expert layer on dispatched ids vs the full 257-expert layer, M = 16,
+/// one graph per input set; also with moe_dispatch inside the rank's graph.
+fn expert_parallel(
+    b: &Bench,
+    m: &Model,
+    w: &Weights,
+    (full, full_ws): (&Layer, &DevBuf),
+    d: &Dispatcher,
+) -> Value {
+    let gpu = b.gpu;
+    let local_experts = d.local_experts();
+    let mapping = d.mapping(m.experts);
+    let local = Layer::new(m, w, local_experts);
+    let local_ws = local.workspace(gpu, EP_TOKENS);
+    local.warmup(gpu, EP_TOKENS);
+    let n = set_count(m.set_bytes(EP_TOKENS));
+    let mut rng = Rng(6000);
+    let (mut full_sets, mut local_sets) = (Vec::new(), Vec::new());
+    for s in 0..n {
+        let (ids, router) = m.route(&mut rng, EP_TOKENS);
+        let mapped: Vec<i32> = ids.iter().map(|&e| mapping[e as usize]).collect();
+        for (layer, ids, sets) in [
+            (full, &ids, &mut full_sets),
+            (&local, &mapped, &mut local_sets),
+        ] {
+            let batch = Batch {
+                ids,
+                router: &router,
+                hidden: b.hidden,
+                salt: s,
+            };
+            sets.push(InputSet::new(gpu, layer, m, batch));
+        }
+        // the device's dispatch must give what the mapping says
+        let (f, l): (&InputSet, &InputSet) = (&full_sets[s], &local_sets[s]);
+        gpu.memset(l.ids.ptr, 0xEE, l.ids.bytes());
+        d.dispatch(gpu, &f.ids, &l.ids);
+        if l.ids.download(gpu) != as_bytes(&mapped) {
+            die("moe_dispatch on CUDA disagrees with moe_dispatcher_mapping");
+        }
+    }
+    let t_full = Replays::time(b, n, |s| full_sets[s].forward(full, full_ws, gpu));
+    let t_local = Replays::time(b, n, |s| local_sets[s].forward(&local, &local_ws, gpu));
+    let t_both = Replays::time(b, n, |s| {
+        d.dispatch(gpu, &full_sets[s].ids, &local_sets[s].ids);
+        local_sets[s].forward(&local, &local_ws, gpu)
+    });
+    for (f, l) in full_sets.iter().zip(&local_sets) {
+        f.check_output(gpu, "EP full layer");
+        l.check_output(gpu, "EP local layer");
+    }
+    let avg = |sets: &[InputSet], f: fn(&InputSet) -> usize| {
+        sets.iter().map(|s| f(s) as f64).sum::<f64>() / sets.len() as f64
+    };
+    let (full_us, local_us, both_us) = (
+        t_full.per_set.median_us,
+        t_local.per_set.median_us,
+        t_both.per_set.median_us,
+    );
+    json!({
+        "tokens": EP_TOKENS, "ep_size": EP_SIZE, "ep_rank": 0, "input_sets": n,
+        "global_experts": m.experts, "local_experts": local_experts,
+        "full": { "time_us": full_us, "replays": t_full.json(),
+                  "distinct_experts": avg(&full_sets, |s| s.distinct),
+                  "routes": avg(&full_sets, |s| s.routes) },
+        "local": { "time_us": local_us, "replays": t_local.json(),
+                   "distinct_experts": avg(&local_sets, |s| s.distinct),
+                   "routes": avg(&local_sets, |s| s.routes) },
+        "local_with_dispatch": { "time_us": both_us, "replays": t_both.json() },
+        "speedup": full_us / local_us,
+        "speedup_with_dispatch": full_us / both_us,
+        "target_speedup": 4.0,
+    })
+}
+
+/// Issue 6: moe_dispatch alone, [M, 9] int32 ids, graph replays.
+fn dispatch_alone(b: &Bench, d: &Dispatcher, m: &Model) -> Vec<Value> {
+    let gpu = b.gpu;
+    let mapping = d.mapping(m.experts);
+    let mut rows = Vec::new();
+    for tokens in DISPATCH_TOKENS {
+        let shape = [tokens as i64, m.top_k as i64];
+        let n = set_count(tokens * m.top_k * 8);
+        let mut rng = Rng(9000 + tokens as u64);
+        let (mut global, mut local, mut want) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..n {
+            let (ids, _) = m.route(&mut rng, tokens);
+            want.push(
+                ids.iter()
+                    .map(|&e| mapping[e as usize])
+                    .collect::<Vec<i32>>(),
+            );
+            global.push(DevBuf::upload(gpu, I32, &shape, &ids));
+            let out = DevBuf::new(gpu, I32, &shape);
+            gpu.memset(out.ptr, 0xEE, out.bytes());
+            local.push(out);
+        }
+        let t = Replays::time(b, n, |s| d.dispatch(gpu, &global[s], &local[s]));
+        for (out, want) in local.iter().zip(&want) {
+            if out.download(gpu) != as_bytes(want) {
+                die(&format!("moe_dispatch M={tokens}: wrong local ids"));
+            }
+        }
+        eprintln!(
+            "dispatch M={tokens}: {:.2} µs ({:.2} µs in one graph)",
+            t.per_set.median_us, t.one_graph.median_us
+        );
+        rows.push(json!({
+            "tokens": tokens, "top_k": m.top_k, "input_sets": n,
+            "time_us": t.per_set.median_us, "replays": t.json(),
+        }));
+    }
+    rows
+}
+
+// ---------------------------------------------------------------- main
+
+const USAGE: &str = "usage: bench [--quick] [--shapes mixtral,qwen3,deepseek,gpt-oss,ep] [--tokens 1,16,...] [--reps N] [--json PATH]
+  --quick   M in 1,16,64,256,1024,4096; 5 repeats of ≥ 10 ms (default: every M to 16384; 7 repeats of ≥ 25 ms)
+  --shapes  which layers; `ep` adds moe_dispatch alone and the DeepSeek-V3 rank-0 comparison (needs deepseek)
+  --tokens  token counts M of the layer rows
+  --json    also write every number to PATH (rewritten after each shape)
+env: FUSEDMOE_NVRTC_PATH=/full/path/libnvrtc.so.13; FUSEDMOE_TILE_CONFIG=table.json (optional)";
+
+fn usage(why: &str) -> ! {
+    eprintln!("{why}\n{USAGE}");
+    std::process::exit(2)
+}
+
+fn parse_args() -> Options {
+    let mut o = Options {
+        models: MODELS.to_vec(),
+        ep: true,
+        tokens: Vec::new(),
+        repeats: Repeats {
+            reps: 7,
+            target_ms: 25.0,
+        },
+        json: None,
+        quick: false,
+    };
+    let mut reps = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--quick" => {
+                o.quick = true;
+                continue;
+            }
+            "-h" | "--help" => {
+                eprintln!("{USAGE}");
+                std::process::exit(0)
+            }
+            _ => {}
+        }
+        let value = it
+            .next()
+            .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
+        match flag.as_str() {
+            "--shapes" => {
+                o.ep = value.split(',').any(|s| s == "ep");
+                o.models = value
+                    .split(',')
+                    .filter(|s| *s != "ep")
+                    .map(|s| {
+                        *MODELS
+                            .iter()
+                            .find(|m| m.name == s)
+                            .unwrap_or_else(|| usage(&format!("unknown shape {s}")))
+                    })
+                    .collect();
+            }
+            "--tokens" => {
+                o.tokens = value
+                    .split(',')
+                    .map(|t| match t.parse() {
+                        Ok(n) if n >= 1 => n,
+                        _ => usage("--tokens is a list of counts ≥ 1"),
+                    })
+                    .collect()
+            }
+            "--reps" => {
+                reps = match value.parse() {
+                    Ok(n) if n >= 1 => Some(n),
+                    _ => usage("--reps is a count ≥ 1"),
+                }
+            }
+            "--json" => o.json = Some(value),
+            _ => usage(&format!("unknown argument {flag}")),
+        }
+    }
+    if o.quick {
+        o.repeats = Repeats {
+            reps: 5,
+            target_ms: 10.0,
+        };
+    }
+    if let Some(n) = reps {
+        o.repeats.reps = n;
+    }
+    if o.tokens.is_empty() {
+        o.tokens = if o.quick {
+            QUICK_TOKENS.to_vec()
+        } else {
+            ALL_TOKENS.to_vec()
+        };
+    }
+    o
+}
+
+/// Exits with the library's own reason when this machine cannot run CUDA layers; cudarc
+/// must not be touched before (it panics where libcuda is missing).
+fn require_cuda() {
+    if unsafe { moe_supports(c"cuda".as_ptr()) } {
+        return;
+    }
+    let mut d = null_mut();
+    let status = unsafe { moe_dispatcher_create_contiguous(8, 1, 0, 0, CUDA0, &mut d) };
+    let why = if status == moe_status::MOE_OK {
+        unsafe { moe_dispatcher_free(d) };
+        "the CUDA probe failed".to_string()
+    } else {
+        unsafe { CStr::from_ptr(moe_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    die(&format!(
+        "no CUDA here: moe_supports(\"cuda\") is false ({why}). Run on a GPU machine with FUSEDMOE_NVRTC_PATH set to libnvrtc.so.13."
+    ));
+}
+
+fn driver_version() -> i32 {
+    let mut v = 0;
+    unsafe { sys::cuDriverGetVersion(&mut v) }
+        .result()
+        .expect("cuDriverGetVersion");
+    v
+}
+
+fn main() {
+    let o = parse_args();
+    require_cuda();
+    let wall = Instant::now();
+    let gpu = Gpu::new();
+    let mut r = Report {
+        device: gpu.ctx.name().unwrap_or_default(),
+        driver: driver_version(),
+        copy: None,
+        rows: Vec::new(),
+        dispatch: None,
+        ep: None,
+    };
+    let version = unsafe { CStr::from_ptr(moe_version()) }.to_string_lossy();
+    eprintln!("{}, driver {}, fusedmoe {version}", r.device, r.driver);
+
+    let (copy, copy_tbs) = copy_bandwidth(&gpu, &o);
+    eprintln!("copy bandwidth: {copy_tbs:.2} TB/s (read + write)");
+    r.copy = Some((copy, copy_tbs));
+    let hidden = Pattern::new(&gpu, 99, 1.0);
+    let b = Bench {
+        gpu: &gpu,
+        o: &o,
+        hidden: &hidden,
+        copy_tbs,
+    };
+    let deepseek = MODELS.iter().find(|m| m.shared).unwrap();
+    let dispatcher = o.ep.then(|| Dispatcher::contiguous(deepseek.experts, 1, 0));
+    if o.ep && !o.models.iter().any(|m| m.shared) {
+        eprintln!("the EP layer comparison needs the deepseek shape: skipped");
+    }
+    for m in &o.models {
+        let d = dispatcher.as_ref().filter(|_| m.shared);
+        let (rows, ep) = bench_model(&b, m, d);
+        r.rows.extend(rows);
+        r.ep = r.ep.or(ep);
+        r.save(&o, wall); // a later failure keeps what was measured
+    }
+    r.dispatch = dispatcher.as_ref().map(|d| dispatch_alone(&b, d, deepseek));
+    r.save(&o, wall);
+    r.print();
+    println!("total {:.0} s", wall.elapsed().as_secs_f64());
+}
+
+/// Everything measured, for the table and the JSON file.
+struct Report {
+    device: String,
+    driver: i32,
+    /// The copy's timing and its bandwidth in TB/s (read + write).
+    copy: Option<(Timing, f64)>,
+    rows: Vec<Row>,
+    dispatch: Option<Vec<Value>>,
+    ep: Option<Value>,
+}
+
+impl Report {
+    /// Writes the JSON file (--json), all that is measured so far.
+    fn save(&self, o: &Options, wall: Instant) {
+        let Some(path) = &o.json else {
+            return;
+        };
+        let version = unsafe { CStr::from_ptr(moe_version()) }.to_string_lossy();
+        let copy = self.copy.map(|(t, tbs)| {
+            json!({ "bytes_per_copy": COPY_BYTES, "counted_bytes": 2 * COPY_BYTES,
+                    "convention": "read + write", "tb_per_s": tbs, "copy": t.json() })
+        });
+        let doc = json!({
+            "device": self.device, "driver_version": self.driver, "fusedmoe_version": version,
+            "dtype": "bf16", "quick": o.quick, "tokens": o.tokens,
+            "tile_config_env": std::env::var("FUSEDMOE_TILE_CONFIG").ok(),
+            "shapes": o.models.iter().map(Model::describe).collect::<Vec<_>>(),
+            "copy_bandwidth": copy,
+            "rows": self.rows.iter().map(Row::json).collect::<Vec<_>>(),
+            "dispatch": self.dispatch, "expert_parallel": self.ep,
+            "wall_s": wall.elapsed().as_secs_f64(),
+        });
+        let text = serde_json::to_string_pretty(&doc).expect("JSON");
+        std::fs::write(path, text).unwrap_or_else(|e| die(&format!("{path}: {e}")));
+    }
+
+    /// The table, last, so that the end of the output carries it.
+    fn print(&self) {
+        let copy_tbs = self.copy.map_or(f64::NAN, |c| c.1);
+        println!(
+            "\n{}, driver {}; bf16; µs per call, median of the repeats",
+            self.device, self.driver
+        );
+        println!(
+            "copy bandwidth (cuMemcpyDtoDAsync 1 GiB, read + write bytes): {copy_tbs:.2} TB/s"
+        );
+        println!("TB/s = weight bytes of the experts hit / time; % copy BW for M ≤ 64; 'one graph' = all sets in one graph, per call");
+        println!("| shape | M | timed as | sets | µs | µs one graph | experts hit | weights GB | TB/s | % copy BW | TFLOP/s | prepare µs | prepare µs one graph | tile m×n×k |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for row in &self.rows {
+            row.print();
+        }
+        if let Some(d) = &self.dispatch {
+            let cells: Vec<String> = d
+                .iter()
+                .map(|r| {
+                    let one = r["replays"]["one_graph_all_sets"]["median_us"].as_f64();
+                    format!(
+                        "M={} {:.2} µs ({:.2} in one graph)",
+                        r["tokens"],
+                        r["time_us"].as_f64().unwrap(),
+                        one.unwrap()
+                    )
+                })
+                .collect();
+            println!(
+                "moe_dispatch alone (E_g 257, 8 ranks, K 9, int32, graph per set): {}",
+                cells.join("; ")
+            );
+        }
+        if let Some(e) = &self.ep {
+            let us = |k: &str| e[k]["time_us"].as_f64().unwrap();
+            println!(
+                "EP, DeepSeek-V3 M=16 (graph per set): full 257 experts {:.1} µs; rank 0 (33 local) {:.1} µs, with moe_dispatch {:.1} µs; speed-up {:.2}× ({:.2}× with dispatch; target ≥ 4×)",
+                us("full"),
+                us("local"),
+                us("local_with_dispatch"),
+                e["speedup"].as_f64().unwrap(),
+                e["speedup_with_dispatch"].as_f64().unwrap()
+            );
+        }
+    }
+}
