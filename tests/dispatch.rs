@@ -1,12 +1,6 @@
 //! SPEC §6 through the C ABI: dispatchers (contiguous and explicit tables), their masks,
 //! moe_dispatch, and expert parallelism end to end: the sum of every rank's output equals the
-//! single-rank output.
-//!
-//! Every rank computes the routes of the replicated shared experts. So that the sum counts
-//! them once, rank r holds the r-th 1/ep_size slice of their intermediate dimension (zero
-//! elsewhere: every activation maps a zero gate and up to zero), and only rank 0 holds their
-//! b2. That is the tensor-parallel sharding DeepSeek uses for its shared expert. A routed
-//! expert lives on one rank, with its own bias.
+//! single-rank output (how a rank's layer is cut: tests/common/ep.rs).
 
 mod common;
 use common::*;
@@ -84,65 +78,20 @@ fn dispatch(d: &Disp, ids: &[f64], shape: &[i64]) -> Vec<f64> {
     out.values()
 }
 
-/// Runs the rank's layer: the full problem's batch and routing weights, the rank's local ids,
-/// and its share of the weights.
+/// Runs the rank's layer (tests/common/ep.rs) on the ids the rank's dispatcher maps.
 fn run_rank(full: &Setup, d: &Disp, rank: usize, ep_size: usize, shared: usize) -> Vec<f64> {
     let c = &full.case;
-    let mapping = table_of(d, false);
-    let local = local_experts(d);
-    let e_g = c.experts;
-    let rank_case = Case {
-        global_experts: Some(e_g),
-        experts: local,
-        ..c.clone()
-    };
-    let mut s = Setup::new(&rank_case);
-    let (h, i, n1) = (c.hidden, c.inter, c.n1());
-    let (w13, w2) = (full.w13.values(), full.w2.values());
-    let (b13, b2) = (
-        full.b13.as_ref().map(|t| t.values()),
-        full.b2.as_ref().map(|t| t.values()),
+    let mut s = ep::rank_setup(
+        full,
+        &table_of(d, false),
+        local_experts(d),
+        rank,
+        ep_size,
+        shared,
     );
-    let slice = i / ep_size; // the shared experts' intermediate columns this rank holds
-    let (mut rw13, mut rw2) = (vec![0.0; local * n1 * h], vec![0.0; local * h * i]);
-    let (mut rb13, mut rb2) = (vec![0.0; local * n1], vec![0.0; local * h]);
-    for (g, &l) in mapping.iter().enumerate() {
-        if l < 0 {
-            continue;
-        }
-        let l = l as usize;
-        let is_shared = g >= e_g - shared;
-        let owns = |j: usize| !is_shared || (j / slice.max(1)).min(ep_size - 1) == rank;
-        for n in 0..n1 {
-            let j = if n < i { n } else { n - i }; // halves layout: gate j and up j
-            if owns(j) {
-                rw13[(l * n1 + n) * h..][..h].copy_from_slice(&w13[(g * n1 + n) * h..][..h]);
-                if let Some(b) = &b13 {
-                    rb13[l * n1 + n] = b[g * n1 + n];
-                }
-            }
-        }
-        rw2[l * h * i..][..h * i].copy_from_slice(&w2[g * h * i..][..h * i]);
-        if let Some(b) = &b2 {
-            if !is_shared || rank == 0 {
-                rb2[l * h..][..h].copy_from_slice(&b[g * h..][..h]);
-            }
-        }
-    }
-    let dt = c.dt;
-    s.w13 = HostTensor::from_f64(dt, &[local as i64, n1 as i64, h as i64], &rw13);
-    s.w2 = HostTensor::from_f64(dt, &[local as i64, h as i64, i as i64], &rw2);
-    s.b13 = b13.map(|_| HostTensor::from_f64(dt, &[local as i64, n1 as i64], &rb13));
-    s.b2 = b2.map(|_| HostTensor::from_f64(dt, &[local as i64, h as i64], &rb2));
-    ok(s.create_layer(), "rank layer");
-    s.hidden = HostTensor::from_f64(dt, &[c.tokens as i64, h as i64], &full.hidden_in);
-    s.router = HostTensor::from_f64(
-        Dt::F32,
-        &[c.tokens as i64, c.top_k as i64],
-        &full.router.values(),
-    );
-    let local_ids = dispatch(d, &full.ids.values(), &[c.tokens as i64, c.top_k as i64]);
-    s.ids = HostTensor::from_f64(Dt::I32, &[c.tokens as i64, c.top_k as i64], &local_ids);
+    let shape = [c.tokens as i64, c.top_k as i64];
+    let local_ids = dispatch(d, &full.ids.values(), &shape);
+    s.ids = HostTensor::from_f64(Dt::I32, &shape, &local_ids);
     ok(s.prepare(), "rank prepare");
     ok(s.run(), "rank run");
     s.output()

@@ -4,6 +4,8 @@
 //! the library's code.
 #![allow(dead_code)]
 
+pub mod ep;
+
 use fusedmoe::ffi::*;
 use half::{bf16, f16};
 use std::ffi::{c_void, CStr};
