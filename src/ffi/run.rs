@@ -58,9 +58,14 @@ pub unsafe extern "C" fn moe_plan_free(plan: *mut moe_plan) {
 /// [M, K] (int32 or int64, local expert ids in [−1, E); −1 drops a route), writes the sorted
 /// routes into `workspace` (1-D uint8, at least moe_workspace_size(layer, M) bytes) and
 /// records the batch in `plan`. M = 0 is valid. On the CPU an id out of range is
-/// INVALID_ARGUMENT and nothing is written. `stream` is the CUDA stream for CUDA layers and
-/// must be NULL for CPU layers. The plan refers to the workspace: run it before preparing
-/// another plan into the same workspace.
+/// INVALID_ARGUMENT and nothing is written. On CUDA the call only launches the align kernel
+/// on `stream` (no allocation, copy or sync: capturable in a CUDA graph); there an id out of
+/// range is treated as −1 and counted, and the first moe_prepare or moe_run of this layer made
+/// after the device ran that batch returns INVALID_ARGUMENT naming topk_ids and writes
+/// nothing (it may be the batch's own moe_run, if the device was quick). `stream` is the CUDA
+/// stream for CUDA layers (NULL: the legacy default stream) and must be NULL for CPU layers.
+/// The plan refers to the workspace: run it before preparing another plan into the same
+/// workspace.
 ///
 /// # Safety
 /// Handles and tensors must be valid; the tensors' memory must be as described.

@@ -1,6 +1,8 @@
 //! moe_dispatch on CUDA: the mapping lives on the device (copied once at creation), the four
 //! id-width variants are loaded at creation, and ids >= E_g are counted into host-mapped
-//! memory that the next moe_dispatch reports. A launch is the whole hot path.
+//! memory (a slot per block) that the next moe_dispatch reports. A launch is the whole hot
+//! path: up to 64 blocks striding the routes, so that M = 4096 × K = 9 ids take two or three
+//! rounds of dependent loads per thread rather than 36 in one block.
 
 use super::device::{self, driver_error, DeviceState};
 use super::mapped;
@@ -8,6 +10,10 @@ use super::variant;
 use crate::error::{invalid, Result};
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
+
+/// Blocks of one launch (each has its own error-count slot); 256 threads each.
+const MAX_BLOCKS: usize = 64;
+const THREADS: usize = 256;
 
 pub struct CudaDispatch {
     dev: Arc<DeviceState>,
@@ -32,7 +38,7 @@ impl CudaDispatch {
             [load(true, false)?, load(true, true)?],
         ];
         Ok(CudaDispatch {
-            bad_ids: mapped::Counter::new(&dev)?,
+            bad_ids: mapped::Counter::new(&dev, MAX_BLOCKS)?,
             mapping: slice,
             kernels,
             dev,
@@ -68,9 +74,10 @@ impl CudaDispatch {
         let f = &self.kernels[ids_i64 as usize][out_i64 as usize];
         let (mapping, _guard) = self.mapping.device_ptr(&stream);
         let (n, global, bad) = (n as i32, global as i32, self.bad_ids.device_ptr());
+        let blocks = (n as usize).div_ceil(THREADS).min(MAX_BLOCKS);
         let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (n.clamp(32, 1024) as u32, 1, 1),
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = stream.launch_builder(f);

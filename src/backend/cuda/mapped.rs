@@ -1,6 +1,7 @@
-//! A counter in pinned host memory that kernels write through its device mapping: the device
+//! Counters in pinned host memory that kernels write through its device mapping: the device
 //! reports errors (ids out of range) without the hot path ever copying or synchronizing; the
-//! host reads the counter at the next moe_prepare or moe_run.
+//! host reads them at the next call. One slot per writing block, each written by one thread
+//! with a plain store: atomics on host memory are not portable across PCIe hosts.
 
 use super::device::{driver_error, DeviceState};
 use crate::error::Result;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 pub struct Counter {
     host: *mut u32,
+    slots: usize,
     device: u64,
     /// Keeps the context (and so the allocation's owner) alive.
     _dev: Arc<DeviceState>,
@@ -22,7 +24,8 @@ fn check(r: sys::CUresult, what: &str) -> Result<()> {
 }
 
 impl Counter {
-    pub fn new(dev: &Arc<DeviceState>) -> Result<Counter> {
+    /// `slots` counters, all zero.
+    pub fn new(dev: &Arc<DeviceState>, slots: usize) -> Result<Counter> {
         dev.ctx
             .bind_to_thread()
             .map_err(|e| driver_error("layer", e))?;
@@ -30,20 +33,23 @@ impl Counter {
         let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
         unsafe {
             check(
-                sys::cuMemHostAlloc(&mut host, 4, flags),
-                "layer: pinned host memory for the device's error counter",
+                sys::cuMemHostAlloc(&mut host, 4 * slots, flags),
+                "pinned host memory for the device's error counters",
             )?;
-            (host as *mut u32).write_volatile(0);
+            for i in 0..slots {
+                (host as *mut u32).add(i).write_volatile(0);
+            }
             let mut device: sys::CUdeviceptr = 0;
             if let Err(e) = check(
                 sys::cuMemHostGetDevicePointer_v2(&mut device, host, 0),
-                "layer: mapping the error counter",
+                "mapping the error counters",
             ) {
                 sys::cuMemFreeHost(host);
                 return Err(e);
             }
             Ok(Counter {
                 host: host as *mut u32,
+                slots,
                 device,
                 _dev: dev.clone(),
             })
@@ -54,15 +60,20 @@ impl Counter {
         self.device
     }
 
-    /// The count so far, reset to zero.
-    pub fn take(&self) -> u32 {
-        unsafe {
-            let n = self.host.read_volatile();
-            if n != 0 {
-                self.host.write_volatile(0);
+    /// The count so far over every slot, reset to zero.
+    pub fn take(&self) -> u64 {
+        let mut total = 0u64;
+        for i in 0..self.slots {
+            unsafe {
+                let slot = self.host.add(i);
+                let n = slot.read_volatile();
+                if n != 0 {
+                    slot.write_volatile(0);
+                    total += n as u64;
+                }
             }
-            n
         }
+        total
     }
 }
 

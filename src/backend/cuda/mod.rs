@@ -126,7 +126,7 @@ impl Backend for CudaBackend {
         let dev = device::device(v.device.id as usize)?;
         let aligned = |t: &Tensor| t.data as usize % 16 == 0;
         Ok(LayerState::Cuda(CudaLayer {
-            bad_ids: mapped::Counter::new(&dev)?,
+            bad_ids: mapped::Counter::new(&dev, 1)?,
             dev,
             gemm1_vec8: d.hidden % 8 == 0 && aligned(&weights.w13),
             gemm2_vec8: d.inter % 8 == 0 && aligned(&weights.w2),

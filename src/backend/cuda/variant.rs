@@ -208,7 +208,7 @@ pub fn dispatch(ids_i64: bool, out_i64: bool) -> Variant {
         ],
         name: format!("moe_dispatch__{}_{}", bits(ids_i64), bits(out_i64)),
         shared_bytes: 0,
-        threads: 1024,
+        threads: 256,
     }
 }
 
