@@ -101,7 +101,7 @@ impl Layer {
             k: d.hidden,
             dtype: v.dtype,
             quant: "none".into(),
-            device: backend::device_name(v.device),
+            device: backend::device_name(v.device)?,
         };
         let tiles = TileChooser::new(&key, &config.options)?;
         let pool = match config.options.int("cpu.num_threads") {

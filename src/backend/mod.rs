@@ -79,11 +79,12 @@ pub fn for_device(device: Device) -> Result<&'static dyn Backend> {
     }
 }
 
-/// The device name tile tables are keyed by ("cpu"; "cuda:<ordinal>" until CUDA tables
-/// key by the GPU's name).
-pub fn device_name(device: Device) -> String {
+/// The device name tile tables are keyed by: "cpu", or the GPU's name as the driver reports
+/// it ("NVIDIA H100 80GB HBM3"), so that a table tuned on one model of GPU is used on every
+/// GPU of that model. Callers have made the backend for `device` first.
+pub fn device_name(device: Device) -> Result<String> {
     match device.kind {
-        DeviceKind::Cpu => "cpu".to_string(),
-        DeviceKind::Cuda => format!("cuda:{}", device.id),
+        DeviceKind::Cpu => Ok("cpu".to_string()),
+        DeviceKind::Cuda => cuda::device_name(device.id as usize),
     }
 }

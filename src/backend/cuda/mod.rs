@@ -43,6 +43,11 @@ pub fn available() -> bool {
     *ANSWER
 }
 
+/// The GPU's name as the driver reports it (tile tables are keyed by it).
+pub fn device_name(ordinal: usize) -> Result<String> {
+    Ok(device::device(ordinal)?.name.clone())
+}
+
 /// The backend for a layer on `device`, after checking the libraries and the ordinal.
 pub fn backend(device: Device) -> Result<&'static dyn Backend> {
     let a = &*probe::AVAILABILITY;
