@@ -208,21 +208,8 @@ fn cuda_ranks_fed_by_cuda_dispatchers_sum_to_the_single_rank_output() {
     for dt in [Dt::Bf16, Dt::F32] {
         for ep_size in [1usize, 2, 4, 8] {
             for shared in [0usize, 1] {
-                let e_g = 16 + shared;
-                let c = Case {
-                    dt,
-                    experts: e_g,
-                    top_k: 4,
-                    tokens: 24,
-                    hidden: 40,
-                    inter: 32,
-                    b13: true,
-                    b2: true,
-                    rsf: 1.5,
-                    drop: 0.1,
-                    seed: (ep_size * 10 + shared) as u64,
-                    ..Case::default()
-                };
+                let c = ep::problem(dt, ep_size, shared);
+                let e_g = c.experts;
                 let mut full = Setup::new(&c);
                 ok(full.prepare(), "prepare");
                 ok(full.run(), "run");

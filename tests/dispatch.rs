@@ -110,21 +110,8 @@ fn the_ranks_outputs_sum_to_the_single_rank_output() {
     for dt in [Dt::F32, Dt::Bf16] {
         for ep_size in [1usize, 2, 4, 8] {
             for shared in [0usize, 1] {
-                let e_g = 8 * 2 + shared; // 16 routed experts, 2 per rank at ep_size 8
-                let c = Case {
-                    dt,
-                    experts: e_g,
-                    top_k: 4,
-                    tokens: 24,
-                    hidden: 40,
-                    inter: 32,
-                    b13: true,
-                    b2: true,
-                    rsf: 1.5,
-                    drop: 0.1,
-                    seed: (ep_size * 10 + shared) as u64,
-                    ..Case::default()
-                };
+                let c = ep::problem(dt, ep_size, shared);
+                let e_g = c.experts;
                 let (full, want) = single_rank(&c);
                 let mut sum = vec![0.0; want.len()];
                 for rank in 0..ep_size {

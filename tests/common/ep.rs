@@ -8,6 +8,25 @@
 
 use super::*;
 
+/// The single-rank problem the EP tests split: 16 routed experts (2 per rank at ep_size 8)
+/// plus `shared` replicated ones, biases, rsf and dropped routes, seeded per partition.
+pub fn problem(dt: Dt, ep_size: usize, shared: usize) -> Case {
+    Case {
+        dt,
+        experts: 16 + shared,
+        top_k: 4,
+        tokens: 24,
+        hidden: 40,
+        inter: 32,
+        b13: true,
+        b2: true,
+        rsf: 1.5,
+        drop: 0.1,
+        seed: (ep_size * 10 + shared) as u64,
+        ..Case::default()
+    }
+}
+
 /// The rank's Setup: a layer of `local` experts holding those `mapping` places here (local id
 /// = mapping[g])
 /// and their share of the weights, and the full problem's batch: hidden, router weights and

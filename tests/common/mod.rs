@@ -372,6 +372,27 @@ impl Case {
     }
 }
 
+/// moe_layer_create with optional biases.
+pub fn create_layer(
+    config: *const moe_config,
+    w13: &moe_tensor,
+    w2: &moe_tensor,
+    b13: Option<&moe_tensor>,
+    b2: Option<&moe_tensor>,
+    layer: &mut *mut moe_layer,
+) -> moe_status {
+    unsafe {
+        moe_layer_create(
+            config,
+            w13,
+            w2,
+            b13.map_or(null(), |t| t as *const _),
+            b2.map_or(null(), |t| t as *const _),
+            layer,
+        )
+    }
+}
+
 // ---------------------------------------------------------------- a whole setup
 
 /// Every tensor and handle of one layer and one batch, valid and ready: tests call
@@ -501,16 +522,14 @@ impl Setup {
         let b13 = self.b13.as_mut().map(|t| t.raw());
         let b2 = self.b2.as_mut().map(|t| t.raw());
         let mut layer = null_mut();
-        let s = unsafe {
-            moe_layer_create(
-                self.config,
-                &w13,
-                &w2,
-                b13.as_ref().map_or(null(), |t| t as *const _),
-                b2.as_ref().map_or(null(), |t| t as *const _),
-                &mut layer,
-            )
-        };
+        let s = create_layer(
+            self.config,
+            &w13,
+            &w2,
+            b13.as_ref(),
+            b2.as_ref(),
+            &mut layer,
+        );
         if s == moe_status::MOE_OK {
             unsafe { moe_layer_free(self.layer) };
             self.layer = layer;

@@ -290,16 +290,14 @@ impl CudaLayer {
         let b13 = self.b13.as_mut().map(|t| t.raw());
         let b2 = self.b2.as_mut().map(|t| t.raw());
         let mut layer = null_mut();
-        let s = unsafe {
-            moe_layer_create(
-                self.config,
-                &w13,
-                &w2,
-                b13.as_ref().map_or(null(), |t| t as *const _),
-                b2.as_ref().map_or(null(), |t| t as *const _),
-                &mut layer,
-            )
-        };
+        let s = create_layer(
+            self.config,
+            &w13,
+            &w2,
+            b13.as_ref(),
+            b2.as_ref(),
+            &mut layer,
+        );
         if s == moe_status::MOE_OK {
             unsafe { moe_layer_free(self.layer) };
             self.layer = layer;
