@@ -36,8 +36,7 @@ fn a_cuda_layer_names_the_missing_library_or_is_unsupported() {
             "{message}"
         );
         // the driver library wherever the loader finds it (GPU machines keep it in many places)
-        let driver_here =
-            !unsafe { libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW) }.is_null();
+        let driver_here = !libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW).is_null();
         if !driver_here {
             assert!(
                 message.contains("libcuda.so (the NVIDIA driver library) was not found"),
