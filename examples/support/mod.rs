@@ -1,6 +1,9 @@
 //! What the examples share: a layer driven through the C ABI (RAII over the handles),
-//! host buffers with their DLPack views, and seeded random data.
+//! host buffers with their DLPack views, and seeded random data; `gpu` holds what the GPU
+//! examples (bench, tune) share.
 #![allow(dead_code)]
+
+pub mod gpu;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use fusedmoe::ffi::*;

@@ -59,7 +59,10 @@ pub fn store(name: &str, cubin: &[u8]) {
     if std::fs::create_dir_all(&dir).is_err() {
         return;
     }
-    let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
+    // unique per writer: two threads may compile the same kernel at once
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("{name}.{}.{n}.tmp", std::process::id()));
     if std::fs::write(&tmp, cubin).is_ok() && std::fs::rename(&tmp, dir.join(name)).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
