@@ -801,7 +801,8 @@ void moe_plan_free(moe_plan *plan);
  * nothing (it may be the batch's own moe_run, if the device was quick). `stream` is the CUDA
  * stream for CUDA layers (NULL: the legacy default stream) and must be NULL for CPU layers.
  * The plan refers to the workspace: run it before preparing another plan into the same
- * workspace.
+ * workspace (moe_run and the plan's array getters refuse a plan whose workspace another plan
+ * has prepared since, with INVALID_ARGUMENT naming `plan`).
  *
  * # Safety
  * Handles and tensors must be valid; the tensors' memory must be as described.

@@ -414,10 +414,7 @@ pub fn run(
         Arc::ptr_eq(&plan.layer, layer),
         "plan: created for another layer than the one the LoRA wrapper wraps"
     );
-    let p = plan
-        .prepared
-        .as_ref()
-        .ok_or_else(|| invalid!("plan: not prepared (call moe_prepare first)"))?;
+    let p = plan.prepared()?;
     plan::check_stream(layer, stream)?;
     if layer.v.device.kind != DeviceKind::Cpu {
         return Err(unsupported!(

@@ -8,6 +8,8 @@ use crate::layer::Layer;
 use crate::tensor::{DeviceKind, Tensor};
 use crate::tiles::TileConfig;
 use crate::workspace::{section_mut, Layout};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Alignment the workspace's address must have (sections are 64-byte aligned within it).
@@ -32,6 +34,64 @@ unsafe impl Sync for Prepared {}
 pub struct Plan {
     pub layer: Arc<Layer>,
     pub prepared: Option<Prepared>,
+    /// Unique per plan: marks the workspace this plan prepared last (see WORKSPACE_OWNER).
+    stamp: u64,
+}
+
+/// Which plan prepared each workspace (by address) last. A plan whose workspace another
+/// plan has prepared since would run on that plan's arrays: moe_run refuses it instead. At
+/// most one entry per live plan, so hosts that allocate workspaces per batch do not grow it.
+static WORKSPACE_OWNER: once_cell::sync::Lazy<std::sync::Mutex<HashMap<usize, u64>>> =
+    once_cell::sync::Lazy::new(|| std::sync::Mutex::new(HashMap::new()));
+
+fn owners() -> std::sync::MutexGuard<'static, HashMap<usize, u64>> {
+    WORKSPACE_OWNER.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Plan {
+    pub fn new(layer: Arc<Layer>) -> Plan {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Plan {
+            layer,
+            prepared: None,
+            stamp: NEXT.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// The last prepare, if its workspace still holds this plan's arrays.
+    pub fn prepared(&self) -> Result<&Prepared> {
+        let p = self
+            .prepared
+            .as_ref()
+            .ok_or_else(|| invalid!("plan: not prepared (call moe_prepare first)"))?;
+        ensure!(
+            owners().get(&(p.workspace as usize)) == Some(&self.stamp),
+            "plan: its workspace was prepared by another plan since this plan's moe_prepare (call moe_prepare again)"
+        );
+        Ok(p)
+    }
+
+    /// Records that this plan's arrays are now in `workspace`.
+    fn own(&mut self, workspace: *mut u8) {
+        let mut owners = owners();
+        if let Some(old) = &self.prepared {
+            if owners.get(&(old.workspace as usize)) == Some(&self.stamp) {
+                owners.remove(&(old.workspace as usize));
+            }
+        }
+        owners.insert(workspace as usize, self.stamp);
+    }
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        if let Some(p) = &self.prepared {
+            let mut owners = owners();
+            if owners.get(&(p.workspace as usize)) == Some(&self.stamp) {
+                owners.remove(&(p.workspace as usize));
+            }
+        }
+    }
 }
 
 /// The tensors of one moe_run, checked. `out` is `hidden` when the layer is inplace.
@@ -117,6 +177,7 @@ pub fn prepare(
     let num_padded = layer
         .backend
         .prepare(layer, ids, ws.data, &layout, tile, stream)?;
+    plan.own(ws.data);
     plan.prepared = Some(Prepared {
         num_tokens,
         numel,
@@ -262,10 +323,7 @@ pub fn run(
         Arc::ptr_eq(&plan.layer, layer),
         "plan: created for another layer"
     );
-    let p = plan
-        .prepared
-        .as_ref()
-        .ok_or_else(|| invalid!("plan: not prepared (call moe_prepare first)"))?;
+    let p = plan.prepared()?;
     check_stream(layer, stream)?;
     let io = check_run(layer, p, hidden, router_weights, out)?;
     if p.num_tokens == 0 {

@@ -319,3 +319,40 @@ fn a_workspace_beyond_the_address_space_is_refused() {
         moe_config_free(config);
     }
 }
+
+/// A plan whose workspace another plan has prepared since would run on that plan's arrays:
+/// moe_run and the array getters refuse it, and preparing it again makes it valid.
+#[test]
+fn a_plan_whose_workspace_was_prepared_by_another_plan_is_refused() {
+    let mut s = Setup::new(&Case::default());
+    let mut other = null_mut();
+    unsafe {
+        ok(moe_plan_create(s.layer, &mut other), "moe_plan_create");
+        ok(s.prepare(), "prepare A");
+        let (ids, ws) = (s.ids.raw(), s.workspace.raw());
+        ok(
+            moe_prepare(s.layer, &ids, &ws, other, null_mut()),
+            "prepare B into A's workspace",
+        );
+        s.out.fill_bytes(0xFF);
+        let status = s.run();
+        let message = last_error();
+        assert_eq!(status, moe_status::MOE_ERR_INVALID_ARGUMENT, "{message}");
+        assert!(
+            message.starts_with("plan: its workspace was prepared by another plan"),
+            "{message}"
+        );
+        assert!(s.out.bytes().iter().all(|&b| b == 0xFF), "nothing written");
+        let mut padded = 0i64;
+        assert_eq!(
+            moe_plan_num_padded(s.plan, &mut padded),
+            moe_status::MOE_ERR_INVALID_ARGUMENT
+        );
+        // B owns the workspace now; freeing it releases nothing A could use, A prepares again
+        moe_plan_free(other);
+        ok(s.prepare(), "prepare A again");
+        ok(s.run(), "run A");
+        let err = rel_err(&s.output(), &s.reference());
+        assert!(err <= s.case.dt.tolerance(), "{err:e}");
+    }
+}

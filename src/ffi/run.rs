@@ -40,10 +40,7 @@ pub unsafe extern "C" fn moe_plan_create(
     guard(|| {
         let h = handle_ref(layer, "layer")?;
         let out = out_arg(out, "out")?;
-        *out = Box::into_raw(Box::new(moe_plan::new(Plan {
-            layer: h.layer.clone(),
-            prepared: None,
-        })));
+        *out = Box::into_raw(Box::new(moe_plan::new(Plan::new(h.layer.clone()))));
         Ok(())
     })
 }
@@ -65,7 +62,8 @@ pub unsafe extern "C" fn moe_plan_free(plan: *mut moe_plan) {
 /// nothing (it may be the batch's own moe_run, if the device was quick). `stream` is the CUDA
 /// stream for CUDA layers (NULL: the legacy default stream) and must be NULL for CPU layers.
 /// The plan refers to the workspace: run it before preparing another plan into the same
-/// workspace.
+/// workspace (moe_run and the plan's array getters refuse a plan whose workspace another plan
+/// has prepared since, with INVALID_ARGUMENT naming `plan`).
 ///
 /// # Safety
 /// Handles and tensors must be valid; the tensors' memory must be as described.
@@ -154,7 +152,7 @@ pub unsafe extern "C" fn moe_plan_num_tokens(plan: *const moe_plan, out: *mut i6
 pub unsafe extern "C" fn moe_plan_num_padded(plan: *const moe_plan, out: *mut i64) -> moe_status {
     guard(|| {
         let h = handle_ref(plan, "plan")?;
-        let p = prepared(h)?;
+        let p = h.plan.prepared()?;
         let out = out_arg(out, "out")?;
         let layer = &h.plan.layer;
         let at = p.workspace.add(p.layout.num_padded.offset);
@@ -195,7 +193,7 @@ unsafe fn copy_section(
 ) -> moe_status {
     guard(|| {
         let h = handle_ref(plan, "plan")?;
-        let p = prepared(h)?;
+        let p = h.plan.prepared()?;
         let section = pick(p);
         let layer = &h.plan.layer;
         let values =
