@@ -789,7 +789,8 @@ def _output_shape(config, hidden, topk_ids):
 
 class Plan(Managed):
     """One batch's align result for `layer`: prepare(), then run(). One stream (thread) at a
-    time. `stream` arguments are CUDA stream handles (int) for CUDA layers, None on the CPU."""
+    time. `stream` arguments are CUDA stream handles (int) for CUDA layers; left out, they are
+    torch's current stream for torch CUDA tensors (as Layer.forward), None otherwise."""
 
     def __init__(self, layer):
         super().__init__(_new_handle(lib.moe_plan_create, moe_plan, layer.ptr), lib.moe_plan_free)
@@ -799,6 +800,8 @@ class Plan(Managed):
     def prepare(self, topk_ids, workspace, stream=None):
         """The align step and tile choice for topk_ids [M, K] (int32 or int64, local ids in
         [-1, E); -1 drops a route), into `workspace` (1-D uint8, 16-byte aligned)."""
+        if stream is None:
+            stream = _current_stream(topk_ids)
         ids, space = _borrow(topk_ids, stream), _borrow(workspace, stream)
         lib.moe_prepare(self._layer.ptr, ids.tensor, space.tensor, self.ptr, stream)
         self._workspace = space  # the plan refers to it until the next prepare
@@ -807,6 +810,8 @@ class Plan(Managed):
     def run(self, hidden, topk_weights, out=None, stream=None):
         """The layer on the prepared batch: hidden [M, H], topk_weights [M, K], into out
         ([M, H], or [M, K, H] with no_combine; None or hidden for an inplace layer)."""
+        if stream is None:
+            stream = _current_stream(hidden)
         tensors = [_borrow(t, stream) for t in (hidden, topk_weights, out)]
         lib.moe_run(self._layer.ptr, None, self.ptr, *[_tensor_arg(t) for t in tensors], stream)
         return out
@@ -840,6 +845,8 @@ class Plan(Managed):
         adapter_ids [M] (int32) or seg_indptr [S+1] with seg_adapter [S] (int32): tokens
         [seg_indptr[s], seg_indptr[s+1]) use seg_adapter[s]. -1, an empty or a disabled slot
         means no delta."""
+        if stream is None:
+            stream = _current_stream(hidden)
         tensors = [_borrow(t, stream) for t in
                    (hidden, topk_weights, adapter_ids, seg_indptr, seg_adapter, out)]
         lib.moe_run_lora(lora.ptr, self.ptr, *[_tensor_arg(t) for t in tensors], stream)
