@@ -24,19 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const DTYPES: [Dt; 3] = [Dt::Bf16, Dt::F16, Dt::F32];
-const GATED: [u32; 6] = [
-    MOE_ACTIVATION_SILU,
-    MOE_ACTIVATION_GELU,
-    MOE_ACTIVATION_GELU_TANH,
-    MOE_ACTIVATION_SWIGLU_OAI,
-    MOE_ACTIVATION_SILU_CLAMP,
-    MOE_ACTIVATION_SILU_PRECLAMP,
-];
-const NON_GATED: [u32; 3] = [
-    MOE_ACTIVATION_SILU,
-    MOE_ACTIVATION_GELU,
-    MOE_ACTIVATION_RELU2,
-];
 
 /// H and I not multiples of 64 (nor of 16): 200 = 3·64 + 8, 72 = 64 + 8.
 fn base(dt: Dt, seed: u64) -> Case {

@@ -7,19 +7,6 @@ use common::*;
 use fusedmoe::ffi::*;
 
 const DTYPES: [Dt; 3] = [Dt::F32, Dt::F16, Dt::Bf16];
-const GATED: [u32; 6] = [
-    MOE_ACTIVATION_SILU,
-    MOE_ACTIVATION_GELU,
-    MOE_ACTIVATION_GELU_TANH,
-    MOE_ACTIVATION_SWIGLU_OAI,
-    MOE_ACTIVATION_SILU_CLAMP,
-    MOE_ACTIVATION_SILU_PRECLAMP,
-];
-const NON_GATED: [u32; 3] = [
-    MOE_ACTIVATION_SILU,
-    MOE_ACTIVATION_GELU,
-    MOE_ACTIVATION_RELU2,
-];
 
 fn assert_close(c: &Case, what: &str) -> Vec<f64> {
     let (err, out) = run_case(c);

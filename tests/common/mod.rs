@@ -229,6 +229,21 @@ pub const CPU: moe_device = moe_device {
     device_id: 0,
 };
 
+/// Every activation SPEC §3 allows gated, and non-gated.
+pub const GATED: [u32; 6] = [
+    MOE_ACTIVATION_SILU,
+    MOE_ACTIVATION_GELU,
+    MOE_ACTIVATION_GELU_TANH,
+    MOE_ACTIVATION_SWIGLU_OAI,
+    MOE_ACTIVATION_SILU_CLAMP,
+    MOE_ACTIVATION_SILU_PRECLAMP,
+];
+pub const NON_GATED: [u32; 3] = [
+    MOE_ACTIVATION_SILU,
+    MOE_ACTIVATION_GELU,
+    MOE_ACTIVATION_RELU2,
+];
+
 // ---------------------------------------------------------------- a test case
 
 #[derive(Clone, Debug)]
@@ -475,6 +490,20 @@ impl Setup {
         let router_dt = if c.router_in_dtype { c.dt } else { Dt::F32 };
         let router =
             HostTensor::from_f64(router_dt, &[m, k], &rng.vec((m * k) as usize, 0.05, 1.0));
+        Setup::assemble(c, [w13, w2], [b13, b2], hidden, ids, router)
+    }
+
+    /// The rest of a Setup around its weights and batch: a poisoned `out` of the right shape,
+    /// config, layer, workspace and plan.
+    pub fn assemble(
+        c: &Case,
+        [w13, w2]: [HostTensor; 2],
+        [b13, b2]: [Option<HostTensor>; 2],
+        hidden: HostTensor,
+        ids: HostTensor,
+        router: HostTensor,
+    ) -> Setup {
+        let (m, k, h) = (c.tokens as i64, c.top_k as i64, c.hidden as i64);
         let out_shape: Vec<i64> = if c.no_combine {
             vec![m, k, h]
         } else {
@@ -483,11 +512,9 @@ impl Setup {
         let mut out = HostTensor::zeros(c.dt, &out_shape);
         out.fill_bytes(0xFF); // NaN in every float dtype: poison
         let hidden_in = hidden.values();
-
-        let config = c.config();
         let mut s = Setup {
             case: c.clone(),
-            config,
+            config: c.config(),
             layer: null_mut(),
             plan: null_mut(),
             w13,

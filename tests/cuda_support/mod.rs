@@ -678,36 +678,7 @@ pub fn big_setup(c: &Case, shared: bool) -> Setup {
     let ids = HostTensor::from_f64(ids_dt, &[m as i64, k as i64], &ids_v);
     let router_dt = if c.router_in_dtype { c.dt } else { Dt::F32 };
     let router = HostTensor::from_f64(router_dt, &[m as i64, k as i64], &rng.vec(m * k, 0.05, 1.0));
-    let mut out = HostTensor::zeros(c.dt, &[m as i64, h as i64]);
-    out.fill_bytes(POISON);
-    let hidden_in = hidden.values();
-    let mut s = Setup {
-        case: c.clone(),
-        config: c.config(),
-        layer: null_mut(),
-        plan: null_mut(),
-        w13,
-        w2,
-        b13,
-        b2,
-        hidden,
-        ids,
-        router,
-        out,
-        workspace: HostTensor::zeros(Dt::U8, &[0]),
-        hidden_in,
-    };
-    ok(s.create_layer(), "moe_layer_create");
-    let mut bytes = 0usize;
-    unsafe {
-        ok(
-            moe_workspace_size(s.layer, m as i64, &mut bytes),
-            "moe_workspace_size",
-        );
-        ok(moe_plan_create(s.layer, &mut s.plan), "moe_plan_create");
-    }
-    s.workspace = HostTensor::zeros(Dt::U8, &[bytes as i64]);
-    s
+    Setup::assemble(c, [w13, w2], [b13, b2], hidden, ids, router)
 }
 
 /// Uniform values in [−scale, scale) in dtype `dt`, written in parallel.
