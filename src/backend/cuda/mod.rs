@@ -157,7 +157,12 @@ impl Backend for CudaBackend {
     fn warmup(&self, layer: &Layer, max_tokens: usize) -> Result<()> {
         let c = cuda_layer(layer);
         for tile in layer.tiles.configs_up_to(max_tokens) {
+            // both GEMM1 load widths: a hidden that is not 16-byte aligned takes the narrow
+            // one, and compiling it later could fall inside the host's graph capture
             c.kernel_set(&layer.v, tile, c.gemm1_vec8)?;
+            if c.gemm1_vec8 {
+                c.kernel_set(&layer.v, tile, false)?;
+            }
         }
         Ok(())
     }
