@@ -50,6 +50,26 @@ __device__ __forceinline__ void fm_rows_setup(FmRows& rows, const FmGemmParams& 
     }
 }
 
+// This CTA's tile: its first slot, first column and expert. False for blocks past num_padded
+// (read on the device) and blocks of no expert, which exit at once.
+struct FmBlock {
+    int slot0, n0, expert;
+};
+
+__device__ __forceinline__ bool fm_block(const FmGemmParams& p, FmBlock& b) {
+    const int n_tile = blockIdx.x % p.n_tiles, m_block = blockIdx.x / p.n_tiles;
+    b.slot0 = m_block * FM_BM;
+    b.n0 = n_tile * FM_BN;
+    if (b.slot0 >= *p.num_padded) return false;
+    b.expert = p.block_expert[m_block];
+    return b.expert >= 0;
+}
+
+// The shared-memory tiles start after the row table, 128-byte aligned.
+__device__ __forceinline__ fm_t* fm_tiles(unsigned char* smem) {
+    return (fm_t*)(smem + ((sizeof(FmRows) + 127) / 128) * 128);
+}
+
 // The epilogue for one accumulated value at tile row `i`, global column `col`.
 __device__ __forceinline__ void fm_epilogue(const FmRows& rows, const FmGemmParams& p,
                                             int expert, int slot0, int i, int col, float acc) {
@@ -127,15 +147,13 @@ __device__ __forceinline__ void fm_mma(float (&c)[4], const unsigned (&a)[4], un
 }
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS) moe_gemm(const FmGemmParams p) {
-    const int n_tile = blockIdx.x % p.n_tiles, m_block = blockIdx.x / p.n_tiles;
-    const int slot0 = m_block * FM_BM, n0 = n_tile * FM_BN;
-    if (slot0 >= *p.num_padded) return;
-    const int expert = p.block_expert[m_block];
-    if (expert < 0) return;
+    FmBlock b;
+    if (!fm_block(p, b)) return;
+    const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
 
     extern __shared__ __align__(16) unsigned char fm_smem[];
     FmRows& rows = *(FmRows*)fm_smem;
-    fm_t* stages = (fm_t*)(fm_smem + ((sizeof(FmRows) + 127) / 128) * 128);
+    fm_t* stages = fm_tiles(fm_smem);
     constexpr int stage_elems = (FM_BM + FM_BN) * FM_LDS;
     fm_rows_setup(rows, p, slot0);
     __syncthreads();
@@ -229,15 +247,13 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) moe_gemm(const FmGemmPa
 #define FM_PER_THREAD ((FM_BM * FM_BN + FM_THREADS - 1) / FM_THREADS)
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS) moe_gemm(const FmGemmParams p) {
-    const int n_tile = blockIdx.x % p.n_tiles, m_block = blockIdx.x / p.n_tiles;
-    const int slot0 = m_block * FM_BM, n0 = n_tile * FM_BN;
-    if (slot0 >= *p.num_padded) return;
-    const int expert = p.block_expert[m_block];
-    if (expert < 0) return;
+    FmBlock b;
+    if (!fm_block(p, b)) return;
+    const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
 
     extern __shared__ __align__(16) unsigned char fm_smem[];
     FmRows& rows = *(FmRows*)fm_smem;
-    fm_t* sa = (fm_t*)(fm_smem + ((sizeof(FmRows) + 127) / 128) * 128);
+    fm_t* sa = fm_tiles(fm_smem);
     fm_t* sb = sa + FM_BM * FM_LDS;
     fm_rows_setup(rows, p, slot0);
     __syncthreads();
