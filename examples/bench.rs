@@ -617,26 +617,9 @@ fn parse_args() -> Options {
         match flag.as_str() {
             "--shapes" => {
                 o.ep = value.split(',').any(|s| s == "ep");
-                o.models = value
-                    .split(',')
-                    .filter(|s| *s != "ep")
-                    .map(|s| {
-                        *MODELS
-                            .iter()
-                            .find(|m| m.name == s)
-                            .unwrap_or_else(|| usage(&format!("unknown shape {s}")))
-                    })
-                    .collect();
+                o.models = parse_models(&value, &["ep"], usage);
             }
-            "--tokens" => {
-                o.tokens = value
-                    .split(',')
-                    .map(|t| match t.parse() {
-                        Ok(n) if n >= 1 => n,
-                        _ => usage("--tokens is a list of counts ≥ 1"),
-                    })
-                    .collect()
-            }
+            "--tokens" => o.tokens = parse_tokens(&value, usage),
             "--reps" => {
                 reps = match value.parse() {
                     Ok(n) if n >= 1 => Some(n),

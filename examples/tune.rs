@@ -1221,24 +1221,10 @@ fn parse_args() -> Args {
         };
         match flag.as_str() {
             "--shapes" => {
-                o.models = value
-                    .split(',')
-                    .map(|s| {
-                        *MODELS
-                            .iter()
-                            .find(|m| m.name == s)
-                            .unwrap_or_else(|| usage(&format!("unknown shape {s}")))
-                    })
-                    .collect();
+                o.models = parse_models(&value, &[], usage);
             }
             "--tokens" => {
-                o.tokens = value
-                    .split(',')
-                    .map(|t| match t.parse() {
-                        Ok(n) if n >= 1 => n,
-                        _ => usage("--tokens is a list of counts ≥ 1"),
-                    })
-                    .collect();
+                o.tokens = parse_tokens(&value, usage);
                 o.tokens.sort_unstable();
                 o.tokens.dedup();
             }

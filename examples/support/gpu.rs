@@ -170,6 +170,32 @@ impl Model {
     }
 }
 
+/// The models named in a comma-separated `--shapes` value; `other` names that are not models
+/// but the program understands (e.g. bench's "ep") are skipped. `usage` reports a bad value.
+pub fn parse_models(value: &str, other: &[&str], usage: fn(&str) -> !) -> Vec<Model> {
+    value
+        .split(',')
+        .filter(|s| !other.contains(s))
+        .map(|s| {
+            *MODELS
+                .iter()
+                .find(|m| m.name == s)
+                .unwrap_or_else(|| usage(&format!("unknown shape {s}")))
+        })
+        .collect()
+}
+
+/// The token counts of a comma-separated `--tokens` value, each ≥ 1.
+pub fn parse_tokens(value: &str, usage: fn(&str) -> !) -> Vec<usize> {
+    value
+        .split(',')
+        .map(|t| match t.parse() {
+            Ok(n) if n >= 1 => n,
+            _ => usage("--tokens is a list of counts ≥ 1"),
+        })
+        .collect()
+}
+
 pub fn distinct(ids: &[i32]) -> usize {
     let mut seen: Vec<i32> = ids.iter().copied().filter(|&e| e >= 0).collect();
     seen.sort_unstable();
