@@ -459,6 +459,12 @@ public:
         return bytes;
     }
 
+    // Compiles every kernel batches of up to max_tokens use (CUDA layers; a CPU layer has
+    // nothing to compile). Call it before capturing a CUDA graph.
+    void warmup(int64_t max_tokens, void* stream = nullptr) const {
+        detail::check(moe_warmup(raw(), max_tokens, stream), "moe_warmup");
+    }
+
 private:
     static moe_layer* create(ConfigView config, const Tensor& w13, const Tensor& w2,
                              const std::optional<Tensor>& b13,

@@ -377,6 +377,7 @@ template <class T> void check_case(Checks& checks, const Case& c, unsigned seed)
     Problem<T> p(Dims{}, c.gated, rng);
     const fusedmoe::Layer layer = make_layer(c, p);
     check_layer_config(checks, layer, c, p.d, title);
+    layer.warmup(p.d.tokens);  // nothing to compile on the CPU, but the call must succeed
 
     fusedmoe::Workspace workspace(layer.workspace_size(p.d.tokens));
     fusedmoe::Plan plan(layer);

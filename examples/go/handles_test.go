@@ -1,6 +1,7 @@
 package fusedmoe
 
 import (
+	"errors"
 	"runtime"
 	"strings"
 	"testing"
@@ -29,6 +30,12 @@ func newHandles(t *testing.T) (*Config, *Layer[float32], *Plan[float32]) {
 	layer, err := NewLayer(c, f32Weights(b))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if err := layer.Warmup(4); err != nil {
+		t.Fatal(err)
+	}
+	if err := layer.Warmup(-1); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("Warmup(-1): %v, want ErrInvalidArgument", err)
 	}
 	plan, err := layer.NewPlan(4)
 	if err != nil {

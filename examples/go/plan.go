@@ -8,6 +8,10 @@ static moe_status fm_workspace_size(const moe_layer *layer, int64_t max_tokens, 
     return fm_keep_error(moe_workspace_size(layer, max_tokens, bytes), err);
 }
 
+static moe_status fm_warmup(const moe_layer *layer, int64_t max_tokens, fm_error *err) {
+    return fm_keep_error(moe_warmup(layer, max_tokens, NULL), err);
+}
+
 // Cache-line aligned, which covers the 16 bytes the library needs; NULL when out of memory.
 static void *fm_workspace_alloc(size_t bytes) {
     const size_t align = 64, size = (bytes + align - 1) / align * align;
@@ -82,6 +86,16 @@ func (l *Layer[T]) newPlan(bytes int) (*Plan[T], error) {
 	p := &Plan[T]{layer: l, raw: raw, workspace: workspace, shape: shape}
 	runtime.SetFinalizer(p, (*Plan[T]).Close)
 	return p, nil
+}
+
+// Warmup compiles every kernel batches of up to maxTokens tokens use. Layers of this
+// package run on the CPU, where there is nothing to compile; it checks maxTokens.
+func (l *Layer[T]) Warmup(maxTokens int) error {
+	err := call(func(e *C.fm_error) C.moe_status {
+		return C.fm_warmup(l.ptr(), C.int64_t(maxTokens), e)
+	})
+	runtime.KeepAlive(l)
+	return err
 }
 
 func (l *Layer[T]) workspaceSize(maxTokens int) (int, error) {
