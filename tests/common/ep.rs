@@ -86,6 +86,7 @@ pub fn rank_setup(
     s.b2 = b2.map(|_| HostTensor::from_f64(dt, &[local as i64, h as i64], &rb2));
     ok(s.create_layer(), "rank layer");
     s.hidden = HostTensor::from_f64(dt, &[c.tokens as i64, h as i64], &full.hidden_in);
+    s.hidden_in = full.hidden_in.clone(); // what a device batch uploads
     s.router = HostTensor::from_f64(
         Dt::F32,
         &[c.tokens as i64, c.top_k as i64],
