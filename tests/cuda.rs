@@ -349,11 +349,25 @@ fn cuda_plan_arrays_equal_the_cpu_plan() {
     let Some(ctx) = gpu("cuda_plan_arrays_equal_the_cpu_plan") else {
         return;
     };
-    for (n, block_m) in ["16", "64"].into_iter().enumerate() {
+    // (tokens, experts, top_k, BLOCK_M): the align kernel cuts the routes into one piece per
+    // warp up to E = 744 and fewer above (4 at E = 4096), so both sides of that are here.
+    let shapes = [
+        (100, 16, 4, "16"),
+        (100, 16, 4, "64"),
+        (1, 257, 9, "16"),
+        (257, 257, 9, "16"),
+        (4096, 257, 9, "64"),
+        (3000, 1024, 8, "32"),
+        (600, 4096, 8, "16"),
+        (16384, 8, 2, "128"),
+    ];
+    for (n, (tokens, experts, top_k, block_m)) in shapes.into_iter().enumerate() {
         let c = Case {
-            tokens: 100,
-            experts: 16,
-            top_k: 4,
+            tokens,
+            experts,
+            top_k,
+            hidden: 8,
+            inter: 8,
             drop: 0.2,
             options: vec![("tile.block_m".into(), block_m.into())],
             ..base(Dt::Bf16, 4500 + n as u64)

@@ -32,17 +32,44 @@ impl Loaded {
         blocks: usize,
         params: &P,
     ) -> Result<()> {
-        if blocks == 0 {
+        self.launch_2d(stream, (blocks, 1), params)
+    }
+
+    /// A row kernel (variant::ROW_THREADS): a block per row and per chunk of `cols` columns.
+    fn launch_rows<P: DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        rows: usize,
+        cols: usize,
+        params: &P,
+    ) -> Result<()> {
+        self.launch_2d(stream, (rows, variant::row_chunks(cols)), params)
+    }
+
+    fn launch_2d<P: DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        (x, y): (usize, usize),
+        params: &P,
+    ) -> Result<()> {
+        if x == 0 || y == 0 {
             return Ok(());
         }
-        let grid = u32::try_from(blocks)
+        let grid_x = u32::try_from(x)
             .ok()
             .filter(|&b| b < i32::MAX as u32)
+            .ok_or_else(|| unsupported!("kernel {}: {x} blocks exceed one launch", self.v.name))?;
+        let grid_y = u32::try_from(y)
+            .ok()
+            .filter(|&b| b <= u16::MAX as u32)
             .ok_or_else(|| {
-                unsupported!("kernel {}: {blocks} blocks exceed one launch", self.v.name)
+                unsupported!(
+                    "kernel {}: {y} column blocks exceed one launch",
+                    self.v.name
+                )
             })?;
         let cfg = LaunchConfig {
-            grid_dim: (grid, 1, 1),
+            grid_dim: (grid_x, grid_y, 1),
             block_dim: (self.v.threads, 1, 1),
             shared_mem_bytes: self.v.shared_bytes as u32,
         };
@@ -165,7 +192,8 @@ impl KernelSet {
         })
     }
 
-    /// SPEC §4 on the device: one block; counts, offsets and the scatter in shared memory.
+    /// SPEC §4 on the device: one block; the routes in pieces ranked per warp, the scans and
+    /// the scatter (kernels/moe_align.cu).
     pub fn align(&self, stream: &Arc<CudaStream>, ids_i64: bool, a: AlignArgs) -> Result<()> {
         let k = if ids_i64 {
             &self.align_i64
@@ -184,10 +212,12 @@ impl KernelSet {
             at(l.expert_offsets),
             at(l.route_slot),
         );
+        let (segments, shared_bytes) = variant::align_segments(a.experts, k.v.threads);
+        let segments = segments as i32;
         let cfg = LaunchConfig {
             grid_dim: (1, 1, 1),
             block_dim: (k.v.threads, 1, 1),
-            shared_mem_bytes: ((2 * a.experts + 2) * 4) as u32,
+            shared_mem_bytes: shared_bytes as u32,
         };
         let mut b = stream.launch_builder(&k.f);
         b.arg(&a.ids)
@@ -196,6 +226,7 @@ impl KernelSet {
             .arg(&block_m)
             .arg(&capacity)
             .arg(&max_blocks)
+            .arg(&segments)
             .arg(&sorted)
             .arg(&blocks)
             .arg(&padded)
@@ -263,9 +294,10 @@ impl KernelSet {
             | crate::activation::ActFn::SiluPreclamp { limit } => (0.0, limit),
             _ => (0.0, 0.0),
         };
-        self.act.launch(
+        self.act.launch_rows(
             stream,
             capacity,
+            d.inter,
             &ActParams {
                 g1: s.g1,
                 act: s.act,
@@ -307,9 +339,10 @@ impl KernelSet {
             },
         )?;
         if v.no_combine {
-            self.finish.launch(
+            self.finish.launch_rows(
                 stream,
                 p.numel,
+                d.hidden,
                 &ZeroParams {
                     route_slot: slots,
                     out: io.out.data as u64,
@@ -317,9 +350,10 @@ impl KernelSet {
                 },
             )
         } else {
-            self.finish.launch(
+            self.finish.launch_rows(
                 stream,
                 p.num_tokens,
+                d.hidden,
                 &CombineParams {
                     y: s.y,
                     route_slot: slots,

@@ -66,9 +66,25 @@ pub fn align(ids_i64: bool) -> Variant {
         entry,
         defines: vec![],
         name: entry.to_string(),
-        shared_bytes: 0,
-        threads: 1024,
+        shared_bytes: ALIGN_SHARED_BYTES,
+        threads: ALIGN_THREADS,
     }
+}
+
+const ALIGN_THREADS: u32 = 1024;
+/// The most shared memory the align kernel asks for: within every cc ≥ 8.0 device's opt-in
+/// (sm_86/89 allow 99 KB).
+const ALIGN_SHARED_BYTES: usize = 96 * 1024;
+
+/// The align kernel's route pieces (one warp each; more pieces, fewer steps per warp) and its
+/// shared memory: piece counts [pieces][E] and padded starts [E + 1] plus one counter, in ints.
+/// E ≤ 744 gets a piece per warp; E = 4096 still gets 4.
+pub fn align_segments(experts: usize, threads: u32) -> (usize, usize) {
+    let fixed = (experts + 2) * 4;
+    let per_piece = experts.max(1) * 4;
+    let warps = threads as usize / 32;
+    let pieces = (ALIGN_SHARED_BYTES.saturating_sub(fixed) / per_piece).clamp(1, warps);
+    (pieces, fixed + pieces * per_piece)
 }
 
 /// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config. `vec8`: every row of A and W starts
@@ -165,10 +181,11 @@ pub fn act(dtype: DType, f: ActFn, gated: bool, layout: GateUpLayout) -> Variant
             ("FM_ACT", code),
             ("FM_GATED", gated as i64),
             ("FM_INTERLEAVED", interleaved as i64),
+            ("FM_ROW_ITEMS", ROW_ITEMS as i64),
         ],
         name,
         shared_bytes: 0,
-        threads: 256,
+        threads: ROW_THREADS,
     }
 }
 
@@ -189,11 +206,24 @@ pub fn combine(dtype: DType, entry: &'static str) -> Variant {
     Variant {
         source: KERNEL_COMBINE.name,
         entry,
-        defines: vec![("FM_DTYPE", dtype_code(dtype))],
+        defines: vec![
+            ("FM_DTYPE", dtype_code(dtype)),
+            ("FM_ROW_ITEMS", ROW_ITEMS as i64),
+        ],
         name: format!("{entry}__{}", dtype.name()),
         shared_bytes: 0,
-        threads: 256,
+        threads: ROW_THREADS,
     }
+}
+
+/// The row kernels (activation, combine, zero rows): threads per block and the columns each
+/// thread takes; a block covers ROW_THREADS · ROW_ITEMS columns of one row.
+pub const ROW_THREADS: u32 = 128;
+pub const ROW_ITEMS: usize = 8;
+
+/// Blocks along a row of `cols` columns.
+pub fn row_chunks(cols: usize) -> usize {
+    cols.div_ceil(ROW_THREADS as usize * ROW_ITEMS).max(1)
 }
 
 /// moe_dispatch for int32 or int64 ids in and out.
@@ -296,5 +326,22 @@ mod tests {
         assert_eq!(warp_layout(128, 128, 8, true), Some((2, 4)));
         assert_eq!(warp_layout(16, 16, 4, true), None);
         assert_eq!(warp_layout(16, 16, 4, false), Some((2, 2)));
+    }
+
+    #[test]
+    fn align_pieces_fill_the_warps_and_fit_the_shared_memory() {
+        for (experts, pieces) in [
+            (1, 32),
+            (8, 32),
+            (257, 32),
+            (744, 32),
+            (1024, 22),
+            (4096, 4),
+        ] {
+            let (p, bytes) = align_segments(experts, ALIGN_THREADS);
+            assert_eq!(p, pieces, "E {experts}");
+            assert_eq!(bytes, (experts + 2 + p * experts) * 4);
+            assert!(bytes <= ALIGN_SHARED_BYTES, "E {experts}: {bytes} bytes");
+        }
     }
 }
