@@ -189,9 +189,24 @@ pub fn parse_tables(json: &str, source: &str) -> Result<Vec<TileTable>> {
         .collect()
 }
 
-/// Tables shipped inside the library; tuned tables arrive with the CUDA performance work.
+/// Tables shipped inside the library: examples/tune's output on each GPU we tuned for
+/// (BENCHMARKS.md has the commands). Parsed once, on the first layer that looks.
+const BUILTIN_TABLE_FILES: [(&str, &str); 1] = [(
+    "src/tile_tables/nvidia_h100.json",
+    include_str!("tile_tables/nvidia_h100.json"),
+)];
+
 fn builtin_tables() -> &'static [TileTable] {
-    &[]
+    static TABLES: once_cell::sync::Lazy<Vec<TileTable>> = once_cell::sync::Lazy::new(|| {
+        BUILTIN_TABLE_FILES
+            .iter()
+            .flat_map(|(source, json)| {
+                // a shipped table that does not parse fails the unit test below
+                parse_tables(json, source).unwrap_or_default()
+            })
+            .collect()
+    });
+    &TABLES
 }
 
 /// Per-layer overrides from the options `tile.*`.
@@ -326,6 +341,41 @@ impl TileChooser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shipped_tables_parse_and_are_found_by_their_key() {
+        for (source, json) in BUILTIN_TABLE_FILES {
+            let tables = parse_tables(json, source).unwrap();
+            assert!(!tables.is_empty(), "{source}");
+        }
+        // Mixtral-8x7B on the H100 (examples/tune): large batches take the 128×128 tile
+        let key = TableKey {
+            experts: 8,
+            n: 14336,
+            k: 4096,
+            dtype: DType::BF16,
+            quant: "none".into(),
+            device: "NVIDIA H100 80GB HBM3".into(),
+        };
+        let chooser = TileChooser::new(&key, &Options::default()).unwrap();
+        let big = chooser.choose(16384);
+        assert_eq!((big.block_m, big.block_n, big.num_warps), (128, 128, 8));
+        assert_ne!(
+            chooser.choose(1),
+            default_config(1, 8),
+            "the table, not the default"
+        );
+        // another device's layer of the same shape keeps the default rule
+        let other = TileChooser::new(
+            &TableKey {
+                device: "cpu".into(),
+                ..key
+            },
+            &Options::default(),
+        )
+        .unwrap();
+        assert_eq!(other.choose(16384), default_config(16384, 8));
+    }
 
     const ONE: &str = r#"{"format": "fusedmoe-tiles/1", "tables": [
         {"E": 8, "N": 32, "K": 64, "dtype": "bf16", "quant": "none", "device": "cpu",
