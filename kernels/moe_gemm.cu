@@ -27,6 +27,8 @@ struct FmGemmParams {
     int router_kind;
     int apply_router;             // multiply by the route's router weight in the epilogue
     int n_tiles;                  // ceil(n / FM_BN)
+    int group_m;                  // GROUP_M (>= 1)
+    int m_blocks;                 // the grid's m-blocks (max_blocks)
 };
 
 #define FM_THREADS (FM_WARPS_M * FM_WARPS_N * 32)
@@ -56,8 +58,16 @@ struct FmBlock {
     int slot0, n0, expert;
 };
 
+// GROUP_M rasterization (Triton's): consecutive CTAs walk group_m m-blocks for one n-tile,
+// then the next n-tile, so a weight tile is read from DRAM once and found in L2 by the other
+// m-blocks of its expert; m-block-major order streamed a large expert's whole weight matrix
+// once per m-block (Mixtral's w13 is 235 MB per expert, L2 50 MB).
 __device__ __forceinline__ bool fm_block(const FmGemmParams& p, FmBlock& b) {
-    const int n_tile = blockIdx.x % p.n_tiles, m_block = blockIdx.x / p.n_tiles;
+    const int per_group = p.group_m * p.n_tiles;
+    const int group = blockIdx.x / per_group, first_m = group * p.group_m;
+    const int group_rows = min(p.m_blocks - first_m, p.group_m);
+    const int in_group = blockIdx.x - group * per_group;
+    const int m_block = first_m + in_group % group_rows, n_tile = in_group / group_rows;
     b.slot0 = m_block * FM_BM;
     b.n0 = n_tile * FM_BN;
     if (b.slot0 >= *p.num_padded) return false;

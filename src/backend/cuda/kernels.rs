@@ -125,6 +125,9 @@ struct GemmParams {
     router_kind: i32,
     apply_router: i32,
     n_tiles: i32,
+    /// GROUP_M: m-blocks that take each n-tile in turn before the next n-tile (see fm_block)
+    group_m: i32,
+    m_blocks: i32,
 }
 
 #[repr(C)]
@@ -286,6 +289,8 @@ impl KernelSet {
                 router_kind,
                 apply_router: v.weight_on_input as i32,
                 n_tiles: n_tiles1 as i32,
+                group_m: self.tile.group_m.max(1) as i32,
+                m_blocks: max_blocks as i32,
             },
         )?;
         let (alpha, limit) = match v.act {
@@ -336,6 +341,8 @@ impl KernelSet {
                 router_kind,
                 apply_router: v.weight_after_gemm2() as i32,
                 n_tiles: n_tiles2 as i32,
+                group_m: self.tile.group_m.max(1) as i32,
+                m_blocks: max_blocks as i32,
             },
         )?;
         if v.no_combine {
