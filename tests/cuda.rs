@@ -1,7 +1,7 @@
 //! The CUDA backend against the CPU layer (and the float64 reference of tests/common where it
 //! is affordable): every dtype, activation, layout and flag, a grid of token / route / expert
 //! counts, odd and model-sized shapes, CUDA graph capture and replay, out-of-range ids, tensors
-//! on the wrong device, and empty batches. Each case builds the CPU `Setup`, makes a CUDA
+//! on the wrong device, and empty batches (out-of-range ids and the no-wait check: tests/cuda_gated.rs). Each case builds the CPU `Setup`, makes a CUDA
 //! layer from the same config (device set to CUDA) and the same weights and batch copied to
 //! the device, poisons every output (0xFF = NaN), and compares.
 //!
@@ -21,23 +21,9 @@ use cudarc::driver::{sys, CudaContext};
 use fusedmoe::ffi::*;
 use std::ptr::null_mut;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const DTYPES: [Dt; 3] = [Dt::Bf16, Dt::F16, Dt::F32];
-
-/// H and I not multiples of 64 (nor of 16): 200 = 3·64 + 8, 72 = 64 + 8.
-fn base(dt: Dt, seed: u64) -> Case {
-    Case {
-        dt,
-        hidden: 200,
-        inter: 72,
-        tokens: 33,
-        experts: 8,
-        top_k: 2,
-        seed,
-        ..Case::default()
-    }
-}
 
 /// Non-gated cases need `gated = false` (with_activation keeps silu and gelu gated).
 fn non_gated(c: Case, act: u32) -> Case {
@@ -659,135 +645,6 @@ fn graph_case(ctx: &Arc<CudaContext>, c: &Case) -> Result<(), String> {
     Ok(())
 }
 
-/// Ids outside [−1, E) are dropped on CUDA and counted; the next call on the layer after the
-/// stream has finished reports "topk_ids: ..." and writes nothing; the call after that works.
-/// The bad batch's prepare and run are made behind a gate that holds the stream, which also
-/// shows that neither waits for the stream (no host synchronization in the hot path; not
-/// under compute-sanitizer, where the bad ids are there for memcheck).
-#[test]
-fn out_of_range_ids_are_dropped_and_reported_by_the_next_call() {
-    let Some(ctx) = gpu("out_of_range_ids_are_dropped_and_reported_by_the_next_call") else {
-        return;
-    };
-    for ids_i64 in [false, true] {
-        let c = Case {
-            tokens: 64,
-            ids_i64,
-            b13: true,
-            b2: true,
-            drop: 0.1,
-            ..base(Dt::Bf16, 7000 + ids_i64 as u64)
-        };
-        bad_ids_case(&ctx, &c).unwrap_or_else(|e| panic!("out-of-range ids: {c:?}\n    {e}"));
-    }
-}
-
-fn bad_ids_case(ctx: &Arc<CudaContext>, c: &Case) -> Result<(), String> {
-    let mut s = Setup::new(c);
-    let e = c.experts as f64;
-    let mut bad: Vec<(usize, f64)> = vec![(3, e), (10, 1000.0), (17, -5.0), (40, e + 1.0)];
-    if c.ids_i64 {
-        // wrong if narrowed to 32 bits: 2^32 + 1 → 1, −2^32 + 2 → 2
-        bad.extend([(51, 4294967297.0), (77, -4294967294.0)]);
-    } else {
-        bad.extend([(51, i32::MAX as f64), (77, i32::MIN as f64)]);
-    }
-    for &(r, v) in &bad {
-        s.ids.set(r, v);
-    }
-    let stream = ctx.new_stream().unwrap();
-    let st = cu(&stream);
-    let layer = CudaLayer::new(&s, &stream)?;
-    let mut d = DeviceBatch::new(&s, &layer, &stream)?; // the bad ids
-    for &(r, _) in &bad {
-        s.ids.set(r, -1.0);
-    }
-    let mut good = DeviceTensor::upload(&stream, &s.ids); // the same batch, bad ids as −1
-    status(s.prepare(), "CPU moe_prepare")?;
-    status(s.run(), "CPU moe_run")?;
-    let (cpu, reference, ids) = (s.output(), s.reference(), s.ids.values());
-    status(layer.warmup(c.tokens, &stream), "moe_warmup")?;
-    sync(&stream);
-    let (bad_ids, good_ids, ws) = (d.ids.raw(), good.raw(), d.ws.raw());
-    let (hidden, router, out) = (d.hidden.raw(), d.router.raw(), d.out.raw());
-    let run = || layer.run_raw(&hidden, &router, Some(&out), st);
-
-    // 1. the bad batch runs, queued behind a closed gate (so that its own moe_run cannot have
-    //    seen the count yet); neither call waits for the stream. Not under compute-sanitizer,
-    //    which serializes launches: a launch behind the gate would wait for it.
-    if !sanitizer() {
-        let gate = Gate::close(&stream);
-        let start = Instant::now();
-        let launched = status(layer.prepare_raw(&bad_ids, &ws, st), "moe_prepare")
-            .and_then(|()| status(run(), "moe_run"));
-        let waited = start.elapsed();
-        gate.open();
-        sync(&stream);
-        if waited > GATE_LIMIT / 2 {
-            return Err(format!(
-                "moe_prepare + moe_run took {waited:?} with the stream held: they wait for the \
-                 stream (a host synchronization, or compiling / loading a kernel that \
-                 moe_warmup did not); their result: {launched:?}"
-            ));
-        }
-        launched.map_err(|e| format!("the bad batch itself must run (in {waited:?}): {e}"))?;
-        compare(c, &d.output(c), &cpu, Some(&reference), &ids)
-            .map_err(|e| format!("the bad batch's valid routes: {e}"))?;
-    } else {
-        status(
-            layer.prepare_raw(&bad_ids, &ws, st),
-            "moe_prepare of the bad batch",
-        )?;
-        sync(&stream);
-    }
-
-    // 2. the next call, a moe_prepare, reports it and writes nothing; the call after works
-    let ws_before = d.ws.read_bytes();
-    expect_topk_ids_error(layer.prepare_raw(&good_ids, &ws, st), "moe_prepare")?;
-    if d.ws.read_bytes() != ws_before {
-        return Err("the refused moe_prepare wrote the workspace".into());
-    }
-    status(
-        layer.prepare_raw(&good_ids, &ws, st),
-        "moe_prepare after the report",
-    )?;
-    d.out.fill(POISON);
-    status(run(), "moe_run after the report")?;
-    sync(&stream);
-    compare(c, &d.out.values(), &cpu, Some(&reference), &ids)
-        .map_err(|e| format!("the batch after the report: {e}"))?;
-
-    // 3. again, reported by a moe_run this time: it writes nothing; the run after it computes
-    //    the bad batch (its plan) with the bad ids dropped
-    status(
-        layer.prepare_raw(&bad_ids, &ws, st),
-        "moe_prepare of the second bad batch",
-    )?;
-    sync(&stream);
-    d.out.fill(POISON);
-    expect_topk_ids_error(run(), "moe_run")?;
-    sync(&stream);
-    if !d.out.poisoned_from(0) {
-        return Err("the refused moe_run wrote out".into());
-    }
-    status(run(), "moe_run after the report")?;
-    sync(&stream);
-    compare(c, &d.out.values(), &cpu, Some(&reference), &ids)
-        .map_err(|e| format!("the run after the report: {e}"))?;
-    Ok(())
-}
-
-fn expect_topk_ids_error(s: moe_status, what: &str) -> Result<(), String> {
-    let message = last_error();
-    if s != moe_status::MOE_ERR_INVALID_ARGUMENT || !message.starts_with("topk_ids:") {
-        return Err(format!(
-            "{what} after a batch with out-of-range ids: {s:?} \"{message}\", expected \
-             MOE_ERR_INVALID_ARGUMENT with a message starting \"topk_ids:\""
-        ));
-    }
-    Ok(())
-}
-
 /// Host tensors, or tensors on device ordinal 1, given to a CUDA layer are refused by name;
 /// nothing is written.
 #[test]
@@ -990,30 +847,4 @@ fn an_empty_batch_writes_nothing() {
             }
         }
     }
-}
-
-/// The timing in this file's gate needs the gate to hold: a sanity check of the harness.
-#[test]
-fn the_stream_gate_holds_queued_work() {
-    let Some(ctx) = gpu("the_stream_gate_holds_queued_work") else {
-        return;
-    };
-    if sanitizer() {
-        println!("SKIPPED: the stream gate under compute-sanitizer (launches are serialized)");
-        return;
-    }
-    let stream = ctx.new_stream().unwrap();
-    let mut t = DeviceTensor::poisoned(&stream, Dt::U8, &[64]);
-    let gate = Gate::close(&stream);
-    t.fill(0);
-    std::thread::sleep(Duration::from_millis(50));
-    let done = unsafe { sys::cuStreamQuery(stream.cu_stream()) };
-    gate.open();
-    sync(&stream);
-    assert_eq!(
-        done,
-        sys::CUresult::CUDA_ERROR_NOT_READY,
-        "the gate did not hold the stream"
-    );
-    assert!(t.read_bytes().iter().all(|&b| b == 0));
 }

@@ -748,3 +748,17 @@ impl Drop for Gate {
         self.open();
     }
 }
+
+/// H and I not multiples of 64 (nor of 16): 200 = 3·64 + 8, 72 = 64 + 8.
+pub fn base(dt: Dt, seed: u64) -> Case {
+    Case {
+        dt,
+        hidden: 200,
+        inter: 72,
+        tokens: 33,
+        experts: 8,
+        top_k: 2,
+        seed,
+        ..Case::default()
+    }
+}

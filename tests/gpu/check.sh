@@ -12,7 +12,7 @@
 #               header, which need the build machine's toolchains
 #   demo        the demo example on --device cuda
 #   pytest      examples/python/test_torch.py: torch CUDA tensors, torch streams, CUDA graphs
-#   memcheck    compute-sanitizer --tool memcheck on the cuda tests, FUSEDMOE_GPU_REDUCED=1
+#   memcheck    compute-sanitizer --tool memcheck on tests/cuda and tests/cuda_gated, FUSEDMOE_GPU_REDUCED=1
 #   racecheck   compute-sanitizer --tool racecheck, likewise
 # Also by name only: synccheck, initcheck (the other two sanitizer tools, likewise).
 #
@@ -199,9 +199,13 @@ sanitize() {
   # FUSEDMOE_GPU_SANITIZER: the tests leave out their stream gate (serialized launches would
   # deadlock on it) and run their cases one at a time; with --test-threads=1, one host thread
   # launches at a time (racecheck deadlocks otherwise)
-  FUSEDMOE_GPU_REDUCED=1 FUSEDMOE_REQUIRE_GPU=1 FUSEDMOE_GPU_SANITIZER=1 \
-    limited "$SANITIZER" --tool "$1" --error-exitcode 1 "$DEV/tests/cuda" --nocapture \
-    --test-threads=1
+  # (cuda_gated: the out-of-range ids, which are what memcheck should see dropped)
+  local t
+  for t in cuda cuda_gated; do
+    FUSEDMOE_GPU_REDUCED=1 FUSEDMOE_REQUIRE_GPU=1 FUSEDMOE_GPU_SANITIZER=1 \
+      limited "$SANITIZER" --tool "$1" --error-exitcode 1 "$DEV/tests/$t" --nocapture \
+      --test-threads=1 || return 1
+  done
 }
 
 steps=("$@")
