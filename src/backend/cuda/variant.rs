@@ -218,8 +218,8 @@ pub fn combine(dtype: DType, entry: &'static str) -> Variant {
 
 /// The row kernels (activation, combine, zero rows): threads per block and the columns each
 /// thread takes; a block covers ROW_THREADS · ROW_ITEMS columns of one row.
-pub const ROW_THREADS: u32 = 128;
-pub const ROW_ITEMS: usize = 8;
+const ROW_THREADS: u32 = 128;
+const ROW_ITEMS: usize = 8;
 
 /// Blocks along a row of `cols` columns.
 pub fn row_chunks(cols: usize) -> usize {
