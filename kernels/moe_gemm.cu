@@ -111,7 +111,16 @@ __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& 
                                               int n0, int k0) {
     const fm_t* a = (const fm_t*)p.a;
     constexpr int chunks_per_row = FM_BK / 8;
-    for (int c = threadIdx.x; c < (FM_BM + FM_BN) * chunks_per_row; c += FM_THREADS) {
+    constexpr int chunks = (FM_BM + FM_BN) * chunks_per_row;
+    // Unrolled with a constant trip count: a thread's chunks sit FM_THREADS apart, the same
+    // column kk in rows a constant stride apart, so the index math folds and hoists out of
+    // the k loop. As a strided loop it did not, and at decode (one CTA per SM, few MMAs per
+    // k-step) issuing that math bound the kernel (ncu: 0.39 warps issued per scheduler).
+    static_assert(FM_THREADS % chunks_per_row == 0, "a thread's chunks share one column");
+#pragma unroll
+    for (int i = 0; i < (chunks + FM_THREADS - 1) / FM_THREADS; ++i) {
+        const int c = threadIdx.x + i * FM_THREADS;
+        if (chunks % FM_THREADS != 0 && c >= chunks) break;
         const int row = c / chunks_per_row, kk = (c % chunks_per_row) * 8, k = k0 + kk;
         const fm_t* src;
         fm_t* dst;
