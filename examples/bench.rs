@@ -4,6 +4,7 @@
 //!   cargo build --release --examples                  # on a machine with Rust; then, on the GPU:
 //!   FUSEDMOE_NVRTC_PATH=/path/to/libnvrtc.so.13 target/release/examples/bench [--quick]
 //!       [--shapes mixtral,qwen3,deepseek,gpt-oss,ep] [--tokens 1,16,256] [--reps N] [--json PATH]
+//!       [--option KEY=VALUE]...
 //!
 //! Per shape and token count M (random softmax top-k routing, fresh per input set):
 //! - time per call of moe_prepare + moe_run: CUDA graph replays for M ≤ 256 (one graph per
@@ -250,6 +251,8 @@ struct Options {
     repeats: Repeats,
     json: Option<String>,
     quick: bool,
+    /// Backend options for every model layer (`cuda.wgmma=0`: the A/B of the GEMM main loop).
+    layer_options: Vec<(String, String)>,
 }
 
 /// What every measurement needs.
@@ -423,7 +426,13 @@ fn bench_row(b: &Bench, m: &Model, layer: &Layer, ws: &DevBuf, tokens: usize) ->
 fn bench_model(b: &Bench, m: &Model, ep: Option<&Dispatcher>) -> (Vec<Row>, Option<Value>) {
     let (gpu, t0) = (b.gpu, Instant::now());
     let w = Weights::random(gpu, m, 7);
-    let layer = Layer::new(m, &w, m.experts);
+    let options: Vec<(&str, String)> = (b.o.layer_options.iter())
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    let layer = Layer::with_options(m, &w, m.experts, &options).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(1)
+    });
     let max_tokens = b.o.tokens.iter().copied().chain([EP_TOKENS]).max().unwrap();
     let ws = layer.workspace(gpu, max_tokens);
     let warm = layer.warmup(gpu, max_tokens);
@@ -573,11 +582,12 @@ fn dispatch_alone(b: &Bench, d: &Dispatcher, m: &Model) -> Vec<Value> {
 
 // ---------------------------------------------------------------- main
 
-const USAGE: &str = "usage: bench [--quick] [--shapes mixtral,qwen3,deepseek,gpt-oss,ep] [--tokens 1,16,...] [--reps N] [--json PATH]
+const USAGE: &str = "usage: bench [--quick] [--shapes mixtral,qwen3,deepseek,gpt-oss,ep] [--tokens 1,16,...] [--reps N] [--json PATH] [--option KEY=VALUE]...
   --quick   M in 1,16,64,256,1024,4096; 5 repeats of ≥ 10 ms (default: every M to 16384; 7 repeats of ≥ 25 ms)
   --shapes  which layers; `ep` adds moe_dispatch alone and the DeepSeek-V3 rank-0 comparison (needs deepseek)
   --tokens  token counts M of the layer rows
   --json    also write every number to PATH (rewritten after each shape)
+  --option  a backend option for every model layer (repeatable), e.g. cuda.wgmma=0
 env: FUSEDMOE_NVRTC_PATH=/full/path/libnvrtc.so.13; FUSEDMOE_TILE_CONFIG=table.json (optional)";
 
 fn usage(why: &str) -> ! {
@@ -596,6 +606,7 @@ fn parse_args() -> Options {
         },
         json: None,
         quick: false,
+        layer_options: Vec::new(),
     };
     let mut reps = None;
     let mut it = std::env::args().skip(1);
@@ -627,6 +638,10 @@ fn parse_args() -> Options {
                 }
             }
             "--json" => o.json = Some(value),
+            "--option" => match value.split_once('=') {
+                Some((k, v)) => o.layer_options.push((k.to_string(), v.to_string())),
+                None => usage("--option takes KEY=VALUE"),
+            },
             _ => usage(&format!("unknown argument {flag}")),
         }
     }
@@ -717,7 +732,7 @@ impl Report {
         });
         let doc = json!({
             "device": self.device, "driver_version": self.driver, "fusedmoe_version": version,
-            "dtype": "bf16", "quick": o.quick, "tokens": o.tokens,
+            "dtype": "bf16", "quick": o.quick, "tokens": o.tokens, "layer_options": o.layer_options,
             "tile_config_env": std::env::var("FUSEDMOE_TILE_CONFIG").ok(),
             "shapes": o.models.iter().map(Model::describe).collect::<Vec<_>>(),
             "copy_bandwidth": copy,

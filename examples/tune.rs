@@ -10,7 +10,8 @@
 //!       [--json report.json] [--threads N] [--reps N] [--fresh] [--dry-run]
 //!
 //! 1. Candidates per (shape, M): BLOCK_M {16, 32, 64, 128} × BLOCK_N {32, 64, 128, 256} ×
-//!    BLOCK_K {32, 64, 128} × warps {4, 8} × stages {2, 3, 4}, less the obviously useless:
+//!    BLOCK_K {32, 64, 128} × warps {4, 8} × stages {2, 3, 4} (and 5, 6 for BLOCK_K 64 with
+//!    BLOCK_M ≥ 64, the tiles Hopper's wgmma takes), less the obviously useless:
 //!    BLOCK_M above twice the routes per expert (2·M·K/E) rounded up to a power of two, or below an
 //!    eighth of them (at most 64: large batches skip thin tiles); BLOCK_N 32 above M = 256;
 //!    more than 128 accumulators per thread (BLOCK_M·BLOCK_N over the threads: they spill).
@@ -202,7 +203,11 @@ fn candidates(m: &Model, tokens: usize, quick: bool) -> Vec<TileConfig> {
         for bn in BLOCK_NS {
             for bk in BLOCK_KS {
                 for warps in WARPS {
-                    for stages in STAGES {
+                    // wgmma's tiles (BLOCK_K 64, BLOCK_M ≥ 64) prefetch STAGES − 2 k-tiles
+                    // ahead (kernels/moe_gemm_wgmma.cuh), so they also try 5 and 6
+                    let wgmma_shaped = bk == 64 && bm >= 64;
+                    let deeper = if wgmma_shaped { &[5, 6][..] } else { &[] };
+                    for stages in STAGES.into_iter().chain(deeper.iter().copied()) {
                         if bm * bn / (32 * warps) > MAX_ACCUMULATORS {
                             continue;
                         }

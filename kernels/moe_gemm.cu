@@ -10,7 +10,8 @@
 //
 // Compile-time variant: FM_DTYPE, FM_GEMM_MODE, FM_BM, FM_BN, FM_BK, FM_WARPS_M, FM_WARPS_N,
 // FM_STAGES, FM_VEC (8: 16-byte cp.async chunks, rows 16-byte aligned; 1: element loads) and
-// FM_MMA (1: mma.sync on 16-bit types; 0: SIMT in f32, the f32 layers' path).
+// FM_MMA (1: mma.sync on 16-bit types; 0: SIMT in f32, the f32 layers' path) and FM_WGMMA
+// (1: Hopper's wgmma, moe_gemm_wgmma.cuh; sm_90a, 16-bit types, 16-byte loads).
 #include "common.cuh"
 
 struct FmGemmParams {
@@ -95,7 +96,11 @@ __device__ __forceinline__ void fm_epilogue(const FmRows& rows, const FmGemmPara
 #endif
 }
 
-#if FM_MMA
+#if FM_WGMMA
+// ================================================================ Hopper tensor cores
+#include "moe_gemm_wgmma.cuh"
+
+#elif FM_MMA
 // ================================================================ tensor cores (f16, bf16)
 
 // Shared rows are padded by 8 elements (16 bytes) so ldmatrix's 8 row reads hit 32 banks.

@@ -119,7 +119,7 @@ impl Layer {
                     })?,
             ),
         };
-        let state = backend.layer_state(&v, &weights)?;
+        let state = backend.layer_state(&v, &weights, &config.options)?;
         Ok(Layer {
             state,
             config: config.clone(),

@@ -88,6 +88,16 @@ const KEYS: &[Key] = &[
         doc: "a tuned tile table (SPEC §5 format) for this layer",
     },
     Key {
+        name: "cuda.wgmma",
+        rule: Rule::Int {
+            min: 0,
+            max: 1,
+            pow2: false,
+        },
+        device: Some(DeviceKind::Cuda),
+        doc: "1 (default): GEMM tiles of wgmma's shape use Hopper's wgmma on sm_90a; 0: mma.sync",
+    },
+    Key {
         name: "cpu.num_threads",
         rule: Rule::Int {
             min: 1,

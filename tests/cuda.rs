@@ -329,6 +329,77 @@ fn tile_block_m_overrides_match_the_cpu() {
     );
 }
 
+/// Tiles of wgmma's shape (BLOCK_K 64, a warpgroup of 4 warps per 64 rows, 64, 128 or 256
+/// columns per warpgroup) take Hopper's wgmma main loop on sm_90a (the mma.sync one
+/// elsewhere): ragged N and K tails, sparse and crowded experts, biases, the router weight on
+/// either GEMM, no_combine, interleaved gate/up, and an odd H (GEMM2 stores single elements
+/// where its paired stores would not be aligned).
+#[test]
+fn wgmma_tiles_match_the_cpu() {
+    let Some(ctx) = gpu("wgmma_tiles_match_the_cpu") else {
+        return;
+    };
+    // (BLOCK_M, BLOCK_N, warps, stages)
+    let tiles = [
+        (64, 64, 4, 3),
+        (64, 128, 4, 4),
+        (64, 256, 8, 3),
+        (128, 64, 8, 5),
+        (128, 128, 8, 4),
+        (128, 256, 8, 3),
+    ];
+    let mut cases = Vec::new();
+    for (n, (bm, bn, warps, stages)) in tiles.into_iter().enumerate() {
+        let options: Vec<(String, String)> = [
+            ("tile.block_m", bm),
+            ("tile.block_n", bn),
+            ("tile.block_k", 64),
+            ("tile.num_warps", warps),
+            ("tile.num_stages", stages),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into();
+        let dt = [Dt::Bf16, Dt::F16][n % 2];
+        let seed = 4600 + 10 * n as u64;
+        cases.push(Case {
+            tokens: 300,
+            hidden: 200,
+            inter: 136,
+            drop: 0.1,
+            b13: true,
+            b2: true,
+            options: options.clone(),
+            ..base(dt, seed)
+        });
+        cases.push(Case {
+            tokens: 37,
+            experts: 16,
+            top_k: 4,
+            hidden: 203,
+            inter: 64,
+            on_input: true,
+            options: options.clone(),
+            ..base(dt, seed + 1)
+        });
+        cases.push(Case {
+            tokens: 700,
+            experts: 4,
+            hidden: 512,
+            inter: 320,
+            layout: MOE_GATE_UP_INTERLEAVED,
+            no_combine: true,
+            keep_weight: true,
+            options,
+            ..base(dt, seed + 2)
+        });
+    }
+    run_cases(
+        "wgmma tiles",
+        &ctx,
+        &select(cases, |c| c.tokens == 37 && c.options[1].1 == "128"),
+    );
+}
+
 /// With the same BLOCK_M, the CUDA align step gives the CPU's plan (SPEC §4 fixes the order).
 #[test]
 fn cuda_plan_arrays_equal_the_cpu_plan() {

@@ -8,6 +8,7 @@ use crate::config::Validated;
 use crate::error::{unsupported, Result};
 use crate::layer::{Layer, Weights};
 use crate::lora::LoraBatch;
+use crate::options::Options;
 use crate::plan::{Prepared, RunIo};
 use crate::tensor::{Device, DeviceKind, Tensor};
 use crate::tiles::TileConfig;
@@ -21,7 +22,12 @@ pub enum LayerState {
 
 pub trait Backend: Send + Sync {
     /// The backend's per-layer state, made at layer creation.
-    fn layer_state(&self, v: &Validated, weights: &Weights) -> Result<LayerState>;
+    fn layer_state(
+        &self,
+        v: &Validated,
+        weights: &Weights,
+        options: &Options,
+    ) -> Result<LayerState>;
 
     /// Bytes of scratch a run of `numel` routes needs after the align arrays, whose sorted
     /// route list holds `capacity` slots.

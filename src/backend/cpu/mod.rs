@@ -20,7 +20,12 @@ use crate::workspace::Layout;
 pub struct CpuBackend;
 
 impl Backend for CpuBackend {
-    fn layer_state(&self, _v: &Validated, _weights: &Weights) -> Result<LayerState> {
+    fn layer_state(
+        &self,
+        _v: &Validated,
+        _weights: &Weights,
+        _options: &crate::options::Options,
+    ) -> Result<LayerState> {
         Ok(LayerState::Cpu)
     }
 

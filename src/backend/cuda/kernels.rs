@@ -176,8 +176,8 @@ impl KernelSet {
         dev: &DeviceState,
         v: &Validated,
         tile: TileConfig,
-        gemm1_vec8: bool,
-        gemm2_vec8: bool,
+        (gemm1_vec8, gemm2_vec8): (bool, bool),
+        hopper: bool,
     ) -> Result<KernelSet> {
         let finish = if v.no_combine {
             "moe_zero_dropped"
@@ -187,9 +187,9 @@ impl KernelSet {
         Ok(KernelSet {
             align_i32: Loaded::new(dev, variant::align(false))?,
             align_i64: Loaded::new(dev, variant::align(true))?,
-            gemm1: Loaded::new(dev, variant::gemm(v.dtype, 1, tile, gemm1_vec8)?)?,
+            gemm1: Loaded::new(dev, variant::gemm(v.dtype, 1, tile, gemm1_vec8, hopper)?)?,
             act: Loaded::new(dev, variant::act(v.dtype, v.act, v.gated, v.layout))?,
-            gemm2: Loaded::new(dev, variant::gemm(v.dtype, 2, tile, gemm2_vec8)?)?,
+            gemm2: Loaded::new(dev, variant::gemm(v.dtype, 2, tile, gemm2_vec8, hopper)?)?,
             finish: Loaded::new(dev, variant::combine(v.dtype, finish))?,
             tile,
         })

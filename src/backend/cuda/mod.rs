@@ -75,6 +75,8 @@ pub struct CudaLayer {
     gemm1_vec8: bool,
     /// GEMM2 reads the workspace's activation rows and w2 (I % 8 == 0, w2 aligned).
     gemm2_vec8: bool,
+    /// GEMM tiles of wgmma's shape take the wgmma main loop (sm_90a, option cuda.wgmma).
+    hopper: bool,
     kernels: Mutex<HashMap<(TileConfig, bool), Arc<KernelSet>>>,
 }
 
@@ -90,7 +92,13 @@ impl CudaLayer {
         if let Some(k) = self.kernels.lock().unwrap().get(&(tile, vec8)) {
             return Ok(k.clone());
         }
-        let k = Arc::new(KernelSet::load(&self.dev, v, tile, vec8, self.gemm2_vec8)?);
+        let k = Arc::new(KernelSet::load(
+            &self.dev,
+            v,
+            tile,
+            (vec8, self.gemm2_vec8),
+            self.hopper,
+        )?);
         self.kernels.lock().unwrap().insert((tile, vec8), k.clone());
         Ok(k)
     }
@@ -120,7 +128,12 @@ fn scratch(v: &Validated, numel: usize, capacity: usize) -> Scratch {
 }
 
 impl Backend for CudaBackend {
-    fn layer_state(&self, v: &Validated, weights: &Weights) -> Result<LayerState> {
+    fn layer_state(
+        &self,
+        v: &Validated,
+        weights: &Weights,
+        options: &crate::options::Options,
+    ) -> Result<LayerState> {
         let d = v.dims;
         if d.experts > MAX_EXPERTS {
             return Err(crate::error::unsupported!(
@@ -132,10 +145,11 @@ impl Backend for CudaBackend {
         let aligned = |t: &Tensor| t.data as usize % 16 == 0;
         Ok(LayerState::Cuda(CudaLayer {
             bad_ids: mapped::Counter::new(&dev, 1)?,
-            dev,
             gemm1_vec8: d.hidden % 8 == 0 && aligned(&weights.w13),
             gemm2_vec8: d.inter % 8 == 0 && aligned(&weights.w2),
+            hopper: dev.arch == "sm_90a" && options.int("cuda.wgmma") != Some(0),
             kernels: Mutex::new(HashMap::new()),
+            dev,
         }))
     }
 

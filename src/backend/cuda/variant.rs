@@ -89,7 +89,9 @@ pub fn align_segments(experts: usize, threads: u32) -> (usize, usize) {
 
 /// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config. `vec8`: every row of A and W starts
 /// 16-byte aligned (kdim a multiple of 8 and aligned bases), so 16-byte cp.async applies.
-pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, vec8: bool) -> Result<Variant> {
+/// `hopper`: the device runs sm_90a code and the layer allows it, so a tile of wgmma's shape
+/// (wgmma_layout) takes the wgmma main loop.
+pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, vec8: bool, hopper: bool) -> Result<Variant> {
     let TileConfig {
         block_m: bm,
         block_n: bn,
@@ -99,32 +101,70 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, vec8: bool) -> Result<Vari
         ..
     } = tile;
     let mma = dtype != DType::F32;
+    let rows_bytes = (bm as usize * 12).div_ceil(128) * 128;
+    let esize = dtype.size();
+    if mma && vec8 && hopper {
+        if let Some((wm, wn)) = wgmma_layout(bm, bn, bk, warps, stages) {
+            // the row table, 1024 bytes to align the first stage, the swizzled stages
+            let shared_bytes = rows_bytes + 1024 + stages as usize * (bm + bn) as usize * 128;
+            return Ok(gemm_variant(
+                dtype,
+                mode,
+                tile,
+                (wm, wn),
+                8,
+                1,
+                shared_bytes,
+            ));
+        }
+    }
     let (wm, wn) = warp_layout(bm, bn, warps, mma).ok_or_else(|| {
         unsupported!(
             "tile config: BLOCK_M {bm} x BLOCK_N {bn} cannot be shared by {warps} warps on CUDA (each warp needs at least {} rows and 8 columns); set tile.num_warps lower or the blocks larger",
             if mma { 16 } else { 1 }
         )
     })?;
-    let threads = warps * 32;
-    let rows_bytes = (bm as usize * 12).div_ceil(128) * 128;
-    let esize = dtype.size();
     let shared_bytes = if mma {
         rows_bytes + stages as usize * (bm + bn) as usize * (bk as usize + 8) * esize
     } else {
-        let per_thread = (bm * bn).div_ceil(threads);
+        let per_thread = (bm * bn).div_ceil(warps * 32);
         if per_thread > 64 {
             return Err(unsupported!(
-                "tile config: BLOCK_M {bm} x BLOCK_N {bn} over {threads} threads is {per_thread} outputs per thread; the f32 CUDA path takes at most 64 (raise tile.num_warps or shrink the blocks)"
+                "tile config: BLOCK_M {bm} x BLOCK_N {bn} over {} threads is {per_thread} outputs per thread; the f32 CUDA path takes at most 64 (raise tile.num_warps or shrink the blocks)",
+                warps * 32
             ));
         }
         rows_bytes + (bm + bn) as usize * (bk as usize + 1) * esize
     };
     let vec = if vec8 && mma { 8 } else { 1 };
+    Ok(gemm_variant(
+        dtype,
+        mode,
+        tile,
+        (wm, wn),
+        vec,
+        0,
+        shared_bytes,
+    ))
+}
+
+fn gemm_variant(
+    dtype: DType,
+    mode: u8,
+    tile: TileConfig,
+    (wm, wn): (u32, u32),
+    vec: i64,
+    wgmma: i64,
+    shared_bytes: usize,
+) -> Variant {
+    let (bm, bn, bk, stages) = (tile.block_m, tile.block_n, tile.block_k, tile.num_stages);
+    let mma = dtype != DType::F32;
     let name = format!(
-        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}",
-        dtype.name()
+        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}{}",
+        dtype.name(),
+        if wgmma == 1 { "_wgmma" } else { "" }
     );
-    Ok(Variant {
+    Variant {
         source: KERNEL_GEMM.name,
         entry: "moe_gemm",
         defines: vec![
@@ -138,11 +178,36 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, vec8: bool) -> Result<Vari
             ("FM_STAGES", stages as i64),
             ("FM_VEC", vec),
             ("FM_MMA", mma as i64),
+            ("FM_WGMMA", wgmma),
         ],
         name,
         shared_bytes,
-        threads,
-    })
+        threads: wm * wn * 32,
+    }
+}
+
+/// The warps (along M, along N) of a wgmma tile, if the tile has wgmma's shape: BLOCK_K 64 (a
+/// 128-byte swizzle row), a warpgroup of 4 warps per 64 rows, the warpgroups along N each
+/// taking 64, 128 or 256 columns (one wgmma's N), and 3 stages at least.
+pub fn wgmma_layout(bm: u32, bn: u32, bk: u32, warps: u32, stages: u32) -> Option<(u32, u32)> {
+    if bk != 64 || bm % 64 != 0 || warps % 4 != 0 || stages < 3 {
+        return None;
+    }
+    let (groups, groups_m) = (warps / 4, bm / 64);
+    if groups % groups_m != 0 {
+        return None;
+    }
+    let groups_n = groups / groups_m;
+    let cols = bn / groups_n;
+    (bn % groups_n == 0 && matches!(cols, 64 | 128 | 256)).then_some((4 * groups_m, groups_n))
+}
+
+impl Variant {
+    /// Whether this variant compiles for sm_90a only (the wgmma main loop).
+    #[cfg(test)]
+    pub fn needs_sm90a(&self) -> bool {
+        self.defines.contains(&("FM_WGMMA", 1))
+    }
 }
 
 /// Splits `warps` into (along M, along N) so that each warp's tile is as square as it can
@@ -268,18 +333,34 @@ pub fn ci_set() -> Vec<Variant> {
             flags: 0,
         },
     ];
+    // wgmma's three widths per warpgroup: 64 (64×64, w4), 128 (64×256, w8 as 1×2
+    // warpgroups) and 256 (128×256, w8)
+    let wgmma_tiles =
+        [(64, 64, 4), (64, 256, 8), (128, 256, 8)].map(|(bm, bn, warps)| TileConfig {
+            block_m: bm,
+            block_n: bn,
+            block_k: 64,
+            group_m: 8,
+            num_warps: warps,
+            num_stages: 3,
+            flags: 0,
+        });
+
     let mut all = vec![align(false), align(true)];
     for (a, b) in [(false, false), (false, true), (true, false), (true, true)] {
         all.push(dispatch(a, b));
     }
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        for tile in tiles {
+        let loads = [(false, false), (true, false), (true, true)];
+        let gemm_cases = tiles
+            .iter()
+            .flat_map(|&t| loads.map(|l| (t, l)))
+            .chain(wgmma_tiles.map(|t| (t, (true, true))));
+        for (tile, (vec8, hopper)) in gemm_cases {
             for mode in [1, 2] {
-                for vec8 in [false, true] {
-                    if let Ok(g) = gemm(dtype, mode, tile, vec8) {
-                        if !all.contains(&g) {
-                            all.push(g);
-                        }
+                if let Ok(g) = gemm(dtype, mode, tile, vec8, hopper) {
+                    if !all.contains(&g) {
+                        all.push(g);
                     }
                 }
             }
@@ -326,6 +407,51 @@ mod tests {
         assert_eq!(warp_layout(128, 128, 8, true), Some((2, 4)));
         assert_eq!(warp_layout(16, 16, 4, true), None);
         assert_eq!(warp_layout(16, 16, 4, false), Some((2, 2)));
+    }
+
+    #[test]
+    fn wgmma_takes_tiles_of_its_shape_only() {
+        // a warpgroup (4 warps) per 64 rows; the warpgroups along N take 64/128/256 columns
+        assert_eq!(wgmma_layout(128, 128, 64, 8, 4), Some((8, 1)));
+        assert_eq!(wgmma_layout(64, 256, 64, 8, 3), Some((4, 2)));
+        assert_eq!(wgmma_layout(128, 256, 64, 8, 3), Some((8, 1)));
+        assert_eq!(wgmma_layout(64, 64, 64, 4, 3), Some((4, 1)));
+        assert_eq!(
+            wgmma_layout(64, 64, 64, 8, 3),
+            None,
+            "32 columns per warpgroup"
+        );
+        assert_eq!(wgmma_layout(128, 128, 32, 8, 4), None, "BLOCK_K 32");
+        assert_eq!(wgmma_layout(16, 64, 64, 4, 3), None, "BLOCK_M 16");
+        assert_eq!(
+            wgmma_layout(128, 128, 64, 4, 3),
+            None,
+            "one warpgroup, two slabs"
+        );
+        assert_eq!(wgmma_layout(128, 128, 64, 8, 2), None, "two stages");
+        let tile = TileConfig {
+            block_m: 128,
+            block_n: 128,
+            block_k: 64,
+            group_m: 8,
+            num_warps: 8,
+            num_stages: 4,
+            flags: 0,
+        };
+        let on = gemm(DType::BF16, 1, tile, true, true).unwrap();
+        assert!(
+            on.needs_sm90a() && on.name.ends_with("_wgmma"),
+            "{}",
+            on.name
+        );
+        for (dtype, vec8, hopper) in [
+            (DType::BF16, true, false),
+            (DType::BF16, false, true),
+            (DType::F32, true, true),
+        ] {
+            let off = gemm(dtype, 1, tile, vec8, hopper).unwrap();
+            assert!(!off.needs_sm90a(), "{}", off.name);
+        }
     }
 
     #[test]

@@ -1,0 +1,281 @@
+// The Hopper main loop of moe_gemm (FM_WGMMA 1, sm_90a only; included by moe_gemm.cu, whose
+// block walk, row table and epilogue it shares). Each warpgroup (4 warps) issues
+// wgmma.mma_async for a 64-row slab of the tile; both operands are read from shared memory,
+// where they sit K-major in the 128-byte swizzle. They arrive by the same 16-byte cp.async
+// loads as the mma.sync path: A rows are gathered slot by slot through sorted_route_ids, a
+// gather the tensor copy engine cannot do on sm_90.
+//
+// Layout: FM_BK is 64, so a tile row is 128 bytes, one swizzle row; the 16-byte chunk c of
+// tile row r sits at chunk c ^ (r % 8), and the pattern repeats every 8 rows (1024 bytes),
+// so every stage starts 1024-byte aligned. The warps form FM_WARPS_M = 4 · (warpgroups
+// along M) by FM_WARPS_N (warpgroups along N); a warpgroup computes 64 rows by FM_WG_COLS.
+//
+// Pipeline, FM_STAGES ≥ 3 slots: while the wgmma of k-tile kt runs, the loads of kt + 1 …
+// kt + STAGES − 1 are in flight. The slot the newest load takes held k-tile kt − 1, so that
+// load waits for a second barrier per k-tile, after every warpgroup has waited for its wgmma
+// of kt − 1; with one barrier the prefetch would reach only STAGES − 2 k-tiles ahead.
+
+#define FM_WG_M (FM_WARPS_M / 4)
+#define FM_WG_N FM_WARPS_N
+#define FM_WG_COLS (FM_BN / FM_WG_N)
+#define FM_ROW_BYTES 128
+#define FM_STAGE_BYTES ((FM_BM + FM_BN) * FM_ROW_BYTES)
+
+static_assert(FM_BK == 64, "a tile row is one 128-byte swizzle row");
+static_assert(FM_WARPS_M % 4 == 0 && FM_BM == 64 * FM_WG_M, "a warpgroup per 64 rows");
+static_assert(FM_WG_COLS == 64 || FM_WG_COLS == 128 || FM_WG_COLS == 256,
+              "a warpgroup's columns are one wgmma's N");
+static_assert(FM_STAGES >= 3, "one slot computing, one draining, one loading at least");
+static_assert(FM_VEC == 8, "16-byte loads only");
+
+typedef unsigned long long fm_u64;
+
+#if FM_DTYPE == 2
+#define FM_WGMMA_AB ".bf16.bf16"
+#else
+#define FM_WGMMA_AB ".f16.f16"
+#endif
+
+// Byte offset of 16-byte chunk `c` of tile row `r` in the 128-byte swizzle.
+__device__ __forceinline__ unsigned fm_swizzled(int r, int c) {
+    return r * FM_ROW_BYTES + ((c ^ (r & 7)) << 4);
+}
+
+// The shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle starting
+// at shared address `addr`: 8-row groups 1024 bytes apart (stride offset), the leading
+// offset unused in this mode (1 by convention), swizzle mode 1 (128 bytes) in bits 62-63.
+__device__ __forceinline__ fm_u64 fm_wg_desc(unsigned addr) {
+    return (fm_u64)((addr & 0x3FFFF) >> 4) | ((fm_u64)1 << 16) | ((fm_u64)(1024 >> 4) << 32) |
+           ((fm_u64)1 << 62);
+}
+
+__device__ __forceinline__ void fm_wg_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void fm_wg_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void fm_wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accumulator reads or writes across a wgmma fence or wait.
+__device__ __forceinline__ void fm_wg_fence_operand(float& x) {
+    asm volatile("" : "+f"(x)::"memory");
+}
+// cp.async writes through the generic proxy; wgmma reads shared memory through the async one.
+__device__ __forceinline__ void fm_fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void fm_wgmma_n64(float (&d)[32], fm_u64 da, fm_u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32" FM_WGMMA_AB " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(1));
+}
+
+__device__ __forceinline__ void fm_wgmma_n128(float (&d)[64], fm_u64 da, fm_u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32" FM_WGMMA_AB " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(1));
+}
+
+__device__ __forceinline__ void fm_wgmma_n256(float (&d)[128], fm_u64 da, fm_u64 db) {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "setp.ne.b32 p, %130, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32" FM_WGMMA_AB " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+        "}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(da), "l"(db), "r"(1));
+}
+
+#if FM_WG_COLS == 64
+#define FM_WGMMA_TILE fm_wgmma_n64
+#elif FM_WG_COLS == 128
+#define FM_WGMMA_TILE fm_wgmma_n128
+#else
+#define FM_WGMMA_TILE fm_wgmma_n256
+#endif
+
+// Loads the k-slice [k0, k0 + 64) of the A rows (tile rows [0, BM)) and the W rows (tile rows
+// [BM, BM + BN)) into one stage, swizzled. As in the mma.sync loader, a thread's chunks sit
+// FM_THREADS apart, so each keeps one column and the index math hoists out of the k loop.
+__device__ __forceinline__ void fm_wg_load_stage(unsigned char* stage, const FmRows& rows,
+                                                 const FmGemmParams& p, const fm_t* w_expert,
+                                                 int n0, int k0) {
+    const fm_t* a = (const fm_t*)p.a;
+    constexpr int chunks = (FM_BM + FM_BN) * 8;
+    static_assert(FM_THREADS % 8 == 0 && chunks % FM_THREADS == 0, "whole rows per pass");
+#pragma unroll
+    for (int i = 0; i < chunks / FM_THREADS; ++i) {
+        const int c = threadIdx.x + i * FM_THREADS;
+        const int row = c / 8, chunk = c % 8, k = k0 + chunk * 8;
+        const fm_t* src;
+        bool valid;
+        if (row < FM_BM) {
+            const fm_i64 off = rows.a_offset[row];
+            valid = off >= 0 && k < p.kdim;
+            src = a + off + k;
+        } else {
+            const int n = n0 + row - FM_BM;
+            valid = n < p.n && k < p.kdim;
+            src = w_expert + (fm_i64)n * p.kdim + k;
+        }
+        fm_cp_async16(stage + fm_swizzled(row, chunk), valid ? (const void*)src : p.w, valid);
+    }
+}
+
+// Two adjacent columns of the epilogue: one 4-byte store where both are inside the row and
+// the row length keeps it aligned.
+__device__ __forceinline__ void fm_epilogue_pair(const FmRows& rows, const FmGemmParams& p,
+                                                 int expert, int slot0, int i, int col,
+                                                 float acc0, float acc1) {
+    const int route = rows.route[i];
+    if (route < 0) return;
+    if (col + 1 >= p.n || (p.n & 1)) {
+        fm_epilogue(rows, p, expert, slot0, i, col, acc0);
+        fm_epilogue(rows, p, expert, slot0, i, col + 1, acc1);
+        return;
+    }
+    const fm_i64 b = (fm_i64)expert * p.n + col;
+    const float bias0 = p.bias ? fm_read_as_f32(p.bias, b, p.bias_kind) : 0.0f;
+    const float bias1 = p.bias ? fm_read_as_f32(p.bias, b + 1, p.bias_kind) : 0.0f;
+    const float scale = p.apply_router ? fm_read_as_f32(p.router, route, p.router_kind) : 1.0f;
+#if FM_GEMM_MODE == 1
+    const fm_i64 at = (fm_i64)(slot0 + i) * p.n + col;
+    const unsigned lo = fm_store(scale * (acc0 + bias0)), hi = fm_store(scale * (acc1 + bias1));
+#else
+    const fm_i64 at = (fm_i64)route * p.n + col;
+    const unsigned lo = fm_store((acc0 + bias0) * scale), hi = fm_store((acc1 + bias1) * scale);
+#endif
+    *(unsigned*)((fm_t*)p.out + at) = lo | (hi << 16);
+}
+
+// Two CTAs per SM where the accumulators allow (64 per thread fit the 128 registers that
+// leaves, without spills): one CTA's epilogue and pipeline fill then overlap the other's
+// main loop.
+#define FM_MIN_CTAS (FM_WG_COLS <= 128 ? 2 : 1)
+
+extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(const FmGemmParams p) {
+    FmBlock b;
+    if (!fm_block(p, b)) return;
+    const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
+
+    extern __shared__ __align__(16) unsigned char fm_smem[];
+    FmRows& rows = *(FmRows*)fm_smem;
+    // The stages start at the first 1024-byte boundary past the row table (the launch asks
+    // for 1024 bytes of slack).
+    const unsigned smem0 = (unsigned)__cvta_generic_to_shared(fm_smem);
+    const unsigned tiles0 = (smem0 + (unsigned)sizeof(FmRows) + 1023u) & ~1023u;
+    unsigned char* tiles = fm_smem + (tiles0 - smem0);
+    fm_rows_setup(rows, p, slot0);
+    __syncthreads();
+
+    const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)expert * p.n * p.kdim;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wg = warp / 4, wg_m = wg / FM_WG_N, wg_n = wg % FM_WG_N;
+    // This warpgroup's A slab and B columns, as offsets into a stage.
+    const unsigned a_off = wg_m * 64 * FM_ROW_BYTES;
+    const unsigned b_off = (FM_BM + wg_n * FM_WG_COLS) * FM_ROW_BYTES;
+
+    float acc[FM_WG_COLS / 2];
+#pragma unroll
+    for (int q = 0; q < FM_WG_COLS / 2; ++q) acc[q] = 0.0f;
+
+    const int k_tiles = (p.kdim + FM_BK - 1) / FM_BK;
+#pragma unroll
+    for (int s = 0; s < FM_STAGES - 1; ++s) {
+        if (s < k_tiles)
+            fm_wg_load_stage(tiles + s * FM_STAGE_BYTES, rows, p, w_expert, n0, s * FM_BK);
+        fm_cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        fm_cp_async_wait<FM_STAGES - 2>();
+        fm_fence_proxy_async();
+        __syncthreads();  // k-tile kt is in shared memory, every thread's part of it
+
+        const unsigned stage = tiles0 + (kt % FM_STAGES) * FM_STAGE_BYTES;
+#pragma unroll
+        for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
+        fm_wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < FM_BK / 16; ++ks)  // 16 elements = 32 bytes along the row
+            FM_WGMMA_TILE(acc, fm_wg_desc(stage + a_off + ks * 32),
+                          fm_wg_desc(stage + b_off + ks * 32));
+        fm_wg_commit();
+        fm_wg_wait<1>();  // this warpgroup's wgmma of k-tile kt - 1 is done
+#pragma unroll
+        for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
+        __syncthreads();  // every warpgroup's is: its slot takes k-tile kt + STAGES - 1
+
+        const int next = kt + FM_STAGES - 1;
+        if (next < k_tiles)
+            fm_wg_load_stage(tiles + (next % FM_STAGES) * FM_STAGE_BYTES, rows, p, w_expert, n0,
+                             next * FM_BK);
+        fm_cp_async_commit();
+    }
+    fm_wg_wait<0>();
+#pragma unroll
+    for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
+    fm_cp_async_wait<0>();
+
+    // The accumulator fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4
+    // (and 8 further down); per 8 columns j, registers 4j, 4j+1 sit at columns 8j + 2(lane%4)
+    // + {0, 1} of the first row, 4j+2, 4j+3 at the same columns of the second.
+    const int row0 = wg_m * 64 + (warp % 4) * 16 + lane / 4;
+    const int col0 = n0 + wg_n * FM_WG_COLS + (lane % 4) * 2;
+#pragma unroll
+    for (int j = 0; j < FM_WG_COLS / 8; ++j) {
+        fm_epilogue_pair(rows, p, expert, slot0, row0, col0 + 8 * j, acc[4 * j], acc[4 * j + 1]);
+        fm_epilogue_pair(rows, p, expert, slot0, row0 + 8, col0 + 8 * j, acc[4 * j + 2],
+                         acc[4 * j + 3]);
+    }
+}
