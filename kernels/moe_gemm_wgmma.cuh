@@ -202,7 +202,7 @@ __device__ __forceinline__ void fm_epilogue_pair(const FmRows& rows, const FmGem
 // Two CTAs per SM where the accumulators allow (64 per thread fit the 128 registers that
 // leaves, without spills): one CTA's epilogue and pipeline fill then overlap the other's
 // main loop.
-#define FM_MIN_CTAS (FM_WG_COLS <= 128 ? 2 : 1)
+#define FM_MIN_CTAS (FM_WG_COLS <= 128 && FM_THREADS <= 256 ? 2 : 1)
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(const FmGemmParams p) {
     FmBlock b;
