@@ -12,10 +12,16 @@ pub struct Source {
 }
 
 /// Headers the kernels include, handed to NVRTC from memory.
-pub const HEADERS: &[Source] = &[Source {
-    name: "common.cuh",
-    text: include_str!("../../../kernels/common.cuh"),
-}];
+pub const HEADERS: &[Source] = &[
+    Source {
+        name: "common.cuh",
+        text: include_str!("../../../kernels/common.cuh"),
+    },
+    Source {
+        name: "lora.cuh",
+        text: include_str!("../../../kernels/lora.cuh"),
+    },
+];
 
 pub const KERNEL_ALIGN: Source = Source {
     name: "moe_align.cu",
@@ -36,6 +42,10 @@ pub const KERNEL_DISPATCH: Source = Source {
 pub const KERNEL_COMBINE: Source = Source {
     name: "moe_combine.cu",
     text: include_str!("../../../kernels/moe_combine.cu"),
+};
+pub const KERNEL_LORA: Source = Source {
+    name: "moe_lora.cu",
+    text: include_str!("../../../kernels/moe_lora.cu"),
 };
 
 fn check(result: sys::nvrtcResult, what: &str) -> Result<(), String> {

@@ -2,8 +2,9 @@
 //! same variant name keys the in-memory and disk caches and appears in errors (kernels/README).
 
 use super::compile::{
-    Source, KERNEL_ACT, KERNEL_ALIGN, KERNEL_COMBINE, KERNEL_DISPATCH, KERNEL_GEMM,
+    Source, KERNEL_ACT, KERNEL_ALIGN, KERNEL_COMBINE, KERNEL_DISPATCH, KERNEL_GEMM, KERNEL_LORA,
 };
+use super::lora;
 use crate::activation::{ActFn, GateUpLayout};
 use crate::dtype::DType;
 use crate::error::{unsupported, Result};
@@ -31,6 +32,7 @@ impl Variant {
             &KERNEL_ACT,
             &KERNEL_COMBINE,
             &KERNEL_DISPATCH,
+            &KERNEL_LORA,
         ]
         .into_iter()
         .find(|s| s.name == self.source)
@@ -89,7 +91,8 @@ pub fn align_segments(experts: usize, threads: u32) -> (usize, usize) {
 
 /// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config. `vec8`: every row of A and W starts
 /// 16-byte aligned (kdim a multiple of 8 and aligned bases), so 16-byte cp.async applies.
-pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, vec8: bool) -> Result<Variant> {
+/// `lora`: the moe_run_lora variant, whose epilogue adds the LoRA delta (kernels/lora.cuh).
+pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, vec8: bool, lora: bool) -> Result<Variant> {
     let TileConfig {
         block_m: bm,
         block_n: bn,
@@ -121,24 +124,29 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, vec8: bool) -> Result<Vari
     };
     let vec = if vec8 && mma { 8 } else { 1 };
     let name = format!(
-        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}",
-        dtype.name()
+        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}{}",
+        dtype.name(),
+        if lora { "_lora" } else { "" }
     );
+    let mut defines = vec![
+        ("FM_DTYPE", dtype_code(dtype)),
+        ("FM_GEMM_MODE", mode as i64),
+        ("FM_BM", bm as i64),
+        ("FM_BN", bn as i64),
+        ("FM_BK", bk as i64),
+        ("FM_WARPS_M", wm as i64),
+        ("FM_WARPS_N", wn as i64),
+        ("FM_STAGES", stages as i64),
+        ("FM_VEC", vec),
+        ("FM_MMA", mma as i64),
+    ];
+    if lora {
+        defines.extend(lora::expand_defines());
+    }
     Ok(Variant {
         source: KERNEL_GEMM.name,
         entry: "moe_gemm",
-        defines: vec![
-            ("FM_DTYPE", dtype_code(dtype)),
-            ("FM_GEMM_MODE", mode as i64),
-            ("FM_BM", bm as i64),
-            ("FM_BN", bn as i64),
-            ("FM_BK", bk as i64),
-            ("FM_WARPS_M", wm as i64),
-            ("FM_WARPS_N", wn as i64),
-            ("FM_STAGES", stages as i64),
-            ("FM_VEC", vec),
-            ("FM_MMA", mma as i64),
-        ],
+        defines,
         name,
         shared_bytes,
         threads,
@@ -226,6 +234,32 @@ pub fn row_chunks(cols: usize) -> usize {
     cols.div_ceil(ROW_THREADS as usize * ROW_ITEMS).max(1)
 }
 
+/// moe_lora_map: each token's active LoRA slot (no dtype: it moves int32 only).
+pub fn lora_map() -> Variant {
+    Variant {
+        source: KERNEL_LORA.name,
+        entry: "moe_lora_map",
+        defines: lora::map_defines(),
+        name: "moe_lora_map".to_string(),
+        shared_bytes: 0,
+        threads: lora::MAP_THREADS,
+    }
+}
+
+/// moe_lora_shrink: the LoRA rank intermediates of GEMM1 or GEMM2 (one kernel for both).
+pub fn lora_shrink(dtype: DType) -> Variant {
+    let mut defines = vec![("FM_DTYPE", dtype_code(dtype))];
+    defines.extend(lora::shrink_defines());
+    Variant {
+        source: KERNEL_LORA.name,
+        entry: "moe_lora_shrink",
+        defines,
+        name: format!("moe_lora_shrink__{}", dtype.name()),
+        shared_bytes: 0,
+        threads: lora::SHRINK_THREADS,
+    }
+}
+
 /// moe_dispatch for int32 or int64 ids in and out.
 pub fn dispatch(ids_i64: bool, out_i64: bool) -> Variant {
     let bits = |b: bool| if b { "i64" } else { "i32" };
@@ -243,7 +277,8 @@ pub fn dispatch(ids_i64: bool, out_i64: bool) -> Variant {
 }
 
 /// The variants CI compiles for sm_80 and sm_90a: every dtype, activation, layout, stage
-/// entry and load width, at the default tile configs and a few tuned-table shapes.
+/// entry and load width, at the default tile configs and a few tuned-table shapes; the LoRA
+/// kernels, and the LoRA GEMMs at two tiles.
 #[cfg(test)]
 pub fn ci_set() -> Vec<Variant> {
     let tiles = [
@@ -276,7 +311,7 @@ pub fn ci_set() -> Vec<Variant> {
         for tile in tiles {
             for mode in [1, 2] {
                 for vec8 in [false, true] {
-                    if let Ok(g) = gemm(dtype, mode, tile, vec8) {
+                    if let Ok(g) = gemm(dtype, mode, tile, vec8, false) {
                         if !all.contains(&g) {
                             all.push(g);
                         }
@@ -311,7 +346,16 @@ pub fn ci_set() -> Vec<Variant> {
         }
         all.push(combine(dtype, "moe_combine"));
         all.push(combine(dtype, "moe_zero_dropped"));
+        // LoRA: the epilogue hook is the same at every tile, so the smallest default tile and
+        // the largest (the most accumulators live around the hook) per GEMM, 16-byte loads
+        for tile in [tiles[0], tiles[2]] {
+            for mode in [1, 2] {
+                all.push(gemm(dtype, mode, tile, true, true).expect("a CI tile"));
+            }
+        }
+        all.push(lora_shrink(dtype));
     }
+    all.push(lora_map());
     all
 }
 
