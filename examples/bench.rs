@@ -3,7 +3,7 @@
 //!
 //!   cargo build --release --examples                  # on a machine with Rust; then, on the GPU:
 //!   FUSEDMOE_NVRTC_PATH=/path/to/libnvrtc.so.13 target/release/examples/bench [--quick]
-//!       [--shapes mixtral,qwen3,deepseek,gpt-oss,ep] [--tokens 1,16,256] [--reps N] [--json PATH]
+//!       [--shapes mixtral,qwen3,deepseek,gpt-oss,ep,lora] [--tokens 1,16,256] [--reps N] [--json PATH]
 //!       [--option KEY=VALUE]...
 //!
 //! Per shape and token count M (random softmax top-k routing, fresh per input set):
@@ -22,6 +22,10 @@
 //! Issue 6 (`ep` in --shapes): moe_dispatch alone on a CUDA dispatcher (E_g 257, 8 ranks,
 //! rank 0, one shared expert), and DeepSeek-V3's rank-0 layer (32 routed + 1 shared = 33
 //! local experts) on the dispatched ids against the full 257-expert layer at M = 16.
+//!
+//! Issue 7 (`lora` in --shapes, only when named): the LoRA overhead on the qwen3 shape, 4
+//! adapters of rank 16 with every token on one of them, M = 64 and 1024: moe_prepare +
+//! moe_run against moe_prepare + moe_run_lora, both as graph replays (one graph per set).
 //!
 //! Without a GPU (or NVRTC) it exits with status 1 and the library's reason.
 
@@ -56,6 +60,10 @@ const COPY_BYTES: usize = 1 << 30;
 const EP_SIZE: i64 = 8;
 const EP_TOKENS: usize = 16;
 const DISPATCH_TOKENS: [usize; 4] = [1, 16, 256, 4096];
+/// Issue 7: the LoRA overhead's setup (qwen3's shape).
+const LORA_SLOTS: usize = 4;
+const LORA_RANK: usize = 16;
+const LORA_TOKENS: [usize; 2] = [64, 1024];
 
 /// How many input sets of `bytes` each to rotate through (see SETS_*).
 fn set_count(bytes: usize) -> usize {
@@ -247,6 +255,8 @@ fn tile_json(t: &moe_tile_config) -> Value {
 struct Options {
     models: Vec<Model>,
     ep: bool,
+    /// Issue 7's LoRA overhead (only when `lora` is in --shapes).
+    lora: bool,
     tokens: Vec<usize>,
     repeats: Repeats,
     json: Option<String>,
@@ -580,11 +590,156 @@ fn dispatch_alone(b: &Bench, d: &Dispatcher, m: &Model) -> Vec<Value> {
     rows
 }
 
+// ---------------------------------------------------------------- LoRA (issue 7)
+
+/// A LoRA wrapper over a layer with `LORA_SLOTS` random adapters of rank `LORA_RANK` (A
+/// ~U(±1/√(its reduction length)), B ~U(±1/√r), scaling 2 as alpha 32 / r 16 gives).
+struct Lora {
+    handle: *mut moe_lora,
+    /// Each slot's gate_up A [E, 2r, H], gate_up B [E, N1, r], down A [E, r, I], down B
+    /// [E, H, r]: borrowed by the wrapper, freed after it.
+    _weights: Vec<[DevBuf; 4]>,
+}
+
+impl Drop for Lora {
+    fn drop(&mut self) {
+        unsafe { moe_lora_free(self.handle) };
+    }
+}
+
+impl Lora {
+    fn new(gpu: &Gpu, layer: &Layer, m: &Model) -> Lora {
+        let (e, n1, h, i, r) = (
+            m.experts as i64,
+            m.n1() as i64,
+            m.hidden as i64,
+            m.inter as i64,
+            LORA_RANK as i64,
+        );
+        let mut handle = null_mut();
+        let status = unsafe { moe_lora_create(layer.0, LORA_SLOTS as i64, r, &mut handle) };
+        check(status, "moe_lora_create");
+        let scale = |n: i64| 1.0 / (n as f32).sqrt();
+        let (pa1, pa2, pb) = (
+            Pattern::new(gpu, 21, scale(h)),
+            Pattern::new(gpu, 22, scale(i)),
+            Pattern::new(gpu, 23, scale(r)),
+        );
+        let filled = |p: &Pattern, shape: &[i64], salt: usize| {
+            let b = DevBuf::new(gpu, BF16, shape);
+            p.fill(gpu, b.ptr, b.bytes(), salt);
+            b
+        };
+        let mut weights = Vec::new();
+        for slot in 0..LORA_SLOTS {
+            let w = [
+                filled(&pa1, &[e, 2 * r, h], slot),
+                filled(&pb, &[e, n1, r], slot),
+                filled(&pa2, &[e, r, i], slot),
+                filled(&pb, &[e, h, r], slot + 7),
+            ];
+            let [ga, gb, da, db] = w.each_ref().map(|b| b.tensor());
+            let set = unsafe { moe_lora_set_slot(handle, slot as i64, &ga, &gb, &da, &db, 2.0) };
+            check(set, "moe_lora_set_slot");
+            weights.push(w);
+        }
+        gpu.sync();
+        Lora {
+            handle,
+            _weights: weights,
+        }
+    }
+
+    /// A workspace for LoRA runs of up to `max_tokens` tokens (the layer's and the LoRA
+    /// intermediates).
+    fn workspace(&self, gpu: &Gpu, max_tokens: usize) -> DevBuf {
+        let mut bytes = 0usize;
+        let status = unsafe { moe_lora_workspace_size(self.handle, max_tokens as i64, &mut bytes) };
+        check(status, "moe_lora_workspace_size");
+        DevBuf::new(gpu, U8, &[bytes as i64])
+    }
+
+    /// moe_prepare + moe_run_lora of a set with a per-token adapter map.
+    fn forward(&self, layer: &Layer, set: &InputSet, adapters: &DevBuf, ws: &DevBuf, gpu: &Gpu) {
+        set.prepare(layer, ws, gpu);
+        let (h, r, o, a) = (
+            set.hidden.tensor(),
+            set.router.tensor(),
+            set.out.tensor(),
+            adapters.tensor(),
+        );
+        let status = unsafe {
+            moe_run_lora(
+                self.handle,
+                set.plan.0,
+                &h,
+                &r,
+                &a,
+                null(),
+                null(),
+                &o,
+                gpu.raw(),
+            )
+        };
+        check(status, "moe_run_lora");
+    }
+}
+
+/// Issue 7: the base layer against the LoRA path on qwen3's shape, graph replays per set.
+fn lora_overhead(b: &Bench) -> Vec<Value> {
+    let gpu = b.gpu;
+    let m = MODELS
+        .iter()
+        .find(|m| m.name == "qwen3")
+        .expect("the qwen3 shape");
+    let w = Weights::random(gpu, m, 7);
+    let layer = Layer::new(m, &w, m.experts);
+    let lora = Lora::new(gpu, &layer, m);
+    let max_tokens = *LORA_TOKENS.iter().max().unwrap();
+    let ws = lora.workspace(gpu, max_tokens);
+    // after moe_lora_create, moe_warmup compiles the LoRA kernels too
+    let warm = layer.warmup(gpu, max_tokens);
+    eprintln!(
+        "LoRA on {}: {LORA_SLOTS} adapters of rank {LORA_RANK}; moe_warmup {warm:.1} s",
+        m.name
+    );
+    let mut rows = Vec::new();
+    for tokens in LORA_TOKENS {
+        let n = set_count(m.set_bytes(tokens));
+        let sets = make_sets(gpu, &layer, m, tokens, n, b.hidden);
+        // every token on an adapter, the four in turn (shifted per set)
+        let maps: Vec<DevBuf> = (0..n)
+            .map(|s| {
+                let ids: Vec<i32> = (0..tokens).map(|t| ((t + s) % LORA_SLOTS) as i32).collect();
+                DevBuf::upload(gpu, I32, &[tokens as i64], &ids)
+            })
+            .collect();
+        let base = Replays::time(b, n, |s| sets[s].forward(&layer, &ws, gpu));
+        let with_lora = Replays::time(b, n, |s| lora.forward(&layer, &sets[s], &maps[s], &ws, gpu));
+        for s in &sets {
+            s.check_output(gpu, &format!("LoRA M={tokens}"));
+        }
+        let (base_us, lora_us) = (base.per_set.median_us, with_lora.per_set.median_us);
+        let overhead = 100.0 * (lora_us / base_us - 1.0);
+        eprintln!(
+            "  LoRA M={tokens}: base {base_us:.1} µs, LoRA {lora_us:.1} µs ({overhead:+.1} %)"
+        );
+        rows.push(json!({
+            "shape": m.name, "tokens": tokens, "input_sets": n, "adapters": LORA_SLOTS,
+            "rank": LORA_RANK, "timed_as": "graph replay, one graph per input set",
+            "base_us": base_us, "lora_us": lora_us, "overhead_pct": overhead,
+            "base": base.json(), "lora": with_lora.json(), "tile": tile_json(&sets[0].tile()),
+        }));
+    }
+    rows
+}
+
 // ---------------------------------------------------------------- main
 
-const USAGE: &str = "usage: bench [--quick] [--shapes mixtral,qwen3,deepseek,gpt-oss,ep] [--tokens 1,16,...] [--reps N] [--json PATH] [--option KEY=VALUE]...
+const USAGE: &str = "usage: bench [--quick] [--shapes mixtral,qwen3,deepseek,gpt-oss,ep,lora] [--tokens 1,16,...] [--reps N] [--json PATH] [--option KEY=VALUE]...
   --quick   M in 1,16,64,256,1024,4096; 5 repeats of ≥ 10 ms (default: every M to 16384; 7 repeats of ≥ 25 ms)
-  --shapes  which layers; `ep` adds moe_dispatch alone and the DeepSeek-V3 rank-0 comparison (needs deepseek)
+  --shapes  which layers; `ep` adds moe_dispatch alone and the DeepSeek-V3 rank-0 comparison (needs deepseek);
+            `lora` (only when named) adds the LoRA overhead on qwen3's shape, M = 64 and 1024
   --tokens  token counts M of the layer rows
   --json    also write every number to PATH (rewritten after each shape)
   --option  a backend option for every model layer (repeatable), e.g. cuda.wgmma=0
@@ -599,6 +754,7 @@ fn parse_args() -> Options {
     let mut o = Options {
         models: MODELS.to_vec(),
         ep: true,
+        lora: false,
         tokens: Vec::new(),
         repeats: Repeats {
             reps: 7,
@@ -628,7 +784,8 @@ fn parse_args() -> Options {
         match flag.as_str() {
             "--shapes" => {
                 o.ep = value.split(',').any(|s| s == "ep");
-                o.models = parse_models(&value, &["ep"], usage);
+                o.lora = value.split(',').any(|s| s == "lora");
+                o.models = parse_models(&value, &["ep", "lora"], usage);
             }
             "--tokens" => o.tokens = parse_tokens(&value, usage),
             "--reps" => {
@@ -676,6 +833,7 @@ fn main() {
         rows: Vec::new(),
         dispatch: None,
         ep: None,
+        lora: None,
     };
     let version = unsafe { CStr::from_ptr(moe_version()) }.to_string_lossy();
     eprintln!("{}, driver {}, fusedmoe {version}", r.device, r.driver);
@@ -704,6 +862,10 @@ fn main() {
     }
     r.dispatch = dispatcher.as_ref().map(|d| dispatch_alone(&b, d, deepseek));
     r.save(&o, wall);
+    if o.lora {
+        r.lora = Some(lora_overhead(&b));
+        r.save(&o, wall);
+    }
     r.print();
     println!("total {:.0} s", wall.elapsed().as_secs_f64());
 }
@@ -717,6 +879,7 @@ struct Report {
     rows: Vec<Row>,
     dispatch: Option<Vec<Value>>,
     ep: Option<Value>,
+    lora: Option<Vec<Value>>,
 }
 
 impl Report {
@@ -737,7 +900,7 @@ impl Report {
             "shapes": o.models.iter().map(Model::describe).collect::<Vec<_>>(),
             "copy_bandwidth": copy,
             "rows": self.rows.iter().map(Row::json).collect::<Vec<_>>(),
-            "dispatch": self.dispatch, "expert_parallel": self.ep,
+            "dispatch": self.dispatch, "expert_parallel": self.ep, "lora": self.lora,
             "wall_s": wall.elapsed().as_secs_f64(),
         });
         let text = serde_json::to_string_pretty(&doc).expect("JSON");
@@ -787,6 +950,25 @@ impl Report {
                 us("local_with_dispatch"),
                 e["speedup"].as_f64().unwrap(),
                 e["speedup_with_dispatch"].as_f64().unwrap()
+            );
+        }
+        if let Some(rows) = &self.lora {
+            let cells: Vec<String> = rows
+                .iter()
+                .map(|r| {
+                    let f = |k: &str| r[k].as_f64().unwrap();
+                    format!(
+                        "M={} base {:.1} µs, LoRA {:.1} µs ({:+.1} %)",
+                        r["tokens"],
+                        f("base_us"),
+                        f("lora_us"),
+                        f("overhead_pct")
+                    )
+                })
+                .collect();
+            println!(
+                "LoRA, qwen3 ({LORA_SLOTS} adapters, r {LORA_RANK}, every token on one; graph per set): {}",
+                cells.join("; ")
             );
         }
     }

@@ -9,10 +9,29 @@
 // grid is sized for the worst case and the launch is graph-safe [TAG_GRAPH_SAFE].
 //
 // Compile-time variant: FM_DTYPE, FM_GEMM_MODE, FM_BM, FM_BN, FM_BK, FM_WARPS_M, FM_WARPS_N,
-// FM_STAGES, FM_VEC (8: 16-byte cp.async chunks, rows 16-byte aligned; 1: element loads) and
-// FM_MMA (1: mma.sync on 16-bit types; 0: SIMT in f32, the f32 layers' path) and FM_WGMMA
-// (1: Hopper's wgmma, moe_gemm_wgmma.cuh; sm_90a, 16-bit types, 16-byte loads).
+// FM_STAGES, FM_VEC (8: 16-byte cp.async chunks, rows 16-byte aligned; 1: element loads),
+// FM_MMA (1: mma.sync on 16-bit types; 0: SIMT in f32, the f32 layers' path), FM_WGMMA
+// (1: Hopper's wgmma, moe_gemm_wgmma.cuh; sm_90a, 16-bit types, 16-byte loads) and FM_LORA
+// (see the LoRA hook below).
 #include "common.cuh"
+
+// ---------------------------------------------------------------- LoRA hook (SPEC §7)
+// FM_LORA variants (moe_run_lora) take the expand stage's parameters (kernels/lora.cuh) as a
+// second kernel argument, and the epilogue adds the route's LoRA delta to the f32 accumulator
+// before the bias, the router weight and the rounding. Without FM_LORA the hook is empty.
+#ifndef FM_LORA
+#define FM_LORA 0
+#endif
+#if FM_LORA
+#include "lora.cuh"
+#define FM_LORA_KERNEL_ARG , const __grid_constant__ FmLoraExpand lora
+#define FM_LORA_ARG , const FmLoraExpand &lora
+#define FM_LORA_PASS , lora
+#else
+#define FM_LORA_KERNEL_ARG
+#define FM_LORA_ARG
+#define FM_LORA_PASS
+#endif
 
 struct FmGemmParams {
     const void* a;                // GEMM1: hidden [M, kdim]; GEMM2: activation [capacity, kdim]
@@ -83,9 +102,13 @@ __device__ __forceinline__ fm_t* fm_tiles(unsigned char* smem) {
 
 // The epilogue for one accumulated value at tile row `i`, global column `col`.
 __device__ __forceinline__ void fm_epilogue(const FmRows& rows, const FmGemmParams& p,
-                                            int expert, int slot0, int i, int col, float acc) {
+                                            int expert, int slot0, int i, int col,
+                                            float acc FM_LORA_ARG) {
     const int route = rows.route[i];
     if (route < 0 || col >= p.n) return;
+#if FM_LORA
+    acc += fm_lora_delta(lora, route, expert, col);
+#endif
     const float bias = p.bias ? fm_read_as_f32(p.bias, (fm_i64)expert * p.n + col, p.bias_kind)
                               : 0.0f;
     const float scale = p.apply_router ? fm_read_as_f32(p.router, route, p.router_kind) : 1.0f;
@@ -170,7 +193,8 @@ __device__ __forceinline__ void fm_mma(float (&c)[4], const unsigned (&a)[4], un
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(FM_THREADS) moe_gemm(const FmGemmParams p) {
+extern "C" __global__ void __launch_bounds__(FM_THREADS)
+    moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
     FmBlock b;
     if (!fm_block(p, b)) return;
     const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
@@ -259,7 +283,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) moe_gemm(const FmGemmPa
             for (int q = 0; q < 4; ++q) {
                 const int row = wm * FM_WTM + i * 16 + lane / 4 + (q / 2) * 8;
                 const int col = n0 + wn * FM_WTN + j * 8 + (lane % 4) * 2 + (q % 2);
-                fm_epilogue(rows, p, expert, slot0, row, col, acc[i][j][q]);
+                fm_epilogue(rows, p, expert, slot0, row, col, acc[i][j][q] FM_LORA_PASS);
             }
 }
 
@@ -270,7 +294,8 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) moe_gemm(const FmGemmPa
 #define FM_LDS (FM_BK + 1)
 #define FM_PER_THREAD ((FM_BM * FM_BN + FM_THREADS - 1) / FM_THREADS)
 
-extern "C" __global__ void __launch_bounds__(FM_THREADS) moe_gemm(const FmGemmParams p) {
+extern "C" __global__ void __launch_bounds__(FM_THREADS)
+    moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
     FmBlock b;
     if (!fm_block(p, b)) return;
     const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
@@ -318,7 +343,8 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) moe_gemm(const FmGemmPa
     for (int q = 0; q < FM_PER_THREAD; ++q) {
         const int idx = threadIdx.x + q * FM_THREADS;
         if (idx < FM_BM * FM_BN)
-            fm_epilogue(rows, p, expert, slot0, idx / FM_BN, n0 + idx % FM_BN, acc[q]);
+            fm_epilogue(rows, p, expert, slot0, idx / FM_BN, n0 + idx % FM_BN, acc[q]
+                        FM_LORA_PASS);
     }
 }
 #endif

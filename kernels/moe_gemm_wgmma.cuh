@@ -174,15 +174,16 @@ __device__ __forceinline__ void fm_wg_load_stage(unsigned char* stage, const FmR
 }
 
 // Two adjacent columns of the epilogue: one 4-byte store where both are inside the row and
-// the row length keeps it aligned.
+// the row length keeps it aligned. LoRA variants take the one-element epilogue, which adds
+// the delta (lora.cuh).
 __device__ __forceinline__ void fm_epilogue_pair(const FmRows& rows, const FmGemmParams& p,
                                                  int expert, int slot0, int i, int col,
-                                                 float acc0, float acc1) {
+                                                 float acc0, float acc1 FM_LORA_ARG) {
     const int route = rows.route[i];
     if (route < 0) return;
-    if (col + 1 >= p.n || (p.n & 1)) {
-        fm_epilogue(rows, p, expert, slot0, i, col, acc0);
-        fm_epilogue(rows, p, expert, slot0, i, col + 1, acc1);
+    if (FM_LORA || col + 1 >= p.n || (p.n & 1)) {
+        fm_epilogue(rows, p, expert, slot0, i, col, acc0 FM_LORA_PASS);
+        fm_epilogue(rows, p, expert, slot0, i, col + 1, acc1 FM_LORA_PASS);
         return;
     }
     const fm_i64 b = (fm_i64)expert * p.n + col;
@@ -204,7 +205,7 @@ __device__ __forceinline__ void fm_epilogue_pair(const FmRows& rows, const FmGem
 // main loop.
 #define FM_MIN_CTAS (FM_WG_COLS <= 128 && FM_THREADS <= 256 ? 2 : 1)
 
-extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(const FmGemmParams p) {
+extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
     FmBlock b;
     if (!fm_block(p, b)) return;
     const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
@@ -274,8 +275,9 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
     const int col0 = n0 + wg_n * FM_WG_COLS + (lane % 4) * 2;
 #pragma unroll
     for (int j = 0; j < FM_WG_COLS / 8; ++j) {
-        fm_epilogue_pair(rows, p, expert, slot0, row0, col0 + 8 * j, acc[4 * j], acc[4 * j + 1]);
+        fm_epilogue_pair(rows, p, expert, slot0, row0, col0 + 8 * j, acc[4 * j],
+                         acc[4 * j + 1] FM_LORA_PASS);
         fm_epilogue_pair(rows, p, expert, slot0, row0 + 8, col0 + 8 * j, acc[4 * j + 2],
-                         acc[4 * j + 3]);
+                         acc[4 * j + 3] FM_LORA_PASS);
     }
 }

@@ -4,7 +4,7 @@
 //! nothing).
 
 use crate::dtype::ElemType;
-use crate::error::{ensure, invalid, unsupported, Result};
+use crate::error::{ensure, invalid, Result};
 use crate::layer::Layer;
 use crate::plan::{self, Plan};
 use crate::tensor::{DeviceKind, Shape, Tensor};
@@ -139,12 +139,14 @@ impl AdapterMap {
     }
 }
 
-/// Where a LoRA run's scratch lives: after the plan's layout, in the same workspace.
+/// Where a LoRA run's scratch lives: after the plan's layout, in the same workspace (memory
+/// of the layer's device). A row per kept route: the CPU indexes rows by the align step's
+/// compact order, CUDA by route id m·K + k; both are below numel.
 #[derive(Clone, Copy, Debug)]
 pub struct LoraScratch {
     /// i32 [M]: each token's active slot, −1 for none.
     pub token_slot: *mut i32,
-    /// f32 [numel, R1]: round(A_gate_up · x) per kept route, in the align step's compact order.
+    /// f32 [numel, R1]: round(A_gate_up · x) per kept route.
     pub gate_up: *mut f32,
     /// f32 [numel, r]: round(A_down · act) per kept route.
     pub down: *mut f32,
@@ -176,6 +178,7 @@ impl Lora {
             (1..=MAX_RANK).contains(&max_rank),
             "max_rank: {max_rank}, expected 1..={MAX_RANK}"
         );
+        layer.backend.attach_lora(&layer, num_slots as usize)?;
         let empty = Slot {
             weights: None,
             enabled: true,
@@ -346,13 +349,17 @@ fn check_adapters(values: &[i32], name: &str, num_slots: usize) -> Result<()> {
     Ok(())
 }
 
-/// Checks the map's tensors and values against the batch (M tokens) and L.
+/// Checks the map's tensors against the batch (M tokens), and its values against L where
+/// they are host memory. On a device the map's values are the device's to check: CUDA's map
+/// kernel treats bad ones as no adapter and counts them for the next call to report (SPEC §4's
+/// rule for expert ids), so the hot path never copies or synchronizes.
 unsafe fn check_map(
     map: &AdapterMap,
     layer: &Layer,
     tokens: usize,
     num_slots: usize,
 ) -> Result<()> {
+    let on_host = layer.v.device.kind == DeviceKind::Cpu;
     match map {
         AdapterMap::PerToken(ids) => {
             check_map_tensor(
@@ -362,6 +369,9 @@ unsafe fn check_map(
                 Some(tokens),
                 "[M], M from the plan's topk_ids",
             )?;
+            if !on_host {
+                return Ok(());
+            }
             check_adapters(ids.host_slice(), "adapter_ids", num_slots)
         }
         AdapterMap::Segments { indptr, adapter } => {
@@ -378,6 +388,9 @@ unsafe fn check_map(
                 Some(segments),
                 "[S], S + 1 = seg_indptr's length",
             )?;
+            if !on_host {
+                return Ok(());
+            }
             let bounds: &[i32] = indptr.host_slice();
             ensure!(
                 bounds[0] == 0 && bounds[segments] as i64 == tokens as i64,
@@ -416,13 +429,6 @@ pub fn run(
     );
     let p = plan.prepared()?;
     plan::check_stream(layer, stream)?;
-    if layer.v.device.kind != DeviceKind::Cpu {
-        return Err(unsupported!(
-            "lora: LoRA runs on {} layers are not available yet (the CUDA LoRA kernels come \
-             later); LoRA runs on CPU layers",
-            layer.v.device
-        ));
-    }
     let io = plan::check_run(layer, p, hidden, router_weights, out)?;
     let slots = lora.read();
     unsafe { check_map(map, layer, p.num_tokens, slots.len())? };

@@ -39,6 +39,12 @@ pub trait Backend: Send + Sync {
         Ok(())
     }
 
+    /// A LoRA wrapper of `num_slots` slots is being made over `layer` (moe_lora_create):
+    /// refuses what this backend cannot run and readies what its LoRA runs need.
+    fn attach_lora(&self, _layer: &Layer, _num_slots: usize) -> Result<()> {
+        Ok(())
+    }
+
     /// Compiles and loads everything batches of up to `max_tokens` tokens need.
     fn warmup(&self, _layer: &Layer, _max_tokens: usize) -> Result<()> {
         Ok(())

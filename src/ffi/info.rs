@@ -78,9 +78,9 @@ static FEATURES: Lazy<HashSet<String>> = Lazy::new(|| {
     .map(String::from)
     .collect();
     f.extend(Activation::ALL.iter().map(|a| a.name().to_string()));
-    // LoRA (moe_run_lora) runs on CPU layers; its CUDA kernels come later.
+    // LoRA (moe_run_lora) runs on CPU and CUDA layers.
     f.insert("lora".to_string());
-    // Every feature above but LoRA runs on CUDA too, where CUDA runs at all.
+    // Every feature above runs on CUDA too, where CUDA runs at all.
     if crate::backend::cuda::available() {
         f.insert("cuda".to_string());
     }

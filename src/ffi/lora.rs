@@ -8,8 +8,10 @@ use crate::lora::{self, AdapterMap, Lora, SlotWeights};
 use std::ffi::c_void;
 use std::sync::Arc;
 
-/// Creates a LoRA wrapper over `layer` with `num_slots` adapter slots (L ≥ 1) of rank at most
-/// `max_rank` (r ≥ 1); every slot starts empty (no delta) and enabled. The wrapper keeps the
+/// Creates a LoRA wrapper over `layer` with `num_slots` adapter slots (L ≥ 1; at most 64 over
+/// a CUDA layer, UNSUPPORTED above) of rank at most `max_rank` (r ≥ 1); every slot starts
+/// empty (no delta) and enabled. On a CUDA layer, moe_warmup of the layer from then on also
+/// compiles the LoRA kernels. The wrapper keeps the
 /// layer's internals and its config handle alive: the layer handle may be freed first, and
 /// the wrapper (its config, its slots, moe_run_lora with plans of the layer) stays valid.
 /// The layer's weights must then stay valid until the wrapper is freed too (moe_prepare
@@ -157,8 +159,21 @@ pub unsafe extern "C" fn moe_lora_workspace_size(
 /// `seg_adapter` [S] int32 (tokens [seg_indptr[s], seg_indptr[s+1]) use seg_adapter[s]); the
 /// other form's arguments are NULL. Adapter ids are in [−1, L); −1, an empty slot or a
 /// disabled one means no delta. hidden, topk_weights, out and `stream`: as moe_run. Every
-/// argument is checked before anything is written. On a CUDA layer: UNSUPPORTED (the CUDA
-/// LoRA kernels are not in this build). Thread-safe for distinct plans and outputs.
+/// argument is checked before anything is written. Thread-safe for distinct plans and
+/// outputs.
+///
+/// On a CUDA layer the map is device memory and the call only launches kernels on `stream`
+/// (no allocation, copy or sync: capturable in a CUDA graph, after moe_warmup of the layer
+/// made after moe_lora_create; a run whose kernels are not compiled is INVALID_ARGUMENT
+/// naming `stream` while the stream captures). The map's values are checked on the device:
+/// an adapter id outside [−1, L) counts as −1 (no delta), segments that break 0 = first ≤ …
+/// ≤ last = M give the tokens they misplace no delta, and the first moe_prepare, moe_run or
+/// moe_run_lora on the layer made after the device ran that batch returns INVALID_ARGUMENT
+/// naming adapter_ids, seg_adapter or seg_indptr and writes nothing. The slots travel to the
+/// kernels by value, inside the launch: a captured graph replays the slots (weights,
+/// scaling, enabled, cleared) as they were at capture, so capture again after
+/// moe_lora_set_slot, moe_lora_clear_slot or moe_lora_set_enabled; the map's values are
+/// read at each replay.
 ///
 /// # Safety
 /// Handles and tensors must be valid; the tensors' memory must be as described.

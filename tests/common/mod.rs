@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod ep;
+pub mod lora;
 
 use fusedmoe::ffi::*;
 use half::{bf16, f16};

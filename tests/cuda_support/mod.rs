@@ -556,6 +556,15 @@ pub fn check_case(ctx: &Arc<CudaContext>, c: &Case) -> Result<String, String> {
 /// Runs every case (a few at a time: kernel compilation and CPU references overlap), prints
 /// a line per case, and fails with every failing case's Debug and error.
 pub fn run_cases(test: &str, ctx: &Arc<CudaContext>, cases: &[Case]) {
+    run_each(test, cases, |c| check_case(ctx, c));
+}
+
+/// `run_cases` for any kind of case and check (tests/cuda_lora.rs checks LoRA cases).
+pub fn run_each<C: std::fmt::Debug + Sync>(
+    test: &str,
+    cases: &[C],
+    check: impl Fn(&C) -> Result<String, String> + Sync,
+) {
     let next = AtomicUsize::new(0);
     let failures = Mutex::new(Vec::new());
     // one at a time under compute-sanitizer: racecheck deadlocks on concurrent host threads
@@ -565,7 +574,7 @@ pub fn run_cases(test: &str, ctx: &Arc<CudaContext>, cases: &[Case]) {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(c) = cases.get(i) else { break };
-                let result = catch_unwind(AssertUnwindSafe(|| check_case(ctx, c)))
+                let result = catch_unwind(AssertUnwindSafe(|| check(c)))
                     .unwrap_or_else(|panic| Err(format!("panicked: {}", panic_message(&panic))));
                 match result {
                     Ok(line) => println!("ok   {test} #{i}: {line}"),

@@ -12,7 +12,7 @@
 #               header, which need the build machine's toolchains
 #   demo        the demo example on --device cuda
 #   pytest      examples/python/test_torch.py: torch CUDA tensors, torch streams, CUDA graphs
-#   memcheck    compute-sanitizer --tool memcheck on tests/cuda and tests/cuda_gated, FUSEDMOE_GPU_REDUCED=1
+#   memcheck    compute-sanitizer --tool memcheck on tests/cuda, tests/cuda_gated and tests/cuda_lora, FUSEDMOE_GPU_REDUCED=1
 #   racecheck   compute-sanitizer --tool racecheck, likewise
 # Also by name only: synccheck, initcheck (the other two sanitizer tools, likewise).
 #
@@ -164,7 +164,7 @@ environment() {
 # test_binary NAME: one packed test binary, required to find the GPU.
 test_binary() {
   local extra=()
-  [ "$1" = cuda ] && extra=(--nocapture) # a line per case as it ends: errors and times
+  case $1 in cuda | cuda_lora) extra=(--nocapture) ;; esac # a line per case as it ends: errors and times
   step "test-$1" env FUSEDMOE_REQUIRE_GPU=1 "$DEV/tests/$1" ${extra[@]+"${extra[@]}"}
 }
 
@@ -199,9 +199,10 @@ sanitize() {
   # FUSEDMOE_GPU_SANITIZER: the tests leave out their stream gate (serialized launches would
   # deadlock on it) and run their cases one at a time; with --test-threads=1, one host thread
   # launches at a time (racecheck deadlocks otherwise)
-  # (cuda_gated: the out-of-range ids, which are what memcheck should see dropped)
+  # (cuda_gated: the out-of-range ids, which are what memcheck should see dropped; cuda_lora:
+  # the LoRA kernels, bad adapter ids among them)
   local t
-  for t in cuda cuda_gated; do
+  for t in cuda cuda_gated cuda_lora; do
     FUSEDMOE_GPU_REDUCED=1 FUSEDMOE_REQUIRE_GPU=1 FUSEDMOE_GPU_SANITIZER=1 \
       limited "$SANITIZER" --tool "$1" --error-exitcode 1 "$DEV/tests/$t" --nocapture \
       --test-threads=1 || return 1

@@ -21,6 +21,10 @@ pub const HEADERS: &[Source] = &[
         name: "moe_gemm_wgmma.cuh",
         text: include_str!("../../../kernels/moe_gemm_wgmma.cuh"),
     },
+    Source {
+        name: "lora.cuh",
+        text: include_str!("../../../kernels/lora.cuh"),
+    },
 ];
 
 pub const KERNEL_ALIGN: Source = Source {
@@ -42,6 +46,10 @@ pub const KERNEL_DISPATCH: Source = Source {
 pub const KERNEL_COMBINE: Source = Source {
     name: "moe_combine.cu",
     text: include_str!("../../../kernels/moe_combine.cu"),
+};
+pub const KERNEL_LORA: Source = Source {
+    name: "moe_lora.cu",
+    text: include_str!("../../../kernels/moe_lora.cu"),
 };
 
 fn check(result: sys::nvrtcResult, what: &str) -> Result<(), String> {

@@ -2,6 +2,7 @@
 //! structs mirror the ones in kernels/*.cu field for field (#[repr(C)], 8-byte fields first).
 
 use super::device::{driver_error, DeviceState};
+use super::lora;
 use super::variant::{self, dtype_code, Variant};
 use crate::config::Validated;
 use crate::error::{unsupported, Result};
@@ -12,27 +13,17 @@ use crate::workspace::Layout;
 use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
-struct Loaded {
+pub(super) struct Loaded {
     f: CudaFunction,
     v: Variant,
 }
 
 impl Loaded {
-    fn new(dev: &DeviceState, v: Variant) -> Result<Loaded> {
+    pub(super) fn new(dev: &DeviceState, v: Variant) -> Result<Loaded> {
         Ok(Loaded {
             f: dev.function(&v)?,
             v,
         })
-    }
-
-    /// Launches with one by-value parameter struct on a 1-D grid.
-    fn launch<P: DeviceRepr>(
-        &self,
-        stream: &Arc<CudaStream>,
-        blocks: usize,
-        params: &P,
-    ) -> Result<()> {
-        self.launch_2d(stream, (blocks, 1), params)
     }
 
     /// A row kernel (variant::ROW_THREADS): a block per row and per chunk of `cols` columns.
@@ -46,11 +37,23 @@ impl Loaded {
         self.launch_2d(stream, (rows, variant::row_chunks(cols)), params)
     }
 
-    fn launch_2d<P: DeviceRepr>(
+    pub(super) fn launch_2d<P: DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        grid: (usize, usize),
+        params: &P,
+    ) -> Result<()> {
+        self.launch_with::<P, P>(stream, grid, params, None)
+    }
+
+    /// A launch with a second by-value parameter struct where `extra` is given (the LoRA
+    /// variants of the GEMM take the expand stage's parameters so).
+    fn launch_with<P: DeviceRepr, Q: DeviceRepr>(
         &self,
         stream: &Arc<CudaStream>,
         (x, y): (usize, usize),
         params: &P,
+        extra: Option<&Q>,
     ) -> Result<()> {
         if x == 0 || y == 0 {
             return Ok(());
@@ -75,6 +78,9 @@ impl Loaded {
         };
         let mut b = stream.launch_builder(&self.f);
         b.arg(params);
+        if let Some(extra) = extra {
+            b.arg(extra);
+        }
         unsafe { b.launch(cfg) }
             .map(|_| ())
             .map_err(|e| driver_error(&format!("kernel {}", self.v.name), e))
@@ -89,6 +95,9 @@ pub struct KernelSet {
     gemm2: Loaded,
     /// moe_combine, or moe_zero_dropped with no_combine.
     finish: Loaded,
+    /// A LoRA set (moe_run_lora): its map and shrink kernels; gemm1 and gemm2 are then the
+    /// FM_LORA variants.
+    lora: Option<lora::Kernels>,
     tile: TileConfig,
 }
 
@@ -178,19 +187,29 @@ impl KernelSet {
         tile: TileConfig,
         (gemm1_vec8, gemm2_vec8): (bool, bool),
         hopper: bool,
+        with_lora: bool,
     ) -> Result<KernelSet> {
         let finish = if v.no_combine {
             "moe_zero_dropped"
         } else {
             "moe_combine"
         };
+        let path = |vec8| variant::GemmPath {
+            vec8,
+            hopper,
+            lora: with_lora,
+        };
         Ok(KernelSet {
             align_i32: Loaded::new(dev, variant::align(false))?,
             align_i64: Loaded::new(dev, variant::align(true))?,
-            gemm1: Loaded::new(dev, variant::gemm(v.dtype, 1, tile, gemm1_vec8, hopper)?)?,
+            gemm1: Loaded::new(dev, variant::gemm(v.dtype, 1, tile, path(gemm1_vec8))?)?,
             act: Loaded::new(dev, variant::act(v.dtype, v.act, v.gated, v.layout))?,
-            gemm2: Loaded::new(dev, variant::gemm(v.dtype, 2, tile, gemm2_vec8, hopper)?)?,
+            gemm2: Loaded::new(dev, variant::gemm(v.dtype, 2, tile, path(gemm2_vec8))?)?,
             finish: Loaded::new(dev, variant::combine(v.dtype, finish))?,
+            lora: match with_lora {
+                true => Some(lora::Kernels::load(dev, v.dtype)?),
+                false => None,
+            },
             tile,
         })
     }
@@ -241,7 +260,9 @@ impl KernelSet {
             .map_err(|e| driver_error(&format!("kernel {}", k.v.name), e))
     }
 
-    /// GEMM1, activation, GEMM2, then combine (or the zero rows of no_combine).
+    /// GEMM1, activation, GEMM2, then combine (or the zero rows of no_combine). With `lora`
+    /// (a set loaded with LoRA): the map first, each GEMM after its shrink and with the
+    /// expand in its epilogue.
     pub fn run(
         &self,
         stream: &Arc<CudaStream>,
@@ -249,6 +270,7 @@ impl KernelSet {
         p: &Prepared,
         io: &RunIo,
         s: ScratchPtrs,
+        lora: Option<&lora::Run>,
     ) -> Result<()> {
         let v = &layer.v;
         let d = v.dims;
@@ -266,12 +288,28 @@ impl KernelSet {
         let router = io.router_weights.data as u64;
         let router_kind = dtype_code(io.router_dtype) as i32;
         let bn = self.tile.block_n as usize;
+        let lora = match (lora, &self.lora) {
+            (Some(run), Some(kernels)) => Some((run, kernels)),
+            (None, _) => None,
+            (Some(_), None) => unreachable!("a LoRA run gets a kernel set loaded with LoRA"),
+        };
+        let align = lora::Align {
+            sorted_route_ids: sorted,
+            block_expert: blocks,
+            num_padded: padded,
+            max_blocks,
+            block_m: self.tile.block_m as usize,
+        };
+        if let Some((run, k)) = lora {
+            k.map(stream, run)?;
+            k.shrink(stream, &run.shrink_gate_up(&align, io.hidden.data as u64))?;
+        }
 
         let (b13, b13_kind) = bias_parts(&layer.b13);
         let n_tiles1 = d.n1.div_ceil(bn);
-        self.gemm1.launch(
+        self.gemm1.launch_with(
             stream,
-            max_blocks * n_tiles1,
+            (max_blocks * n_tiles1, 1),
             &GemmParams {
                 a: io.hidden.data as u64,
                 w: layer.weights.w13.data as u64,
@@ -292,6 +330,7 @@ impl KernelSet {
                 group_m: self.tile.group_m.max(1) as i32,
                 m_blocks: max_blocks as i32,
             },
+            lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
         )?;
         let (alpha, limit) = match v.act {
             crate::activation::ActFn::SwigluOai { alpha, limit } => (alpha, limit),
@@ -314,6 +353,9 @@ impl KernelSet {
                 limit,
             },
         )?;
+        if let Some((run, k)) = lora {
+            k.shrink(stream, &run.shrink_down(&align, s.act))?;
+        }
         let (b2, b2_kind) = bias_parts(&layer.b2);
         let n_tiles2 = d.hidden.div_ceil(bn);
         let y = if v.no_combine {
@@ -321,9 +363,9 @@ impl KernelSet {
         } else {
             s.y
         };
-        self.gemm2.launch(
+        self.gemm2.launch_with(
             stream,
-            max_blocks * n_tiles2,
+            (max_blocks * n_tiles2, 1),
             &GemmParams {
                 a: s.act,
                 w: layer.weights.w2.data as u64,
@@ -344,6 +386,7 @@ impl KernelSet {
                 group_m: self.tile.group_m.max(1) as i32,
                 m_blocks: max_blocks as i32,
             },
+            lora.map(|(run, _)| run.expand_down()).as_ref(),
         )?;
         if v.no_combine {
             self.finish.launch_rows(

@@ -8,6 +8,7 @@ pub mod compile;
 mod device;
 pub mod dispatch;
 mod kernels;
+mod lora;
 mod mapped;
 pub mod probe;
 pub mod variant;
@@ -16,6 +17,7 @@ use super::{Backend, LayerState};
 use crate::config::Validated;
 use crate::error::{Error, ErrorKind, Result};
 use crate::layer::{Layer, Weights};
+use crate::lora::LoraBatch;
 use crate::plan::{Prepared, RunIo};
 use crate::tensor::{Device, Tensor};
 use crate::tiles::TileConfig;
@@ -77,7 +79,18 @@ pub struct CudaLayer {
     gemm2_vec8: bool,
     /// GEMM tiles of wgmma's shape take the wgmma main loop (sm_90a, option cuda.wgmma).
     hopper: bool,
-    kernels: Mutex<HashMap<(TileConfig, bool), Arc<KernelSet>>>,
+    kernels: Mutex<HashMap<SetKey, Arc<KernelSet>>>,
+    /// Made when the first LoRA wrapper over the layer is: the LoRA map kernel's error
+    /// counters. While it exists, moe_warmup also loads the LoRA kernel sets.
+    lora: once_cell::sync::OnceCell<Box<lora::Errors>>,
+}
+
+/// Which kernel set: the tile config, GEMM1's 16-byte loads, and LoRA (moe_run_lora) or not.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct SetKey {
+    tile: TileConfig,
+    vec8: bool,
+    lora: bool,
 }
 
 fn cuda_layer(layer: &Layer) -> &CudaLayer {
@@ -88,19 +101,49 @@ fn cuda_layer(layer: &Layer) -> &CudaLayer {
 }
 
 impl CudaLayer {
-    fn kernel_set(&self, v: &Validated, tile: TileConfig, vec8: bool) -> Result<Arc<KernelSet>> {
-        if let Some(k) = self.kernels.lock().unwrap().get(&(tile, vec8)) {
+    fn kernel_set(&self, v: &Validated, key: SetKey) -> Result<Arc<KernelSet>> {
+        if let Some(k) = self.kernels.lock().unwrap().get(&key) {
             return Ok(k.clone());
         }
+        let vec8 = (key.vec8, self.gemm2_vec8);
         let k = Arc::new(KernelSet::load(
             &self.dev,
             v,
-            tile,
-            (vec8, self.gemm2_vec8),
+            key.tile,
+            vec8,
             self.hopper,
+            key.lora,
         )?);
-        self.kernels.lock().unwrap().insert((tile, vec8), k.clone());
+        self.kernels.lock().unwrap().insert(key, k.clone());
         Ok(k)
+    }
+
+    /// `kernel_set` for a LoRA run, which must not compile inside the host's graph capture
+    /// (NVRTC and module loads there would break it): a set moe_warmup did not load is
+    /// refused while `stream` captures.
+    fn lora_kernel_set(
+        &self,
+        v: &Validated,
+        key: SetKey,
+        stream: &Arc<cudarc::driver::CudaStream>,
+    ) -> Result<Arc<KernelSet>> {
+        if !self.kernels.lock().unwrap().contains_key(&key) {
+            let status = stream
+                .capture_status()
+                .map_err(|e| driver_error("stream: querying its capture status", e))?;
+            if status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+                return Err(crate::error::invalid!(
+                    "stream: capturing a CUDA graph, but the LoRA kernels of tile config \
+                     {}x{}x{} are not compiled yet (compiling inside a capture is not \
+                     possible); call moe_warmup(layer, max_tokens) after moe_lora_create and \
+                     before the capture",
+                    key.tile.block_m,
+                    key.tile.block_n,
+                    key.tile.block_k
+                ));
+            }
+        }
+        self.kernel_set(v, key)
     }
 }
 
@@ -127,6 +170,43 @@ fn scratch(v: &Validated, numel: usize, capacity: usize) -> Scratch {
     Scratch { g1, act, y, total }
 }
 
+/// moe_run, or moe_run_lora with `lora`: every stage launched on the host's stream.
+fn run_stages(
+    layer: &Layer,
+    p: &Prepared,
+    io: &RunIo,
+    stream: usize,
+    lora: Option<&LoraBatch>,
+) -> Result<()> {
+    let c = cuda_layer(layer);
+    let stream = unsafe { c.dev.ctx.wrap_borrowed_stream(stream as _) };
+    let key = SetKey {
+        tile: p.tile,
+        vec8: c.gemm1_vec8 && io.hidden.data as usize % 16 == 0,
+        lora: lora.is_some(),
+    };
+    let (k, run) = match lora {
+        None => (c.kernel_set(&layer.v, key)?, None),
+        Some(batch) => {
+            // moe_lora_create made the counters (Backend::attach_lora)
+            let errors = c
+                .lora
+                .get()
+                .expect("a LoRA wrapper was attached to the layer");
+            let run = lora::Run::new(layer, p, batch, errors)?;
+            (c.lora_kernel_set(&layer.v, key, &stream)?, Some(run))
+        }
+    };
+    let s = scratch(&layer.v, p.numel, p.layout.sorted_route_ids.len);
+    let base = p.workspace as u64 + p.layout.scratch.offset as u64;
+    let ptrs = kernels::ScratchPtrs {
+        g1: base + s.g1 as u64,
+        act: base + s.act as u64,
+        y: base + s.y as u64,
+    };
+    k.run(&stream, layer, p, io, ptrs, run.as_ref())
+}
+
 impl Backend for CudaBackend {
     fn layer_state(
         &self,
@@ -149,6 +229,7 @@ impl Backend for CudaBackend {
             gemm2_vec8: d.inter % 8 == 0 && aligned(&weights.w2),
             hopper: dev.arch == "sm_90a" && options.int("cuda.wgmma") != Some(0),
             kernels: Mutex::new(HashMap::new()),
+            lora: once_cell::sync::OnceCell::new(),
             dev,
         }))
     }
@@ -158,24 +239,48 @@ impl Backend for CudaBackend {
     }
 
     fn take_device_errors(&self, layer: &Layer) -> Result<()> {
-        let bad = cuda_layer(layer).bad_ids.take();
+        let c = cuda_layer(layer);
+        let mut found = Vec::new();
+        let bad = c.bad_ids.take();
         if bad > 0 {
-            return Err(crate::error::invalid!(
+            found.push(format!(
                 "topk_ids: an earlier batch on this layer held {bad} id(s) outside [-1, {}); the device treated them as -1 (dropped), so those outputs are wrong",
                 layer.v.dims.experts
             ));
         }
+        if let Some(lora) = c.lora.get() {
+            found.extend(lora.take());
+        }
+        match found.is_empty() {
+            true => Ok(()),
+            // all at once: each count is cleared as it is read
+            false => Err(crate::error::invalid!("{}", found.join("; and "))),
+        }
+    }
+
+    fn attach_lora(&self, layer: &Layer, num_slots: usize) -> Result<()> {
+        if num_slots > lora::MAX_SLOTS {
+            return Err(crate::error::unsupported!(
+                "num_slots: {num_slots}; a LoRA wrapper over a CUDA layer takes at most {} slots (its kernels get the slot table as a launch parameter)",
+                lora::MAX_SLOTS
+            ));
+        }
+        let c = cuda_layer(layer);
+        c.lora
+            .get_or_try_init(|| lora::Errors::new(&c.dev).map(Box::new))?;
         Ok(())
     }
 
     fn warmup(&self, layer: &Layer, max_tokens: usize) -> Result<()> {
         let c = cuda_layer(layer);
+        let with_lora = c.lora.get().is_some();
         for tile in layer.tiles.configs_up_to(max_tokens) {
             // both GEMM1 load widths: a hidden that is not 16-byte aligned takes the narrow
             // one, and compiling it later could fall inside the host's graph capture
-            c.kernel_set(&layer.v, tile, c.gemm1_vec8)?;
-            if c.gemm1_vec8 {
-                c.kernel_set(&layer.v, tile, false)?;
+            for vec8 in [c.gemm1_vec8, false] {
+                for lora in [false, with_lora] {
+                    c.kernel_set(&layer.v, SetKey { tile, vec8, lora })?;
+                }
             }
         }
         Ok(())
@@ -191,7 +296,12 @@ impl Backend for CudaBackend {
         stream: usize,
     ) -> Result<usize> {
         let c = cuda_layer(layer);
-        let k = c.kernel_set(&layer.v, tile, c.gemm1_vec8)?;
+        let key = SetKey {
+            tile,
+            vec8: c.gemm1_vec8,
+            lora: false,
+        };
+        let k = c.kernel_set(&layer.v, key)?;
         let stream = unsafe { c.dev.ctx.wrap_borrowed_stream(stream as _) };
         let ids_i64 = ids.elem == crate::dtype::ElemType::I64;
         k.align(
@@ -210,23 +320,18 @@ impl Backend for CudaBackend {
     }
 
     fn run(&self, layer: &Layer, p: &Prepared, io: &RunIo, stream: usize) -> Result<()> {
-        let c = cuda_layer(layer);
-        let vec8 = c.gemm1_vec8 && io.hidden.data as usize % 16 == 0;
-        let k = c.kernel_set(&layer.v, p.tile, vec8)?;
-        let s = scratch(&layer.v, p.numel, p.layout.sorted_route_ids.len);
-        let base = p.workspace as u64 + p.layout.scratch.offset as u64;
-        let stream = unsafe { c.dev.ctx.wrap_borrowed_stream(stream as _) };
-        k.run(
-            &stream,
-            layer,
-            p,
-            io,
-            kernels::ScratchPtrs {
-                g1: base + s.g1 as u64,
-                act: base + s.act as u64,
-                y: base + s.y as u64,
-            },
-        )
+        run_stages(layer, p, io, stream, None)
+    }
+
+    fn run_lora(
+        &self,
+        layer: &Layer,
+        p: &Prepared,
+        io: &RunIo,
+        batch: &LoraBatch,
+        stream: usize,
+    ) -> Result<()> {
+        run_stages(layer, p, io, stream, Some(batch))
     }
 
     fn read_i32s(&self, layer: &Layer, src: *const u8, len: usize) -> Result<Vec<i32>> {

@@ -2,8 +2,9 @@
 //! same variant name keys the in-memory and disk caches and appears in errors (kernels/README).
 
 use super::compile::{
-    Source, KERNEL_ACT, KERNEL_ALIGN, KERNEL_COMBINE, KERNEL_DISPATCH, KERNEL_GEMM,
+    Source, KERNEL_ACT, KERNEL_ALIGN, KERNEL_COMBINE, KERNEL_DISPATCH, KERNEL_GEMM, KERNEL_LORA,
 };
+use super::lora;
 use crate::activation::{ActFn, GateUpLayout};
 use crate::dtype::DType;
 use crate::error::{unsupported, Result};
@@ -31,6 +32,7 @@ impl Variant {
             &KERNEL_ACT,
             &KERNEL_COMBINE,
             &KERNEL_DISPATCH,
+            &KERNEL_LORA,
         ]
         .into_iter()
         .find(|s| s.name == self.source)
@@ -87,11 +89,21 @@ pub fn align_segments(experts: usize, threads: u32) -> (usize, usize) {
     (pieces, fixed + pieces * per_piece)
 }
 
-/// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config. `vec8`: every row of A and W starts
-/// 16-byte aligned (kdim a multiple of 8 and aligned bases), so 16-byte cp.async applies.
-/// `hopper`: the device runs sm_90a code and the layer allows it, so a tile of wgmma's shape
-/// (wgmma_layout) takes the wgmma main loop.
-pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, vec8: bool, hopper: bool) -> Result<Variant> {
+/// What picks a GEMM variant beyond the dtype, the stage and the tile config.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GemmPath {
+    /// Every row of A and W starts 16-byte aligned (kdim a multiple of 8 and aligned bases),
+    /// so 16-byte cp.async applies.
+    pub vec8: bool,
+    /// The device runs sm_90a code and the layer allows it, so a tile of wgmma's shape
+    /// (wgmma_layout) takes the wgmma main loop.
+    pub hopper: bool,
+    /// The moe_run_lora variant, whose epilogue adds the LoRA delta (kernels/lora.cuh).
+    pub lora: bool,
+}
+
+/// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config.
+pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<Variant> {
     let TileConfig {
         block_m: bm,
         block_n: bn,
@@ -103,22 +115,23 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, vec8: bool, hopper: bool) 
     let mma = dtype != DType::F32;
     let rows_bytes = (bm as usize * 12).div_ceil(128) * 128;
     let esize = dtype.size();
-    if mma && vec8 && hopper {
-        if let Some((wm, wn)) = wgmma_layout(bm, bn, bk, warps, stages) {
+    if mma && path.vec8 && path.hopper {
+        if let Some(layout) = wgmma_layout(bm, bn, bk, warps, stages) {
             // the row table, 1024 bytes to align the first stage, the swizzled stages
             let shared_bytes = rows_bytes + 1024 + stages as usize * (bm + bn) as usize * 128;
+            let main_loop = MainLoop::Wgmma;
             return Ok(gemm_variant(
                 dtype,
                 mode,
                 tile,
-                (wm, wn),
-                8,
-                1,
+                layout,
+                main_loop,
+                path.lora,
                 shared_bytes,
             ));
         }
     }
-    let (wm, wn) = warp_layout(bm, bn, warps, mma).ok_or_else(|| {
+    let layout = warp_layout(bm, bn, warps, mma).ok_or_else(|| {
         unsupported!(
             "tile config: BLOCK_M {bm} x BLOCK_N {bn} cannot be shared by {warps} warps on CUDA (each warp needs at least {} rows and 8 columns); set tile.num_warps lower or the blocks larger",
             if mma { 16 } else { 1 }
@@ -136,16 +149,27 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, vec8: bool, hopper: bool) 
         }
         rows_bytes + (bm + bn) as usize * (bk as usize + 1) * esize
     };
-    let vec = if vec8 && mma { 8 } else { 1 };
+    let main_loop = match (mma, path.vec8) {
+        (false, _) => MainLoop::Simt,
+        (true, vec8) => MainLoop::MmaSync { vec8 },
+    };
     Ok(gemm_variant(
         dtype,
         mode,
         tile,
-        (wm, wn),
-        vec,
-        0,
+        layout,
+        main_loop,
+        path.lora,
         shared_bytes,
     ))
+}
+
+/// The GEMM's main loop: its FM_MMA, FM_WGMMA and FM_VEC.
+#[derive(Clone, Copy)]
+enum MainLoop {
+    Simt,
+    MmaSync { vec8: bool },
+    Wgmma,
 }
 
 fn gemm_variant(
@@ -153,33 +177,42 @@ fn gemm_variant(
     mode: u8,
     tile: TileConfig,
     (wm, wn): (u32, u32),
-    vec: i64,
-    wgmma: i64,
+    main_loop: MainLoop,
+    lora: bool,
     shared_bytes: usize,
 ) -> Variant {
     let (bm, bn, bk, stages) = (tile.block_m, tile.block_n, tile.block_k, tile.num_stages);
-    let mma = dtype != DType::F32;
+    let (mma, wgmma, vec) = match main_loop {
+        MainLoop::Simt => (0, 0, 1),
+        MainLoop::MmaSync { vec8 } => (1, 0, if vec8 { 8 } else { 1 }),
+        MainLoop::Wgmma => (1, 1, 8),
+    };
     let name = format!(
-        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}{}",
+        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}{}{}",
         dtype.name(),
-        if wgmma == 1 { "_wgmma" } else { "" }
+        if wgmma == 1 { "_wgmma" } else { "" },
+        if lora { "_lora" } else { "" }
     );
+    let mut defines = vec![
+        ("FM_DTYPE", dtype_code(dtype)),
+        ("FM_GEMM_MODE", mode as i64),
+        ("FM_BM", bm as i64),
+        ("FM_BN", bn as i64),
+        ("FM_BK", bk as i64),
+        ("FM_WARPS_M", wm as i64),
+        ("FM_WARPS_N", wn as i64),
+        ("FM_STAGES", stages as i64),
+        ("FM_VEC", vec),
+        ("FM_MMA", mma),
+        ("FM_WGMMA", wgmma),
+    ];
+    if lora {
+        defines.extend(lora::expand_defines());
+    }
     Variant {
         source: KERNEL_GEMM.name,
         entry: "moe_gemm",
-        defines: vec![
-            ("FM_DTYPE", dtype_code(dtype)),
-            ("FM_GEMM_MODE", mode as i64),
-            ("FM_BM", bm as i64),
-            ("FM_BN", bn as i64),
-            ("FM_BK", bk as i64),
-            ("FM_WARPS_M", wm as i64),
-            ("FM_WARPS_N", wn as i64),
-            ("FM_STAGES", stages as i64),
-            ("FM_VEC", vec),
-            ("FM_MMA", mma as i64),
-            ("FM_WGMMA", wgmma),
-        ],
+        defines,
         name,
         shared_bytes,
         threads: wm * wn * 32,
@@ -291,6 +324,32 @@ pub fn row_chunks(cols: usize) -> usize {
     cols.div_ceil(ROW_THREADS as usize * ROW_ITEMS).max(1)
 }
 
+/// moe_lora_map: each token's active LoRA slot (no dtype: it moves int32 only).
+pub fn lora_map() -> Variant {
+    Variant {
+        source: KERNEL_LORA.name,
+        entry: "moe_lora_map",
+        defines: lora::map_defines(),
+        name: "moe_lora_map".to_string(),
+        shared_bytes: 0,
+        threads: lora::MAP_THREADS,
+    }
+}
+
+/// moe_lora_shrink: the LoRA rank intermediates of GEMM1 or GEMM2 (one kernel for both).
+pub fn lora_shrink(dtype: DType) -> Variant {
+    let mut defines = vec![("FM_DTYPE", dtype_code(dtype))];
+    defines.extend(lora::shrink_defines());
+    Variant {
+        source: KERNEL_LORA.name,
+        entry: "moe_lora_shrink",
+        defines,
+        name: format!("moe_lora_shrink__{}", dtype.name()),
+        shared_bytes: 0,
+        threads: lora::SHRINK_THREADS,
+    }
+}
+
 /// moe_dispatch for int32 or int64 ids in and out.
 pub fn dispatch(ids_i64: bool, out_i64: bool) -> Variant {
     let bits = |b: bool| if b { "i64" } else { "i32" };
@@ -308,7 +367,8 @@ pub fn dispatch(ids_i64: bool, out_i64: bool) -> Variant {
 }
 
 /// The variants CI compiles for sm_80 and sm_90a: every dtype, activation, layout, stage
-/// entry and load width, at the default tile configs and a few tuned-table shapes.
+/// entry and load width, at the default tile configs and a few tuned-table shapes; the LoRA
+/// kernels, and the LoRA GEMMs at two tiles.
 #[cfg(test)]
 pub fn ci_set() -> Vec<Variant> {
     let tiles = [
@@ -358,7 +418,12 @@ pub fn ci_set() -> Vec<Variant> {
             .chain(wgmma_tiles.map(|t| (t, (true, true))));
         for (tile, (vec8, hopper)) in gemm_cases {
             for mode in [1, 2] {
-                if let Ok(g) = gemm(dtype, mode, tile, vec8, hopper) {
+                let path = GemmPath {
+                    vec8,
+                    hopper,
+                    lora: false,
+                };
+                if let Ok(g) = gemm(dtype, mode, tile, path) {
                     if !all.contains(&g) {
                         all.push(g);
                     }
@@ -392,7 +457,25 @@ pub fn ci_set() -> Vec<Variant> {
         }
         all.push(combine(dtype, "moe_combine"));
         all.push(combine(dtype, "moe_zero_dropped"));
+        // LoRA: the epilogue hook is the same at every tile, so the smallest default tile and
+        // the largest (the most accumulators live around the hook) per GEMM, 16-byte loads
+        // (and the largest on the wgmma main loop too)
+        for (tile, hopper) in [(tiles[0], false), (tiles[2], false), (tiles[2], true)] {
+            for mode in [1, 2] {
+                let path = GemmPath {
+                    vec8: true,
+                    hopper,
+                    lora: true,
+                };
+                let g = gemm(dtype, mode, tile, path).expect("a CI tile");
+                if !all.contains(&g) {
+                    all.push(g);
+                }
+            }
+        }
+        all.push(lora_shrink(dtype));
     }
+    all.push(lora_map());
     all
 }
 
@@ -438,7 +521,12 @@ mod tests {
             num_stages: 4,
             flags: 0,
         };
-        let on = gemm(DType::BF16, 1, tile, true, true).unwrap();
+        let path = |vec8, hopper| GemmPath {
+            vec8,
+            hopper,
+            lora: false,
+        };
+        let on = gemm(DType::BF16, 1, tile, path(true, true)).unwrap();
         assert!(
             on.needs_sm90a() && on.name.ends_with("_wgmma"),
             "{}",
@@ -449,7 +537,7 @@ mod tests {
             (DType::BF16, false, true),
             (DType::F32, true, true),
         ] {
-            let off = gemm(dtype, 1, tile, vec8, hopper).unwrap();
+            let off = gemm(dtype, 1, tile, path(vec8, hopper)).unwrap();
             assert!(!off.needs_sm90a(), "{}", off.name);
         }
     }
