@@ -11,12 +11,13 @@
 // moe_lora_shrink: per kept route with an active slot, t[route, q] = round(A[a, e][q, :] · x),
 //   rounded to the layer dtype and kept in f32 (the CPU's order, src/backend/cpu/lora.rs). x is
 //   the route's hidden row (GEMM1) or its activation row (GEMM2). Grid: x = the align step's
-//   blocks (as the GEMMs: past num_padded they exit), y = groups of rows of A. Each warp takes
-//   FM_SHRINK_ROWS rows of A and walks the block's routes, all of one expert: a warp's A rows
-//   of a slot stay in L1 across the routes that share the slot, so A is read from L2 about once
-//   per block rather than once per route. Loads are 16 bytes where rows allow.
+//   blocks (as the GEMMs: past num_padded they exit), y = groups of rows of A times chunks of
+//   the block's routes. Each warp takes FM_SHRINK_ROWS rows of A and FM_SHRINK_ROUTES routes,
+//   all of one expert: A rows shared by those routes stay in L1, and the other chunks of the
+//   block find them in L2. Loads are 16 bytes where rows allow.
 //
-// Compile-time variant: FM_DTYPE, FM_SHRINK_WARPS and FM_SHRINK_ROWS (moe_lora_shrink only),
+// Compile-time variant: FM_DTYPE, FM_SHRINK_WARPS, FM_SHRINK_ROWS and FM_SHRINK_ROUTES
+// (moe_lora_shrink only),
 // FM_LORA_SLOTS, FM_LORA_MAP_BYTES and FM_LORA_SHRINK_BYTES (the mirrored structs' sizes,
 // src/backend/cuda/lora.rs).
 #include "lora.cuh"
@@ -106,8 +107,8 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // FM_SHRINK_WARPS warps per block, FM_SHRINK_ROWS rows of A per warp (src/backend/cuda/lora.rs
 // sizes the grid by them).
-#if !defined(FM_SHRINK_WARPS) || !defined(FM_SHRINK_ROWS)
-#error "FM_SHRINK_WARPS and FM_SHRINK_ROWS must be defined (src/backend/cuda/lora.rs)"
+#if !defined(FM_SHRINK_WARPS) || !defined(FM_SHRINK_ROWS) || !defined(FM_SHRINK_ROUTES)
+#error "FM_SHRINK_WARPS, FM_SHRINK_ROWS and FM_SHRINK_ROUTES must be defined (src/backend/cuda/lora.rs)"
 #endif
 
 struct FmLoraShrinkParams {
@@ -168,10 +169,16 @@ extern "C" __global__ void __launch_bounds__(FM_SHRINK_WARPS * 32)
     const int expert = p.block_expert[blockIdx.x];
     if (expert < 0) return;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int q0 = (blockIdx.y * FM_SHRINK_WARPS + warp) * FM_SHRINK_ROWS;
+    // blockIdx.y: a group of rows of A, and a chunk of FM_SHRINK_ROUTES of the block's routes
+    constexpr int group_rows = FM_SHRINK_WARPS * FM_SHRINK_ROWS;
+    const int row_groups = (p.rows + group_rows - 1) / group_rows;
+    const int group = blockIdx.y % row_groups, chunk = blockIdx.y / row_groups;
+    const int q0 = (group * FM_SHRINK_WARPS + warp) * FM_SHRINK_ROWS;
     if (q0 >= p.rows) return;  // the whole warp: no shuffle below is left half done
     const int nrows = min(FM_SHRINK_ROWS, p.rows - q0);
-    for (int i = 0; i < p.block_m; ++i) {
+    const int first = chunk * FM_SHRINK_ROUTES;
+    const int last = min(p.block_m, first + FM_SHRINK_ROUTES);
+    for (int i = first; i < last; ++i) {
         const int slot = slot0 + i;
         const int route = p.sorted_route_ids[slot];
         // an expert's routes come first in its blocks, its padding (the sentinel numel) last
