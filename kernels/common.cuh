@@ -92,3 +92,25 @@ __device__ __forceinline__ void fm_ldmatrix_x2(unsigned (&r)[2], const void* sme
                  : "=r"(r[0]), "=r"(r[1])
                  : "r"(a));
 }
+
+#if defined(FM_DTYPE) && FM_DTYPE != 0
+// c += a · b on the tensor cores, m16n8k16 in the layer's 16-bit type: a is the row-major
+// 16x16 fragment, b0/b1 the column-major 16x8 one, c the 16x8 f32 accumulator (PTX ISA,
+// "Matrix Fragments for mma.m16n8k16").
+__device__ __forceinline__ void fm_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                       unsigned b1) {
+#if FM_DTYPE == 2
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+#endif

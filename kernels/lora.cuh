@@ -127,4 +127,113 @@ __device__ __forceinline__ float fm_lora_delta(const FmLoraExpand& L, int route,
     return s.scaling * sum;
 }
 
+#if FM_DTYPE != 0
+// The route's active slot whose B this expand has (-1: none, or no route).
+__device__ __forceinline__ int fm_lora_slot_of(const FmLoraExpand& L, int route) {
+    if (route < 0) return -1;
+    const int a = L.token_slot[route / L.top_k];
+    return a >= 0 && L.b.slot[a].w != nullptr ? a : -1;
+}
+
+// Whether output column `col` takes the up half of t (SPEC §7's split of a gated GEMM1).
+__device__ __forceinline__ bool fm_lora_is_up(const FmLoraExpand& L, int col) {
+    return L.split == FM_LORA_SPLIT_HALVES ? col >= L.half
+           : L.split == FM_LORA_SPLIT_INTERLEAVED ? (col & 1) != 0
+                                                  : false;
+}
+
+// Two elements of the layer dtype packed as an MMA operand word (the lower k in the low half).
+__device__ __forceinline__ unsigned fm_lora_pack(float lo, float hi) {
+    return (unsigned)fm_store(lo) | ((unsigned)fm_store(hi) << 16);
+}
+
+// One A fragment of t (rows lo and hi, ranks k0 + 2·(lane%4) + {0, 1, 8, 9}) at offset `off`
+// into each route's t row; zero for a row whose slot is not `a`, and past the rank. t holds
+// values already rounded to the layer dtype, so the repacking is exact.
+__device__ __forceinline__ void fm_lora_t_frag(const FmLoraExpand& L, int route_lo,
+                                               int route_hi, bool lo_on, bool hi_on, int off,
+                                               int k0, unsigned (&a)[4]) {
+    const int k = k0 + 2 * (threadIdx.x % 4);
+    float v[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const bool on = h == 0 ? lo_on : hi_on;
+        const float* t = L.t + (fm_i64)(h == 0 ? route_lo : route_hi) * L.t_stride + off;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int kq = k + (q / 2) * 8 + (q % 2);
+            v[h][q] = on && kq < L.rank ? t[kq] : 0.0f;
+        }
+    }
+    a[0] = fm_lora_pack(v[0][0], v[0][1]);
+    a[1] = fm_lora_pack(v[1][0], v[1][1]);
+    a[2] = fm_lora_pack(v[0][2], v[0][3]);
+    a[3] = fm_lora_pack(v[1][2], v[1][3]);
+}
+
+// Adds the LoRA delta s_a · B[a, e][col, :] · t[route, half(col)] to a warp's accumulator
+// fragments in mma.sync's m16n8 C layout, which wgmma's accumulators share: this lane holds
+// tile rows whose routes are route_lo and route_hi (8 apart), and, for j < NJ, columns
+// col0 + 8j + 2·(lane%4) + {0, 1} in acc[4j + {0, 1}] (row lo) and acc[4j + {2, 3}] (row hi);
+// col0 is the warp's first column. Every lane of the warp calls it (the MMAs are warp-wide).
+//
+// A tile's rows may belong to different adapters, so it runs once per distinct active slot
+// among the warp's 16 rows, with the rows of other slots zeroed in t's fragment: per slot and
+// 16 ranks, one m16n8k16 MMA per 8 columns (two for a split gated GEMM1, one per half of t).
+// The per-element expand it replaces read B and t (96 bytes at r = 16) per output element
+// and tripled the GEMMs' time at Qwen3 M = 1024 (ncu).
+template <int NJ>
+__device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int route_lo,
+                                                     int route_hi, int expert, int col0,
+                                                     float* acc) {
+    const int lane = threadIdx.x % 32;
+    const int a_lo = fm_lora_slot_of(L, route_lo), a_hi = fm_lora_slot_of(L, route_hi);
+    const bool split = L.split != FM_LORA_SPLIT_NONE;
+    int pending_lo = a_lo, pending_hi = a_hi;  // -1 once this lane's row is done
+    for (;;) {
+        const int mine = min(pending_lo < 0 ? FM_LORA_SLOTS : pending_lo,
+                             pending_hi < 0 ? FM_LORA_SLOTS : pending_hi);
+        const int a = __reduce_min_sync(FM_FULL_MASK, mine);
+        if (a >= FM_LORA_SLOTS) break;
+        if (pending_lo == a) pending_lo = -1;
+        if (pending_hi == a) pending_hi = -1;
+        const FmLoraSlot& s = L.b.slot[a];
+        const fm_t* b = (const fm_t*)s.w + (fm_i64)(s.shared_outer ? 0 : expert) * L.n * L.rank;
+        const bool pairs = (L.rank % 2 == 0) && (((unsigned long long)b & 3ull) == 0);
+        for (int k0 = 0; k0 < L.rank; k0 += 16) {
+            unsigned t_gate[4], t_up[4];
+            fm_lora_t_frag(L, route_lo, route_hi, a_lo == a, a_hi == a, 0, k0, t_gate);
+            if (split) fm_lora_t_frag(L, route_lo, route_hi, a_lo == a, a_hi == a, L.rank, k0, t_up);
+            const int kb = k0 + 2 * (lane % 4);
+#pragma unroll
+            for (int j = 0; j < NJ; ++j) {
+                // B's fragment: column col0 + 8j + lane/4 of the output, ranks kb + {0, 1, 8, 9}
+                const int n = col0 + 8 * j + lane / 4;
+                unsigned bw[2] = {0u, 0u};
+                if (n < L.n) {
+                    const fm_t* row = b + (fm_i64)n * L.rank;
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int k = kb + 8 * h;
+                        if (pairs && k + 1 < L.rank)
+                            bw[h] = *(const unsigned*)(row + k);
+                        else if (k < L.rank)
+                            bw[h] = (unsigned)row[k] | (k + 1 < L.rank ? (unsigned)row[k + 1] << 16 : 0u);
+                    }
+                }
+                float d_gate[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d_up[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                fm_mma(d_gate, t_gate, bw[0], bw[1]);
+                if (split) fm_mma(d_up, t_up, bw[0], bw[1]);
+                const int c = col0 + 8 * j + 2 * (lane % 4);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const bool up = split && fm_lora_is_up(L, c + (q % 2));
+                    acc[4 * j + q] += s.scaling * (up ? d_up[q] : d_gate[q]);
+                }
+            }
+        }
+    }
+}
+#endif  // FM_DTYPE != 0
+
 #endif  // FM_DTYPE

@@ -17,8 +17,9 @@
 
 // ---------------------------------------------------------------- LoRA hook (SPEC §7)
 // FM_LORA variants (moe_run_lora) take the expand stage's parameters (kernels/lora.cuh) as a
-// second kernel argument, and the epilogue adds the route's LoRA delta to the f32 accumulator
-// before the bias, the router weight and the rounding. Without FM_LORA the hook is empty.
+// second kernel argument and add the route's LoRA delta to the f32 accumulator before the
+// bias, the router weight and the rounding: the tensor-core paths per warp fragment with
+// MMAs (fm_lora_expand_frags), the SIMT path per element. Without FM_LORA the hook is empty.
 #ifndef FM_LORA
 #define FM_LORA 0
 #endif
@@ -106,8 +107,8 @@ __device__ __forceinline__ void fm_epilogue(const FmRows& rows, const FmGemmPara
                                             float acc FM_LORA_ARG) {
     const int route = rows.route[i];
     if (route < 0 || col >= p.n) return;
-#if FM_LORA
-    acc += fm_lora_delta(lora, route, expert, col);
+#if FM_LORA && !FM_MMA
+    acc += fm_lora_delta(lora, route, expert, col);  // tensor-core paths: fm_lora_expand_frags
 #endif
     const float bias = p.bias ? fm_read_as_f32(p.bias, (fm_i64)expert * p.n + col, p.bias_kind)
                               : 0.0f;
@@ -174,23 +175,6 @@ __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& 
             dst[j] = (row_valid && k + j < p.kdim) ? src[j] : (fm_t)0;
 #endif
     }
-}
-
-__device__ __forceinline__ void fm_mma(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                       unsigned b1) {
-#if FM_DTYPE == 2
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
 }
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
@@ -274,6 +258,14 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS)
     }
     fm_cp_async_wait<0>();
 
+#if FM_LORA
+#pragma unroll
+    for (int i = 0; i < FM_MI; ++i) {
+        const int row = wm * FM_WTM + i * 16 + lane / 4;
+        fm_lora_expand_frags<FM_NI>(lora, rows.route[row], rows.route[row + 8], expert,
+                                    n0 + wn * FM_WTN, &acc[i][0][0]);
+    }
+#endif
     // c0, c1: row lane/4, columns 2(lane%4) + {0, 1}; c2, c3: eight rows further down.
 #pragma unroll
     for (int i = 0; i < FM_MI; ++i)

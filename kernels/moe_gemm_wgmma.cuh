@@ -145,43 +145,89 @@ __device__ __forceinline__ void fm_wgmma_n256(float (&d)[128], fm_u64 da, fm_u64
 #define FM_WGMMA_TILE fm_wgmma_n256
 #endif
 
-// Loads the k-slice [k0, k0 + 64) of the A rows (tile rows [0, BM)) and the W rows (tile rows
-// [BM, BM + BN)) into one stage, swizzled. As in the mma.sync loader, a thread's chunks sit
-// FM_THREADS apart, so each keeps one column and the index math hoists out of the k loop.
-__device__ __forceinline__ void fm_wg_load_stage(unsigned char* stage, const FmRows& rows,
-                                                 const FmGemmParams& p, const fm_t* w_expert,
-                                                 int n0, int k0) {
-    const fm_t* a = (const fm_t*)p.a;
-    constexpr int chunks = (FM_BM + FM_BN) * 8;
-    static_assert(FM_THREADS % 8 == 0 && chunks % FM_THREADS == 0, "whole rows per pass");
-#pragma unroll
-    for (int i = 0; i < chunks / FM_THREADS; ++i) {
-        const int c = threadIdx.x + i * FM_THREADS;
-        const int row = c / 8, chunk = c % 8, k = k0 + chunk * 8;
-        const fm_t* src;
-        bool valid;
-        if (row < FM_BM) {
-            const fm_i64 off = rows.a_offset[row];
-            valid = off >= 0 && k < p.kdim;
-            src = a + off + k;
-        } else {
-            const int n = n0 + row - FM_BM;
-            valid = n < p.n && k < p.kdim;
-            src = w_expert + (fm_i64)n * p.kdim + k;
-        }
-        fm_cp_async16(stage + fm_swizzled(row, chunk), valid ? (const void*)src : p.w, valid);
-    }
+// 16 bytes global -> shared address `dst`, zero-filled where `valid` is false.
+__device__ __forceinline__ void fm_cp_async16_to(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0));
 }
 
+// One thread's share of every stage load: the k-slice [k0, k0 + 64) of the A rows (tile rows
+// [0, BM)) and the W rows (tile rows [BM, BM + BN)), swizzled. A thread's chunks sit
+// FM_THREADS apart, so it keeps one 16-byte column (chunk) and rows FM_THREADS / 8 apart,
+// which share one swizzle phase: its shared offsets are one base plus constants, its sources
+// one pointer per A row (gathered) plus one W pointer and a constant stride. Everything but
+// k0 is set up once; recomputing it per chunk and k-tile (row tests, swizzle, 64-bit index
+// math, behind branches) took about 30 instructions per 16-byte copy, and at 128x128 tiles
+// that issue work, not the tensor cores, bounded the main loop (ncu: issue slots 53 % busy,
+// tensor pipe 45 %).
+struct FmWgLoader {
+    static constexpr int ROWS_PER_PASS = FM_THREADS / 8;
+    static constexpr int A_CHUNKS = FM_BM / ROWS_PER_PASS;
+    static constexpr int B_CHUNKS = FM_BN / ROWS_PER_PASS;
+    // Sources of the next k-tile: each A row's (gathered), the first W row's; rows that are
+    // not copied point at a valid address all the same, so no select sits in the loop.
+    const fm_t* a_src[A_CHUNKS];
+    const fm_t* b_src;
+    fm_i64 b_stride;   // elements between this thread's W rows
+    unsigned valid;    // bit i: A row i holds a route; bit A_CHUNKS + i: W row i is inside n
+    unsigned dst;      // shared offset of the first chunk within a stage
+    int k;             // this thread's next k index (for the kdim test)
+
+    __device__ __forceinline__ FmWgLoader(const FmRows& rows, const FmGemmParams& p,
+                                          const fm_t* w_expert, int n0) {
+        static_assert(FM_THREADS % 8 == 0 && FM_BM % ROWS_PER_PASS == 0 &&
+                          FM_BN % ROWS_PER_PASS == 0 && ROWS_PER_PASS % 8 == 0,
+                      "whole rows per pass, one swizzle phase per thread");
+        static_assert(A_CHUNKS + B_CHUNKS <= 32, "one bit per chunk");
+        const int row = threadIdx.x / 8, chunk = threadIdx.x % 8;
+        k = chunk * 8;
+        dst = fm_swizzled(row, chunk);
+        const fm_t* a = (const fm_t*)p.a;
+        valid = 0;
+#pragma unroll
+        for (int i = 0; i < A_CHUNKS; ++i) {
+            const fm_i64 off = rows.a_offset[row + i * ROWS_PER_PASS];
+            a_src[i] = a + (off >= 0 ? off : 0) + k;
+            valid |= (off >= 0 ? 1u : 0u) << i;
+        }
+        b_stride = (fm_i64)ROWS_PER_PASS * p.kdim;
+        const int n = n0 + row;
+        b_src = w_expert + (fm_i64)min(n, p.n - 1) * p.kdim + k;
+#pragma unroll
+        for (int i = 0; i < B_CHUNKS; ++i)
+            valid |= (n + i * ROWS_PER_PASS < p.n ? 1u : 0u) << (A_CHUNKS + i);
+    }
+
+    // Issues the copies of the next k-tile into the stage at shared address `stage`.
+    __device__ __forceinline__ void load_next(unsigned stage, const FmGemmParams& p) {
+        const unsigned live = k < p.kdim ? valid : 0u;  // kdim is a multiple of 8 here
+        const unsigned d = stage + dst;
+#pragma unroll
+        for (int i = 0; i < A_CHUNKS; ++i) {
+            fm_cp_async16_to(d + i * ROWS_PER_PASS * FM_ROW_BYTES, a_src[i], (live >> i) & 1u);
+            a_src[i] += FM_BK;
+        }
+        const fm_t* b = b_src;
+#pragma unroll
+        for (int i = 0; i < B_CHUNKS; ++i) {
+            // past n, b stays on the last row inside it: copied from nowhere, never read
+            fm_cp_async16_to(d + (FM_BM + i * ROWS_PER_PASS) * FM_ROW_BYTES, b,
+                             (live >> (A_CHUNKS + i)) & 1u);
+            if (i + 1 < B_CHUNKS && ((valid >> (A_CHUNKS + i + 1)) & 1u)) b += b_stride;
+        }
+        b_src += FM_BK;
+        k += FM_BK;
+    }
+};
+
 // Two adjacent columns of the epilogue: one 4-byte store where both are inside the row and
-// the row length keeps it aligned. LoRA variants take the one-element epilogue, which adds
-// the delta (lora.cuh).
+// the row length keeps it aligned.
 __device__ __forceinline__ void fm_epilogue_pair(const FmRows& rows, const FmGemmParams& p,
                                                  int expert, int slot0, int i, int col,
                                                  float acc0, float acc1 FM_LORA_ARG) {
     const int route = rows.route[i];
     if (route < 0) return;
-    if (FM_LORA || col + 1 >= p.n || (p.n & 1)) {
+    if (col + 1 >= p.n || (p.n & 1)) {
         fm_epilogue(rows, p, expert, slot0, i, col, acc0 FM_LORA_PASS);
         fm_epilogue(rows, p, expert, slot0, i, col + 1, acc1 FM_LORA_PASS);
         return;
@@ -216,7 +262,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
     // for 1024 bytes of slack).
     const unsigned smem0 = (unsigned)__cvta_generic_to_shared(fm_smem);
     const unsigned tiles0 = (smem0 + (unsigned)sizeof(FmRows) + 1023u) & ~1023u;
-    unsigned char* tiles = fm_smem + (tiles0 - smem0);
     fm_rows_setup(rows, p, slot0);
     __syncthreads();
 
@@ -231,11 +276,11 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
 #pragma unroll
     for (int q = 0; q < FM_WG_COLS / 2; ++q) acc[q] = 0.0f;
 
+    FmWgLoader loader(rows, p, w_expert, n0);
     const int k_tiles = (p.kdim + FM_BK - 1) / FM_BK;
 #pragma unroll
     for (int s = 0; s < FM_STAGES - 1; ++s) {
-        if (s < k_tiles)
-            fm_wg_load_stage(tiles + s * FM_STAGE_BYTES, rows, p, w_expert, n0, s * FM_BK);
+        if (s < k_tiles) loader.load_next(tiles0 + s * FM_STAGE_BYTES, p);
         fm_cp_async_commit();
     }
     for (int kt = 0; kt < k_tiles; ++kt) {
@@ -258,9 +303,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
         __syncthreads();  // every warpgroup's is: its slot takes k-tile kt + STAGES - 1
 
         const int next = kt + FM_STAGES - 1;
-        if (next < k_tiles)
-            fm_wg_load_stage(tiles + (next % FM_STAGES) * FM_STAGE_BYTES, rows, p, w_expert, n0,
-                             next * FM_BK);
+        if (next < k_tiles) loader.load_next(tiles0 + (next % FM_STAGES) * FM_STAGE_BYTES, p);
         fm_cp_async_commit();
     }
     fm_wg_wait<0>();
@@ -273,6 +316,10 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
     // + {0, 1} of the first row, 4j+2, 4j+3 at the same columns of the second.
     const int row0 = wg_m * 64 + (warp % 4) * 16 + lane / 4;
     const int col0 = n0 + wg_n * FM_WG_COLS + (lane % 4) * 2;
+#if FM_LORA
+    fm_lora_expand_frags<FM_WG_COLS / 8>(lora, rows.route[row0], rows.route[row0 + 8], expert,
+                                         n0 + wg_n * FM_WG_COLS, acc);
+#endif
 #pragma unroll
     for (int j = 0; j < FM_WG_COLS / 8; ++j) {
         fm_epilogue_pair(rows, p, expert, slot0, row0, col0 + 8 * j, acc[4 * j],
