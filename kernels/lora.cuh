@@ -182,7 +182,10 @@ __device__ __forceinline__ void fm_lora_t_frag(const FmLoraExpand& L, int route_
 // 16 ranks, one m16n8k16 MMA per 8 columns (two for a split gated GEMM1, one per half of t).
 // The per-element expand it replaces read B and t (96 bytes at r = 16) per output element
 // and tripled the GEMMs' time at Qwen3 M = 1024 (ncu).
-template <int NJ>
+//
+// PAIRED (a GEMM1 with the activation fused, halves layout): tile column n is W row
+// n / 2 + (n odd) · I, so B's row is that and odd columns are the up half.
+template <int NJ, bool PAIRED>
 __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int route_lo,
                                                      int route_hi, int expert, int col0,
                                                      float* acc) {
@@ -211,7 +214,8 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
                 const int n = col0 + 8 * j + lane / 4;
                 unsigned bw[2] = {0u, 0u};
                 if (n < L.n) {
-                    const fm_t* row = b + (fm_i64)n * L.rank;
+                    const int b_row = PAIRED ? (n >> 1) + (n & 1) * L.half : n;
+                    const fm_t* row = b + (fm_i64)b_row * L.rank;
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         const int k = kb + 8 * h;
@@ -227,7 +231,7 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
                 const int c = col0 + 8 * j + 2 * (lane % 4);
 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
-                    const bool up = split && fm_lora_is_up(L, c + (q % 2));
+                    const bool up = PAIRED ? (q % 2) == 1 : split && fm_lora_is_up(L, c + (q % 2));
                     acc[4 * j + q] += s.scaling * (up ? d_up[q] : d_gate[q]);
                 }
             }

@@ -11,8 +11,8 @@
 // Compile-time variant: FM_DTYPE, FM_GEMM_MODE, FM_BM, FM_BN, FM_BK, FM_WARPS_M, FM_WARPS_N,
 // FM_STAGES, FM_VEC (8: 16-byte cp.async chunks, rows 16-byte aligned; 1: element loads),
 // FM_MMA (1: mma.sync on 16-bit types; 0: SIMT in f32, the f32 layers' path), FM_WGMMA
-// (1: Hopper's wgmma, moe_gemm_wgmma.cuh; sm_90a, 16-bit types, 16-byte loads) and FM_LORA
-// (see the LoRA hook below).
+// (1: Hopper's wgmma, moe_gemm_wgmma.cuh; sm_90a, 16-bit types, 16-byte loads), FM_LORA
+// (see the LoRA hook below) and FM_FUSED_ACT (GEMM1 with the activation, below).
 #include "common.cuh"
 
 // ---------------------------------------------------------------- LoRA hook (SPEC §7)
@@ -50,9 +50,38 @@ struct FmGemmParams {
     int n_tiles;                  // ceil(n / FM_BN)
     int group_m;                  // GROUP_M (>= 1)
     int m_blocks;                 // the grid's m-blocks (max_blocks)
+    int inter;                    // I: the activation's columns (FM_FUSED_ACT)
+    float alpha, limit;           // the activation's parameters (FM_FUSED_ACT)
 };
 
 #define FM_THREADS (FM_WARPS_M * FM_WARPS_N * 32)
+
+// ---------------------------------------------------------------- fused activation
+// FM_FUSED_ACT (GEMM1 on the tensor-core paths): the epilogue applies the activation (act.cuh;
+// FM_ACT, FM_GATED, FM_INTERLEAVED as moe_act's) and writes the activation rows
+// [capacity, inter] itself, so moe_act's launch and GEMM1's output round trip go. Both MMA
+// fragment layouts give a thread its columns in pairs (2c, 2c + 1), so a gated GEMM1 takes its
+// tile columns as (gate, up) pairs of intermediate c: interleaved w13 has its rows so already;
+// with the halves layout tile column n reads W row fm_w_row(n) = n / 2 + (n odd) · I.
+#ifndef FM_FUSED_ACT
+#define FM_FUSED_ACT 0
+#endif
+#if FM_FUSED_ACT
+#include "act.cuh"
+#define FM_PAIRED_HALVES (FM_GATED && !FM_INTERLEAVED)
+#else
+#define FM_PAIRED_HALVES 0
+#endif
+// W rows between tile columns n and n + 2 (an even step keeps a column's half).
+#define FM_W_ROW_STEP (FM_PAIRED_HALVES ? 2 : 1)
+
+__device__ __forceinline__ int fm_w_row(const FmGemmParams& p, int n) {
+#if FM_PAIRED_HALVES
+    return (n >> 1) + (n & 1) * p.inter;
+#else
+    return n;
+#endif
+}
 
 // Where the A row of each slot starts (-1: the slot holds no route) and its route id.
 struct FmRows {
@@ -100,6 +129,35 @@ __device__ __forceinline__ bool fm_block(const FmGemmParams& p, FmBlock& b) {
 __device__ __forceinline__ fm_t* fm_tiles(unsigned char* smem) {
     return (fm_t*)(smem + ((sizeof(FmRows) + 127) / 128) * 128);
 }
+
+#if FM_FUSED_ACT
+// The fused epilogue of tile row `i`, tile columns col and col + 1 (col even): each rounded
+// as GEMM1's output would be, then the activation of the rounded values, as moe_act reads
+// them back (SPEC §3).
+__device__ __forceinline__ void fm_epilogue_act(const FmRows& rows, const FmGemmParams& p,
+                                                int expert, int slot0, int i, int col,
+                                                float acc0, float acc1) {
+    const int route = rows.route[i];
+    if (route < 0 || col >= p.n) return;
+    const float scale = p.apply_router ? fm_read_as_f32(p.router, route, p.router_kind) : 1.0f;
+    const fm_i64 bias_row = (fm_i64)expert * p.n;
+    const float b0 = p.bias ? fm_read_as_f32(p.bias, bias_row + fm_w_row(p, col), p.bias_kind) : 0.0f;
+    const float g = fm_load(fm_store(scale * (acc0 + b0)));
+    fm_t* out = (fm_t*)p.out + (fm_i64)(slot0 + i) * p.inter;
+#if FM_GATED
+    // n = 2I, so col + 1 < n
+    const float b1 = p.bias ? fm_read_as_f32(p.bias, bias_row + fm_w_row(p, col + 1), p.bias_kind) : 0.0f;
+    const float u = fm_load(fm_store(scale * (acc1 + b1)));
+    out[col >> 1] = fm_store(fm_act(g, u, p.alpha, p.limit));
+#else
+    out[col] = fm_store(fm_act(g));
+    if (col + 1 < p.n) {
+        const float b1 = p.bias ? fm_read_as_f32(p.bias, bias_row + col + 1, p.bias_kind) : 0.0f;
+        out[col + 1] = fm_store(fm_act(fm_load(fm_store(scale * (acc1 + b1)))));
+    }
+#endif
+}
+#endif
 
 // The epilogue for one accumulated value at tile row `i`, global column `col`.
 __device__ __forceinline__ void fm_epilogue(const FmRows& rows, const FmGemmParams& p,
@@ -162,7 +220,7 @@ __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& 
         } else {
             const int n = n0 + row - FM_BM;
             row_valid = n < p.n;
-            src = w_expert + (row_valid ? (fm_i64)n * p.kdim + k : 0);
+            src = w_expert + (row_valid ? (fm_i64)fm_w_row(p, n) * p.kdim + k : 0);
             dst = sb + (row - FM_BM) * FM_LDS + kk;
         }
 #if FM_VEC == 8
@@ -262,21 +320,29 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS)
 #pragma unroll
     for (int i = 0; i < FM_MI; ++i) {
         const int row = wm * FM_WTM + i * 16 + lane / 4;
-        fm_lora_expand_frags<FM_NI>(lora, rows.route[row], rows.route[row + 8], expert,
-                                    n0 + wn * FM_WTN, &acc[i][0][0]);
+        fm_lora_expand_frags<FM_NI, FM_PAIRED_HALVES>(lora, rows.route[row], rows.route[row + 8],
+                                                      expert, n0 + wn * FM_WTN, &acc[i][0][0]);
     }
 #endif
     // c0, c1: row lane/4, columns 2(lane%4) + {0, 1}; c2, c3: eight rows further down.
 #pragma unroll
     for (int i = 0; i < FM_MI; ++i)
 #pragma unroll
-        for (int j = 0; j < FM_NI; ++j)
+        for (int j = 0; j < FM_NI; ++j) {
+#if FM_FUSED_ACT
+            const int row = wm * FM_WTM + i * 16 + lane / 4;
+            const int col = n0 + wn * FM_WTN + j * 8 + (lane % 4) * 2;
+            fm_epilogue_act(rows, p, expert, slot0, row, col, acc[i][j][0], acc[i][j][1]);
+            fm_epilogue_act(rows, p, expert, slot0, row + 8, col, acc[i][j][2], acc[i][j][3]);
+#else
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 const int row = wm * FM_WTM + i * 16 + lane / 4 + (q / 2) * 8;
                 const int col = n0 + wn * FM_WTN + j * 8 + (lane % 4) * 2 + (q % 2);
                 fm_epilogue(rows, p, expert, slot0, row, col, acc[i][j][q] FM_LORA_PASS);
             }
+#endif
+        }
 }
 
 #else

@@ -190,9 +190,10 @@ struct FmWgLoader {
             a_src[i] = a + (off >= 0 ? off : 0) + k;
             valid |= (off >= 0 ? 1u : 0u) << i;
         }
-        b_stride = (fm_i64)ROWS_PER_PASS * p.kdim;
+        // rows ROWS_PER_PASS apart (even) keep their half with FM_PAIRED_HALVES
+        b_stride = (fm_i64)(ROWS_PER_PASS / FM_W_ROW_STEP) * p.kdim;
         const int n = n0 + row;
-        b_src = w_expert + (fm_i64)min(n, p.n - 1) * p.kdim + k;
+        b_src = w_expert + (fm_i64)fm_w_row(p, min(n, p.n - 1)) * p.kdim + k;
 #pragma unroll
         for (int i = 0; i < B_CHUNKS; ++i)
             valid |= (n + i * ROWS_PER_PASS < p.n ? 1u : 0u) << (A_CHUNKS + i);
@@ -317,14 +318,20 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
     const int row0 = wg_m * 64 + (warp % 4) * 16 + lane / 4;
     const int col0 = n0 + wg_n * FM_WG_COLS + (lane % 4) * 2;
 #if FM_LORA
-    fm_lora_expand_frags<FM_WG_COLS / 8>(lora, rows.route[row0], rows.route[row0 + 8], expert,
-                                         n0 + wg_n * FM_WG_COLS, acc);
+    fm_lora_expand_frags<FM_WG_COLS / 8, FM_PAIRED_HALVES>(
+        lora, rows.route[row0], rows.route[row0 + 8], expert, n0 + wg_n * FM_WG_COLS, acc);
 #endif
 #pragma unroll
     for (int j = 0; j < FM_WG_COLS / 8; ++j) {
+#if FM_FUSED_ACT
+        fm_epilogue_act(rows, p, expert, slot0, row0, col0 + 8 * j, acc[4 * j], acc[4 * j + 1]);
+        fm_epilogue_act(rows, p, expert, slot0, row0 + 8, col0 + 8 * j, acc[4 * j + 2],
+                        acc[4 * j + 3]);
+#else
         fm_epilogue_pair(rows, p, expert, slot0, row0, col0 + 8 * j, acc[4 * j],
                          acc[4 * j + 1] FM_LORA_PASS);
         fm_epilogue_pair(rows, p, expert, slot0, row0 + 8, col0 + 8 * j, acc[4 * j + 2],
                          acc[4 * j + 3] FM_LORA_PASS);
+#endif
     }
 }

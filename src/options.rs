@@ -98,6 +98,16 @@ const KEYS: &[Key] = &[
         doc: "1 (default): GEMM tiles of wgmma's shape use Hopper's wgmma on sm_90a; 0: mma.sync",
     },
     Key {
+        name: "cuda.fuse_act",
+        rule: Rule::Int {
+            min: 0,
+            max: 1,
+            pow2: false,
+        },
+        device: Some(DeviceKind::Cuda),
+        doc: "1 (default): f16/bf16 layers apply the activation in GEMM1's epilogue; 0: a kernel of its own",
+    },
+    Key {
         name: "cpu.num_threads",
         rule: Rule::Int {
             min: 1,

@@ -108,6 +108,18 @@ fn every_activation_and_layout_matches_the_cpu() {
             ));
         }
     }
+    // f16/bf16 GEMM1s apply the activation in their epilogue by default; the same cases
+    // again with the activation in a kernel of its own
+    let separate: Vec<Case> = cases
+        .iter()
+        .filter(|c| c.dt != Dt::F32)
+        .map(|c| Case {
+            options: vec![("cuda.fuse_act".to_string(), "0".to_string())],
+            seed: c.seed + 1000,
+            ..c.clone()
+        })
+        .collect();
+    cases.extend(separate);
     run_cases("activations", &ctx, &select(cases, |c| c.dt == Dt::Bf16));
 }
 

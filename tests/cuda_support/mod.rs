@@ -276,6 +276,7 @@ impl CudaLayer {
                 moe_config_set_device(l.config, CUDA0),
                 "moe_config_set_device",
             )?;
+            s.case.set_options(l.config, |k| k.starts_with("cuda."));
             status(l.create(), "moe_layer_create")?;
             status(moe_plan_create(l.layer, &mut l.plan), "moe_plan_create")?;
         }

@@ -91,7 +91,8 @@ pub struct KernelSet {
     align_i32: Loaded,
     align_i64: Loaded,
     gemm1: Loaded,
-    act: Loaded,
+    /// moe_act, or None where GEMM1 applies the activation in its epilogue.
+    act: Option<Loaded>,
     gemm2: Loaded,
     /// moe_combine, or moe_zero_dropped with no_combine.
     finish: Loaded,
@@ -137,6 +138,10 @@ struct GemmParams {
     /// GROUP_M: m-blocks that take each n-tile in turn before the next n-tile (see fm_block)
     group_m: i32,
     m_blocks: i32,
+    /// I, alpha and limit: the activation a GEMM1 with FM_FUSED_ACT applies
+    inter: i32,
+    alpha: f32,
+    limit: f32,
 }
 
 #[repr(C)]
@@ -188,23 +193,39 @@ impl KernelSet {
         (gemm1_vec8, gemm2_vec8): (bool, bool),
         hopper: bool,
         with_lora: bool,
+        fuse_act: bool,
     ) -> Result<KernelSet> {
         let finish = if v.no_combine {
             "moe_zero_dropped"
         } else {
             "moe_combine"
         };
-        let path = |vec8| variant::GemmPath {
+        let fused = (fuse_act && variant::fuses_act(v.dtype))
+            .then(|| variant::FusedAct::new(v.act, v.gated, v.layout));
+        let path = |vec8, act| variant::GemmPath {
             vec8,
             hopper,
             lora: with_lora,
+            act,
         };
         Ok(KernelSet {
             align_i32: Loaded::new(dev, variant::align(false))?,
             align_i64: Loaded::new(dev, variant::align(true))?,
-            gemm1: Loaded::new(dev, variant::gemm(v.dtype, 1, tile, path(gemm1_vec8))?)?,
-            act: Loaded::new(dev, variant::act(v.dtype, v.act, v.gated, v.layout))?,
-            gemm2: Loaded::new(dev, variant::gemm(v.dtype, 2, tile, path(gemm2_vec8))?)?,
+            gemm1: Loaded::new(
+                dev,
+                variant::gemm(v.dtype, 1, tile, path(gemm1_vec8, fused))?,
+            )?,
+            act: match fused {
+                Some(_) => None,
+                None => Some(Loaded::new(
+                    dev,
+                    variant::act(v.dtype, v.act, v.gated, v.layout),
+                )?),
+            },
+            gemm2: Loaded::new(
+                dev,
+                variant::gemm(v.dtype, 2, tile, path(gemm2_vec8, None))?,
+            )?,
             finish: Loaded::new(dev, variant::combine(v.dtype, finish))?,
             lora: match with_lora {
                 true => Some(lora::Kernels::load(dev, v.dtype)?),
@@ -260,7 +281,8 @@ impl KernelSet {
             .map_err(|e| driver_error(&format!("kernel {}", k.v.name), e))
     }
 
-    /// GEMM1, activation, GEMM2, then combine (or the zero rows of no_combine). With `lora`
+    /// GEMM1, activation (in GEMM1's epilogue where fused), GEMM2, then combine (or the
+    /// zero rows of no_combine). With `lora`
     /// (a set loaded with LoRA): the map first, each GEMM after its shrink and with the
     /// expand in its epilogue.
     pub fn run(
@@ -305,6 +327,12 @@ impl KernelSet {
             k.shrink(stream, &run.shrink_gate_up(&align, io.hidden.data as u64))?;
         }
 
+        let (alpha, limit) = match v.act {
+            crate::activation::ActFn::SwigluOai { alpha, limit } => (alpha, limit),
+            crate::activation::ActFn::SiluClamp { limit }
+            | crate::activation::ActFn::SiluPreclamp { limit } => (0.0, limit),
+            _ => (0.0, 0.0),
+        };
         let (b13, b13_kind) = bias_parts(&layer.b13);
         let n_tiles1 = d.n1.div_ceil(bn);
         self.gemm1.launch_with(
@@ -315,7 +343,8 @@ impl KernelSet {
                 w: layer.weights.w13.data as u64,
                 bias: b13,
                 router,
-                out: s.g1,
+                // a GEMM1 with the activation fused writes the activation rows itself
+                out: if self.act.is_some() { s.g1 } else { s.act },
                 sorted_route_ids: sorted,
                 block_expert: blocks,
                 num_padded: padded,
@@ -329,30 +358,29 @@ impl KernelSet {
                 n_tiles: n_tiles1 as i32,
                 group_m: self.tile.group_m.max(1) as i32,
                 m_blocks: max_blocks as i32,
-            },
-            lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
-        )?;
-        let (alpha, limit) = match v.act {
-            crate::activation::ActFn::SwigluOai { alpha, limit } => (alpha, limit),
-            crate::activation::ActFn::SiluClamp { limit }
-            | crate::activation::ActFn::SiluPreclamp { limit } => (0.0, limit),
-            _ => (0.0, 0.0),
-        };
-        self.act.launch_rows(
-            stream,
-            capacity,
-            d.inter,
-            &ActParams {
-                g1: s.g1,
-                act: s.act,
-                sorted_route_ids: sorted,
-                num_padded: padded,
-                numel: p.numel as i32,
                 inter: d.inter as i32,
                 alpha,
                 limit,
             },
+            lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
         )?;
+        if let Some(act) = &self.act {
+            act.launch_rows(
+                stream,
+                capacity,
+                d.inter,
+                &ActParams {
+                    g1: s.g1,
+                    act: s.act,
+                    sorted_route_ids: sorted,
+                    num_padded: padded,
+                    numel: p.numel as i32,
+                    inter: d.inter as i32,
+                    alpha,
+                    limit,
+                },
+            )?;
+        }
         if let Some((run, k)) = lora {
             k.shrink(stream, &run.shrink_down(&align, s.act))?;
         }
@@ -385,6 +413,9 @@ impl KernelSet {
                 n_tiles: n_tiles2 as i32,
                 group_m: self.tile.group_m.max(1) as i32,
                 m_blocks: max_blocks as i32,
+                inter: d.inter as i32,
+                alpha,
+                limit,
             },
             lora.map(|(run, _)| run.expand_down()).as_ref(),
         )?;

@@ -79,6 +79,8 @@ pub struct CudaLayer {
     gemm2_vec8: bool,
     /// GEMM tiles of wgmma's shape take the wgmma main loop (sm_90a, option cuda.wgmma).
     hopper: bool,
+    /// f16/bf16 GEMM1s apply the activation in their epilogue (option cuda.fuse_act).
+    fuse_act: bool,
     kernels: Mutex<HashMap<SetKey, Arc<KernelSet>>>,
     /// Made when the first LoRA wrapper over the layer is: the LoRA map kernel's error
     /// counters. While it exists, moe_warmup also loads the LoRA kernel sets.
@@ -113,6 +115,7 @@ impl CudaLayer {
             vec8,
             self.hopper,
             key.lora,
+            self.fuse_act,
         )?);
         self.kernels.lock().unwrap().insert(key, k.clone());
         Ok(k)
@@ -228,6 +231,7 @@ impl Backend for CudaBackend {
             gemm1_vec8: d.hidden % 8 == 0 && aligned(&weights.w13),
             gemm2_vec8: d.inter % 8 == 0 && aligned(&weights.w2),
             hopper: dev.arch == "sm_90a" && options.int("cuda.wgmma") != Some(0),
+            fuse_act: options.int("cuda.fuse_act") != Some(0),
             kernels: Mutex::new(HashMap::new()),
             lora: once_cell::sync::OnceCell::new(),
             dev,

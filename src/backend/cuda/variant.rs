@@ -100,6 +100,43 @@ pub struct GemmPath {
     pub hopper: bool,
     /// The moe_run_lora variant, whose epilogue adds the LoRA delta (kernels/lora.cuh).
     pub lora: bool,
+    /// GEMM1 applies this activation in its epilogue (tensor-core paths only; see
+    /// `fuses_act`).
+    pub act: Option<FusedAct>,
+}
+
+/// The activation a GEMM1 variant applies in its epilogue (moe_gemm.cu, FM_FUSED_ACT): the
+/// FM_ACT code and the gate/up form, as moe_act's defines; alpha and limit come at launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FusedAct {
+    code: i64,
+    gated: bool,
+    interleaved: bool,
+}
+
+impl FusedAct {
+    pub fn new(f: ActFn, gated: bool, layout: GateUpLayout) -> FusedAct {
+        FusedAct {
+            code: act_code(f),
+            gated,
+            interleaved: gated && layout == GateUpLayout::Interleaved,
+        }
+    }
+
+    fn defines(self) -> [(&'static str, i64); 4] {
+        [
+            ("FM_FUSED_ACT", 1),
+            ("FM_ACT", self.code),
+            ("FM_GATED", self.gated as i64),
+            ("FM_INTERLEAVED", self.interleaved as i64),
+        ]
+    }
+}
+
+/// Whether a GEMM1 of this dtype can take the activation into its epilogue: the tensor-core
+/// paths can (their threads hold columns in pairs); the f32 SIMT path does not.
+pub fn fuses_act(dtype: DType) -> bool {
+    dtype != DType::F32
 }
 
 /// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config.
@@ -126,7 +163,7 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<
                 tile,
                 layout,
                 main_loop,
-                path.lora,
+                path,
                 shared_bytes,
             ));
         }
@@ -159,7 +196,7 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<
         tile,
         layout,
         main_loop,
-        path.lora,
+        path,
         shared_bytes,
     ))
 }
@@ -178,20 +215,32 @@ fn gemm_variant(
     tile: TileConfig,
     (wm, wn): (u32, u32),
     main_loop: MainLoop,
-    lora: bool,
+    path: GemmPath,
     shared_bytes: usize,
 ) -> Variant {
+    let fused = match path.act {
+        Some(a) if mode == 1 && fuses_act(dtype) => Some(a),
+        _ => None,
+    };
     let (bm, bn, bk, stages) = (tile.block_m, tile.block_n, tile.block_k, tile.num_stages);
     let (mma, wgmma, vec) = match main_loop {
         MainLoop::Simt => (0, 0, 1),
         MainLoop::MmaSync { vec8 } => (1, 0, if vec8 { 8 } else { 1 }),
         MainLoop::Wgmma => (1, 1, 8),
     };
+    let act = fused.map_or(String::new(), |a| {
+        format!(
+            "_act{}{}{}",
+            a.code,
+            if a.gated { "g" } else { "" },
+            if a.interleaved { "i" } else { "" }
+        )
+    });
     let name = format!(
-        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}{}{}",
+        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}{}{}{act}",
         dtype.name(),
         if wgmma == 1 { "_wgmma" } else { "" },
-        if lora { "_lora" } else { "" }
+        if path.lora { "_lora" } else { "" }
     );
     let mut defines = vec![
         ("FM_DTYPE", dtype_code(dtype)),
@@ -206,8 +255,11 @@ fn gemm_variant(
         ("FM_MMA", mma),
         ("FM_WGMMA", wgmma),
     ];
-    if lora {
+    if path.lora {
         defines.extend(lora::expand_defines());
+    }
+    if let Some(a) = fused {
+        defines.extend(a.defines());
     }
     Variant {
         source: KERNEL_GEMM.name,
@@ -253,8 +305,9 @@ fn warp_layout(bm: u32, bn: u32, warps: u32, mma: bool) -> Option<(u32, u32)> {
         .min_by_key(|&(wm, wn)| ((bm / wm) as i64 - (bn / wn) as i64).abs())
 }
 
-pub fn act(dtype: DType, f: ActFn, gated: bool, layout: GateUpLayout) -> Variant {
-    let code = match f {
+/// The FM_ACT code of an activation (kernels/act.cuh).
+fn act_code(f: ActFn) -> i64 {
+    match f {
         ActFn::Silu => 0,
         ActFn::Gelu => 1,
         ActFn::GeluTanh => 2,
@@ -262,7 +315,11 @@ pub fn act(dtype: DType, f: ActFn, gated: bool, layout: GateUpLayout) -> Variant
         ActFn::SiluClamp { .. } => 4,
         ActFn::SiluPreclamp { .. } => 5,
         ActFn::Relu2 => 6,
-    };
+    }
+}
+
+pub fn act(dtype: DType, f: ActFn, gated: bool, layout: GateUpLayout) -> Variant {
+    let code = act_code(f);
     let interleaved = gated && layout == GateUpLayout::Interleaved;
     let name = format!(
         "moe_act__{}_{}{}{}",
@@ -422,6 +479,7 @@ pub fn ci_set() -> Vec<Variant> {
                     vec8,
                     hopper,
                     lora: false,
+                    act: None,
                 };
                 if let Ok(g) = gemm(dtype, mode, tile, path) {
                     if !all.contains(&g) {
@@ -453,6 +511,29 @@ pub fn ci_set() -> Vec<Variant> {
                 if !all.contains(&a) {
                     all.push(a);
                 }
+                // GEMM1 with the activation fused: every activation and layout at the
+                // smallest default tile; the wgmma main loop at its widest tile for the
+                // first activation of each form
+                let fused = Some(FusedAct::new(f, gated, layout));
+                let mut cases = vec![(tiles[0], false)];
+                if matches!(f, ActFn::Silu) {
+                    cases.push((wgmma_tiles[2], true));
+                }
+                if !fuses_act(dtype) {
+                    cases.clear();
+                }
+                for (tile, hopper) in cases {
+                    let path = GemmPath {
+                        vec8: true,
+                        hopper,
+                        lora: false,
+                        act: fused,
+                    };
+                    let g = gemm(dtype, 1, tile, path).expect("a CI tile");
+                    if !all.contains(&g) {
+                        all.push(g);
+                    }
+                }
             }
         }
         all.push(combine(dtype, "moe_combine"));
@@ -466,6 +547,7 @@ pub fn ci_set() -> Vec<Variant> {
                     vec8: true,
                     hopper,
                     lora: true,
+                    act: Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves)),
                 };
                 let g = gemm(dtype, mode, tile, path).expect("a CI tile");
                 if !all.contains(&g) {
@@ -525,6 +607,7 @@ mod tests {
             vec8,
             hopper,
             lora: false,
+            act: None,
         };
         let on = gemm(DType::BF16, 1, tile, path(true, true)).unwrap();
         assert!(
