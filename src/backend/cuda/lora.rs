@@ -476,4 +476,17 @@ mod tests {
             assert!(size <= 4096, "{size} bytes");
         }
     }
+
+    /// The tensor-core shrink's stages and its static shared memory (under 4 KB: routes,
+    /// slots and units of one block) fit the 99 KB a block may take on sm_86/sm_89.
+    #[test]
+    fn shrink_shared_memory_fits_every_arch() {
+        assert_eq!(shrink_shared_bytes(DType::F32), 0);
+        for dtype in [DType::F16, DType::BF16] {
+            let bytes = shrink_shared_bytes(dtype) + 4096;
+            assert!(bytes <= 99 * 1024, "{bytes} bytes");
+        }
+        // a stage holds a pass of x rows (4 warps × 16) and the block's rows of A at k 64
+        assert!((SHRINK_WARPS * 16 + SHRINK_MMA_ROWS) * 64 <= SHRINK_STAGE_ELEMS);
+    }
 }
