@@ -9,15 +9,15 @@
 //   call on the layer reports, as the align kernel does for expert ids [TAG_GRAPH_SAFE].
 //
 // moe_lora_shrink: per kept route with an active slot, t[route, q] = round(A[a, e][q, :] · x),
-//   rounded to the layer dtype and kept in f32 (the CPU's order, src/backend/cpu/lora.rs). x is
+//   rounded to the layer dtype and kept in f32 (as src/backend/cpu/lora.rs rounds). x is
 //   the route's hidden row (GEMM1) or its activation row (GEMM2). Grid: x = the align step's
-//   blocks (as the GEMMs: past num_padded they exit), y = groups of rows of A times chunks of
-//   the block's routes. Each warp takes FM_SHRINK_ROWS rows of A and FM_SHRINK_ROUTES routes,
-//   all of one expert: A rows shared by those routes stay in L1, and the other chunks of the
-//   block find them in L2. Loads are 16 bytes where rows allow.
+//   blocks (as the GEMMs: past num_padded they exit). f16/bf16 with 16-byte aligned rows take
+//   tensor cores: a block per FM_SHRINK_MMA_ROWS rows of A (y) walks the slots its routes use
+//   and streams each slot's A once through shared memory, all its routes against it. Otherwise
+//   (f32, odd kdim) a SIMT path: y = groups of rows of A times chunks of the block's routes,
+//   a warp per FM_SHRINK_ROWS rows and FM_SHRINK_ROUTES routes, A found in L1/L2.
 //
-// Compile-time variant: FM_DTYPE, FM_SHRINK_WARPS, FM_SHRINK_ROWS and FM_SHRINK_ROUTES
-// (moe_lora_shrink only),
+// Compile-time variant: FM_DTYPE, FM_SHRINK_* (moe_lora_shrink only, src/backend/cuda/lora.rs),
 // FM_LORA_SLOTS, FM_LORA_MAP_BYTES and FM_LORA_SHRINK_BYTES (the mirrored structs' sizes,
 // src/backend/cuda/lora.rs).
 #include "lora.cuh"
@@ -105,10 +105,11 @@ extern "C" __global__ void __launch_bounds__(256)
 
 #ifdef FM_DTYPE
 
-// FM_SHRINK_WARPS warps per block, FM_SHRINK_ROWS rows of A per warp (src/backend/cuda/lora.rs
-// sizes the grid by them).
-#if !defined(FM_SHRINK_WARPS) || !defined(FM_SHRINK_ROWS) || !defined(FM_SHRINK_ROUTES)
-#error "FM_SHRINK_WARPS, FM_SHRINK_ROWS and FM_SHRINK_ROUTES must be defined (src/backend/cuda/lora.rs)"
+// src/backend/cuda/lora.rs sizes the grid and the dynamic shared memory by these.
+#if !defined(FM_SHRINK_WARPS) || !defined(FM_SHRINK_ROWS) || !defined(FM_SHRINK_ROUTES) ||    \
+    !defined(FM_SHRINK_MMA_ROWS) || !defined(FM_SHRINK_STAGES) ||                            \
+    !defined(FM_SHRINK_STAGE_ELEMS) || !defined(FM_SHRINK_MAX_BLOCK_M)
+#error "the FM_SHRINK_* defines must be set (src/backend/cuda/lora.rs shrink_defines)"
 #endif
 
 struct FmLoraShrinkParams {
@@ -124,12 +125,19 @@ struct FmLoraShrinkParams {
     int kdim;       // H or I
     int block_m;    // BLOCK_M of the plan
     int x_by_slot;  // 1: x's row is the route's sorted slot (GEMM2); 0: its token (GEMM1)
+    int mma;        // 1: the tensor-core path (the host checked dtype, kdim and alignment)
 };
 
 #ifdef FM_LORA_SHRINK_BYTES
 static_assert(sizeof(FmLoraShrinkParams) == FM_LORA_SHRINK_BYTES,
               "FmLoraShrinkParams must mirror ShrinkParams in src/backend/cuda/lora.rs");
 #endif
+
+#define FM_SHRINK_THREADS (FM_SHRINK_WARPS * 32)
+
+// ---------------------------------------------------------------- SIMT path
+// f32 layers, and kdim or pointers unfit for 16-byte copies. Grid y: groups of rows of A times
+// chunks of FM_SHRINK_ROUTES routes; each warp takes FM_SHRINK_ROWS rows of A and those routes.
 
 // This lane's share of Σ_j w[r·kdim + j] · x[j] for the rows r < nrows.
 __device__ __forceinline__ void fm_shrink_dots(const fm_t* __restrict__ w,
@@ -162,14 +170,9 @@ __device__ __forceinline__ void fm_shrink_dots(const fm_t* __restrict__ w,
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FM_SHRINK_WARPS * 32)
-    moe_lora_shrink(const __grid_constant__ FmLoraShrinkParams p) {
-    const int slot0 = blockIdx.x * p.block_m;
-    if (slot0 >= *p.num_padded) return;
-    const int expert = p.block_expert[blockIdx.x];
-    if (expert < 0) return;
+__device__ __forceinline__ void fm_shrink_simt(const FmLoraShrinkParams& p, int expert,
+                                               int slot0) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    // blockIdx.y: a group of rows of A, and a chunk of FM_SHRINK_ROUTES of the block's routes
     constexpr int group_rows = FM_SHRINK_WARPS * FM_SHRINK_ROWS;
     const int row_groups = (p.rows + group_rows - 1) / group_rows;
     const int group = blockIdx.y % row_groups, chunk = blockIdx.y / row_groups;
@@ -203,6 +206,285 @@ extern "C" __global__ void __launch_bounds__(FM_SHRINK_WARPS * 32)
         // the rank intermediate is rounded to the layer dtype (SPEC §7), kept as f32
         if (lane < nrows) p.t[(fm_i64)route * p.rows + q0 + lane] = fm_load(fm_store(mine));
     }
+}
+
+// ---------------------------------------------------------------- tensor-core path
+// Grid y: FM_SHRINK_MMA_ROWS rows of A per block. The block walks units (slot a, pass): a
+// pass is up to FM_SHRINK_PASS of the block's routes (an m16 tile per warp; with fewer routes
+// the warps split the n8 tiles), and a unit exists only where a route of the pass uses slot a.
+// Per unit, k-chunks of the block's rows of A[a, e] and of the x rows of a's routes (the other
+// rows zero-filled, nothing read) go through a cp.async pipeline that runs on across units, so
+// A[a, e] leaves L2 once per (block, slot, pass) and each x row once per block. Rows of other
+// slots give products that are never stored.
+#if FM_DTYPE != 0
+
+#define FM_SHRINK_PASS (FM_SHRINK_WARPS * 16)
+#define FM_SHRINK_PASSES (FM_SHRINK_MAX_BLOCK_M / FM_SHRINK_PASS)
+static_assert(FM_SHRINK_MMA_ROWS % 8 == 0 && FM_SHRINK_MMA_ROWS <= 32,
+              "a warp keeps at most 4 n8 tiles of accumulators");
+static_assert((FM_SHRINK_PASS + FM_SHRINK_MMA_ROWS) * 64 <= FM_SHRINK_STAGE_ELEMS,
+              "a stage holds a pass of x rows and the block's rows of A at k 64");
+static_assert(FM_SHRINK_MAX_BLOCK_M % FM_SHRINK_PASS == 0, "whole passes");
+static_assert(FM_LORA_SLOTS <= 64, "a pass's slots are a 64-bit mask");
+
+// What a block learns of its routes before the pipeline starts.
+struct FmShrinkShared {
+    int route[FM_SHRINK_MAX_BLOCK_M];  // route id (>= numel: padding)
+    int xrow[FM_SHRINK_MAX_BLOCK_M];   // the route's row of x
+    signed char slot[FM_SHRINK_MAX_BLOCK_M];  // its active slot with a weight, -1 for none
+    unsigned present[FM_SHRINK_PASSES][2];  // per pass: bit a where a route uses slot a
+    unsigned short unit[FM_LORA_SLOTS * FM_SHRINK_PASSES];  // a · FM_SHRINK_PASSES + pass
+    int units;
+};
+
+// The block's share of the work, the same in every thread.
+struct FmShrinkTile {
+    int bmp;        // routes per pass: min(block_m, FM_SHRINK_PASS)
+    int n0, nrows;  // the block's rows of A: [n0, n0 + nrows)
+    int np8;        // nrows rounded up to 8: the rows of A a stage holds after bmp rows of x
+    int bk, lg;     // k per stage (a power of two >= 64) and log2 of its 16-byte chunks
+    int nk;         // stages per unit
+};
+
+// A warp's part of a unit: m16 tile mt of the pass, n8 tiles [nt0, nt0 + nn) of the rows.
+struct FmShrinkWarp {
+    int mt, nt0, nn;
+    bool live;  // a route of the tile uses the unit's slot, and nn > 0
+};
+
+__device__ __forceinline__ void fm_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
+                                            unsigned b1) {
+#if FM_DTYPE == 2
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Element offset of 16-byte chunk c of row r in a stage of rows of bk elements. The chunk
+// index is XORed with r mod 8, so the 8 rows an ldmatrix reads hit 8 different bank groups.
+__device__ __forceinline__ int fm_shrink_at(int r, int c, int bk) {
+    return r * bk + ((c ^ (r & 7)) << 3);
+}
+
+__device__ __forceinline__ FmShrinkTile fm_shrink_tile(const FmLoraShrinkParams& p) {
+    FmShrinkTile g;
+    g.bmp = min(p.block_m, FM_SHRINK_PASS);
+    g.n0 = blockIdx.y * FM_SHRINK_MMA_ROWS;
+    g.nrows = min(FM_SHRINK_MMA_ROWS, p.rows - g.n0);
+    g.np8 = (g.nrows + 7) & ~7;
+    // the longest k a stage holds (fewer routes per pass: longer stages, more bytes of A in
+    // flight), no longer than kdim needs
+    g.bk = 512;
+    while (g.bk > 64 && ((g.bmp + g.np8) * g.bk > FM_SHRINK_STAGE_ELEMS || g.bk / 2 >= p.kdim))
+        g.bk /= 2;
+    g.lg = __ffs(g.bk) - 4;  // bk = 2^(lg + 3)
+    g.nk = (p.kdim + g.bk - 1) / g.bk;
+    return g;
+}
+
+__device__ __forceinline__ unsigned long long fm_shrink_present(const FmShrinkShared& sh, int q) {
+    return (unsigned long long)sh.present[q][1] << 32 | sh.present[q][0];
+}
+
+// The block's routes, their slots and x rows, and the units in slot order (a slot's passes
+// follow each other, so its A is read again from L2 while it is fresh).
+__device__ void fm_shrink_gather(const FmLoraShrinkParams& p, FmShrinkShared& sh, int bmp,
+                                 int slot0) {
+    if (threadIdx.x < 2 * FM_SHRINK_PASSES) sh.present[threadIdx.x / 2][threadIdx.x % 2] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < p.block_m; i += FM_SHRINK_THREADS) {
+        const int route = p.sorted_route_ids[slot0 + i];
+        int a = -1, m = 0;
+        if (route < p.numel) {
+            m = route / p.top_k;
+            a = p.token_slot[m];
+            if (a >= 0 && p.a.slot[a].w == nullptr) a = -1;
+        }
+        sh.route[i] = route;
+        sh.xrow[i] = p.x_by_slot ? slot0 + i : m;
+        sh.slot[i] = (signed char)a;
+        // 32-bit words: a shared 64-bit atomicOr is a compare-and-swap loop
+        if (a >= 0) atomicOr(&sh.present[i / bmp][a / 32], 1u << (a % 32));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int passes = p.block_m / bmp;
+        unsigned long long all = 0;
+        for (int q = 0; q < passes; ++q) all |= fm_shrink_present(sh, q);
+        int n = 0;
+        while (all != 0) {
+            const int a = __ffsll((long long)all) - 1;
+            all &= all - 1;
+            for (int q = 0; q < passes; ++q)
+                if ((fm_shrink_present(sh, q) >> a) & 1ull)
+                    sh.unit[n++] = (unsigned short)(a * FM_SHRINK_PASSES + q);
+        }
+        sh.units = n;
+    }
+    __syncthreads();
+}
+
+// Stage k-chunk kc of unit u: the pass's x rows of slot a (others and k >= kdim zero), then
+// the block's rows of A[a, e] (rows past nrows zero).
+__device__ __forceinline__ void fm_shrink_load(const FmLoraShrinkParams& p,
+                                               const FmShrinkShared& sh, const FmShrinkTile& g,
+                                               int expert, int u, int kc, fm_t* stage) {
+    const int a = sh.unit[u] / FM_SHRINK_PASSES, base = sh.unit[u] % FM_SHRINK_PASSES * g.bmp;
+    const FmLoraSlot& s = p.a.slot[a];
+    const fm_t* w =
+        (const fm_t*)s.w + ((fm_i64)(s.shared_outer ? 0 : expert) * p.rows + g.n0) * p.kdim;
+    const fm_t* x = (const fm_t*)p.x;
+    const int k0 = kc * g.bk, chunks = (g.bmp + g.np8) << g.lg;
+    for (int idx = threadIdx.x; idx < chunks; idx += FM_SHRINK_THREADS) {
+        const int r = idx >> g.lg, c = idx & ((1 << g.lg) - 1), k = k0 + c * 8;
+        bool valid = k < p.kdim;
+        const fm_t* src;
+        if (r < g.bmp) {
+            valid = valid && sh.slot[base + r] == a;
+            src = x + (fm_i64)sh.xrow[base + r] * p.kdim + k;
+        } else {
+            valid = valid && r - g.bmp < g.nrows;
+            src = w + (fm_i64)(r - g.bmp) * p.kdim + k;
+        }
+        fm_cp_async16(stage + fm_shrink_at(r, c, g.bk), valid ? src : x, valid);
+    }
+}
+
+__device__ __forceinline__ void fm_shrink_next(int& u, int& kc, int nk) {
+    if (++kc == nk) {
+        kc = 0;
+        ++u;
+    }
+}
+
+// This warp's tiles in a unit of slot a whose pass starts at route `base`.
+__device__ __forceinline__ FmShrinkWarp fm_shrink_warp(const FmShrinkShared& sh,
+                                                       const FmShrinkTile& g, int a, int base) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int per_mt = FM_SHRINK_WARPS / (g.bmp / 16);  // warps per m16 tile
+    const int ntiles = g.np8 / 8, nper = (ntiles + per_mt - 1) / per_mt;
+    FmShrinkWarp wp;
+    wp.mt = warp / per_mt;
+    wp.nt0 = warp % per_mt * nper;
+    wp.nn = max(0, min(nper, ntiles - wp.nt0));
+    const bool mine = lane < 16 && sh.slot[base + wp.mt * 16 + lane] == a;
+    wp.live = __any_sync(FM_FULL_MASK, mine) && wp.nn > 0;
+    return wp;
+}
+
+// acc += x rows of the warp's m16 tile · A rows of its n8 tiles, over k in [0, kend).
+__device__ __forceinline__ void fm_shrink_mma_stage(const fm_t* stage, const FmShrinkTile& g,
+                                                    const FmShrinkWarp& wp, int kend,
+                                                    float (&acc)[4][4]) {
+    const int lane = threadIdx.x % 32;
+    for (int kk = 0; kk < kend; kk += 16) {
+        unsigned xa[4];  // rows 0-7 / 8-15 of the tile at k 0-7, then at k 8-15
+        const int xr = wp.mt * 16 + (lane & 15);
+        fm_ldmatrix_x4(xa, stage + fm_shrink_at(xr, (kk >> 3) + (lane >> 4), g.bk));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (j >= wp.nn) break;
+            unsigned wb[2];  // 8 rows of A at k 0-7 and 8-15: the col-major k16 × n8 operand
+            const int r = g.bmp + (wp.nt0 + j) * 8 + (lane & 7);
+            fm_ldmatrix_x2(wb, stage + fm_shrink_at(r, (kk >> 3) + ((lane >> 3) & 1), g.bk));
+            fm_mma16816(acc[j], xa, wb[0], wb[1]);
+        }
+    }
+}
+
+// t[route, n0 + q] for the warp's routes of slot a; acc[j] holds rows lane/4 (+ 8) and
+// columns 2·(lane % 4) (+ 1) of n8 tile nt0 + j.
+__device__ __forceinline__ void fm_shrink_store(const FmLoraShrinkParams& p,
+                                                const FmShrinkShared& sh, const FmShrinkTile& g,
+                                                const FmShrinkWarp& wp, int a, int base,
+                                                const float (&acc)[4][4]) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int i = base + wp.mt * 16 + lane / 4 + 8 * h;
+        if (sh.slot[i] != a) continue;
+        float* t = p.t + (fm_i64)sh.route[i] * p.rows + g.n0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            if (j >= wp.nn) break;
+            const int q = (wp.nt0 + j) * 8 + lane % 4 * 2;
+            // the rank intermediate is rounded to the layer dtype (SPEC §7), kept as f32
+            if (q < g.nrows) t[q] = fm_load(fm_store(acc[j][2 * h]));
+            if (q + 1 < g.nrows) t[q + 1] = fm_load(fm_store(acc[j][2 * h + 1]));
+        }
+    }
+}
+
+__device__ void fm_shrink_mma(const FmLoraShrinkParams& p, int expert, int slot0) {
+    __shared__ FmShrinkShared sh;
+    extern __shared__ __align__(16) unsigned char fm_smem[];  // FM_SHRINK_STAGES stages
+    fm_t* stages = (fm_t*)fm_smem;
+    const FmShrinkTile g = fm_shrink_tile(p);
+    if (g.nrows <= 0) return;
+    fm_shrink_gather(p, sh, g.bmp, slot0);
+    const int units = sh.units, total = units * g.nk;
+    int lu = 0, lk = 0;  // the next chunk to load
+    for (int s = 0; s < FM_SHRINK_STAGES - 1; ++s) {
+        if (lu < units) {
+            fm_shrink_load(p, sh, g, expert, lu, lk, stages + s * FM_SHRINK_STAGE_ELEMS);
+            fm_shrink_next(lu, lk, g.nk);
+        }
+        fm_cp_async_commit();  // empty groups too: the wait below counts groups
+    }
+    float acc[4][4] = {};
+    FmShrinkWarp wp = {};
+    int cu = 0, ck = 0;  // the chunk to multiply
+    for (int it = 0; it < total; ++it) {
+        fm_cp_async_wait<FM_SHRINK_STAGES - 2>();
+        // chunk `it` is in, and every warp is done with the stage the next load overwrites
+        __syncthreads();
+        if (lu < units) {
+            const int s = (it + FM_SHRINK_STAGES - 1) % FM_SHRINK_STAGES;
+            fm_shrink_load(p, sh, g, expert, lu, lk, stages + s * FM_SHRINK_STAGE_ELEMS);
+            fm_shrink_next(lu, lk, g.nk);
+        }
+        fm_cp_async_commit();
+        const int a = sh.unit[cu] / FM_SHRINK_PASSES, base = sh.unit[cu] % FM_SHRINK_PASSES * g.bmp;
+        if (ck == 0) wp = fm_shrink_warp(sh, g, a, base);
+        if (wp.live) {
+            const fm_t* stage = stages + it % FM_SHRINK_STAGES * FM_SHRINK_STAGE_ELEMS;
+            fm_shrink_mma_stage(stage, g, wp, min(g.bk, p.kdim - ck * g.bk), acc);
+        }
+        if (ck == g.nk - 1) {
+            if (wp.live) fm_shrink_store(p, sh, g, wp, a, base, acc);
+#pragma unroll
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int v = 0; v < 4; ++v) acc[j][v] = 0.0f;
+        }
+        fm_shrink_next(cu, ck, g.nk);
+    }
+}
+
+#endif  // FM_DTYPE != 0
+
+extern "C" __global__ void __launch_bounds__(FM_SHRINK_THREADS)
+    moe_lora_shrink(const __grid_constant__ FmLoraShrinkParams p) {
+    const int slot0 = blockIdx.x * p.block_m;
+    if (slot0 >= *p.num_padded) return;
+    const int expert = p.block_expert[blockIdx.x];
+    if (expert < 0) return;
+#if FM_DTYPE != 0
+    if (p.mma) {
+        fm_shrink_mma(p, expert, slot0);
+        return;
+    }
+#endif
+    fm_shrink_simt(p, expert, slot0);
 }
 
 #endif  // FM_DTYPE

@@ -31,13 +31,24 @@ pub(super) const MAX_SLOTS: usize = 64;
 pub(super) const MAP_THREADS: u32 = 256;
 const MAP_BLOCKS: usize = 64;
 
-/// moe_lora_shrink: warps per block, rows of A per warp, and routes per warp. A warp's
-/// routes form a dependent chain (loads, dot, shuffles, store per route): when a warp walked
-/// all of a block's routes, the shrink took 80 µs at Qwen3 M = 64 (ncu), more than the
-/// whole LoRA budget; two routes per warp spread them over the grid.
+/// moe_lora_shrink's SIMT path (f32 layers, and kdim or pointers unfit for 16-byte copies):
+/// warps per block, rows of A per warp, and routes per warp. A warp's routes form a dependent
+/// chain (loads, dot, shuffles, store per route): when a warp walked all of a block's routes,
+/// the shrink took 80 µs at Qwen3 M = 64 (ncu), more than the whole LoRA budget; two routes
+/// per warp spread them over the grid.
 const SHRINK_WARPS: usize = 4;
 const SHRINK_ROWS: usize = 4;
 const SHRINK_ROUTES: usize = 2;
+/// Its tensor-core path (f16/bf16): rows of A per block (the grid's y), cp.async stages of
+/// A and x chunks, elements per stage, and the largest BLOCK_M it takes. Per (block, slot) the
+/// block streams A[a, e] once instead of once per pair of routes (the SIMT path read 1 GB from
+/// L2 per GEMM1 shrink at Qwen3 M = 1024); a stage of 24 KB holds 128 (BLOCK_M 64) to 256
+/// (BLOCK_M 16) of k, so two stages of A stay in flight per block, and three stages (72 KB)
+/// leave room for three blocks per H100 SM and fit the 99 KB of sm_86/sm_89.
+const SHRINK_MMA_ROWS: usize = 32;
+const SHRINK_STAGES: usize = 3;
+const SHRINK_STAGE_ELEMS: usize = 12288;
+const SHRINK_MAX_BLOCK_M: usize = 256;
 pub(super) const SHRINK_THREADS: u32 = SHRINK_WARPS as u32 * 32;
 
 // ---------------------------------------------------------------- the parameter structs
@@ -92,6 +103,7 @@ pub struct ShrinkParams {
     kdim: i32,
     block_m: i32,
     x_by_slot: i32,
+    mma: i32,
 }
 
 /// FmLoraExpand: what an FM_LORA GEMM's epilogue gets as its second argument.
@@ -146,7 +158,20 @@ pub fn shrink_defines() -> Vec<(&'static str, i64)> {
         ("FM_SHRINK_WARPS", SHRINK_WARPS as i64),
         ("FM_SHRINK_ROWS", SHRINK_ROWS as i64),
         ("FM_SHRINK_ROUTES", SHRINK_ROUTES as i64),
+        ("FM_SHRINK_MMA_ROWS", SHRINK_MMA_ROWS as i64),
+        ("FM_SHRINK_STAGES", SHRINK_STAGES as i64),
+        ("FM_SHRINK_STAGE_ELEMS", SHRINK_STAGE_ELEMS as i64),
+        ("FM_SHRINK_MAX_BLOCK_M", SHRINK_MAX_BLOCK_M as i64),
     ]
+}
+
+/// The dynamic shared memory of moe_lora_shrink: the tensor-core path's stages (f32 layers
+/// take the SIMT path only).
+pub fn shrink_shared_bytes(dtype: DType) -> usize {
+    match dtype {
+        DType::F32 => 0,
+        DType::F16 | DType::BF16 => SHRINK_STAGES * SHRINK_STAGE_ELEMS * dtype.size(),
+    }
 }
 
 // ---------------------------------------------------------------- errors the device finds
@@ -227,6 +252,7 @@ pub struct Run {
     inter: usize,
     n1: usize,
     split: i32,
+    dtype: DType,
 }
 
 /// A slot's weight tensor as a table entry.
@@ -315,10 +341,19 @@ impl Run {
                 (true, GateUpLayout::Halves) => SPLIT_HALVES,
                 (true, GateUpLayout::Interleaved) => SPLIT_INTERLEAVED,
             },
+            dtype: v.dtype,
         })
     }
 
     fn shrink(&self, al: &Align, a: Table, x: u64, t: u64, rows: usize, kdim: usize) -> Shrink {
+        // the tensor-core path copies 16 bytes at a time from x and every slot's A
+        let aligned = |p: u64| p % 16 == 0;
+        let mma = self.dtype != DType::F32
+            && kdim % 8 == 0
+            && aligned(x)
+            && a.0.iter().all(|s| aligned(s.w))
+            && al.block_m % 16 == 0
+            && al.block_m <= SHRINK_MAX_BLOCK_M;
         Shrink {
             params: ShrinkParams {
                 a,
@@ -334,6 +369,7 @@ impl Run {
                 kdim: kdim as i32,
                 block_m: al.block_m as i32,
                 x_by_slot: 0,
+                mma: mma as i32,
             },
             blocks: al.max_blocks,
         }
@@ -409,13 +445,17 @@ impl Kernels {
         self.map.launch_2d(stream, (blocks, 1), m)
     }
 
-    /// moe_lora_shrink over the align step's blocks (x) and, along y, the groups of rows of
-    /// A times the chunks of each block's routes (kernels/moe_lora.cu splits blockIdx.y).
+    /// moe_lora_shrink over the align step's blocks (x) and, along y, the blocks of
+    /// SHRINK_MMA_ROWS rows of A (tensor-core path) or the groups of rows of A times the
+    /// chunks of each block's routes (SIMT path); kernels/moe_lora.cu splits blockIdx.y so.
     pub fn shrink(&self, stream: &Arc<CudaStream>, s: &Shrink) -> Result<()> {
-        let row_groups = (s.params.rows as usize).div_ceil(SHRINK_WARPS * SHRINK_ROWS);
-        let route_chunks = (s.params.block_m as usize).div_ceil(SHRINK_ROUTES);
-        self.shrink
-            .launch_2d(stream, (s.blocks, row_groups * route_chunks), &s.params)
+        let (rows, block_m) = (s.params.rows as usize, s.params.block_m as usize);
+        let y = if s.params.mma != 0 {
+            rows.div_ceil(SHRINK_MMA_ROWS)
+        } else {
+            rows.div_ceil(SHRINK_WARPS * SHRINK_ROWS) * block_m.div_ceil(SHRINK_ROUTES)
+        };
+        self.shrink.launch_2d(stream, (s.blocks, y), &s.params)
     }
 }
 
@@ -435,5 +475,18 @@ mod tests {
         ] {
             assert!(size <= 4096, "{size} bytes");
         }
+    }
+
+    /// The tensor-core shrink's stages and its static shared memory (under 4 KB: routes,
+    /// slots and units of one block) fit the 99 KB a block may take on sm_86/sm_89.
+    #[test]
+    fn shrink_shared_memory_fits_every_arch() {
+        assert_eq!(shrink_shared_bytes(DType::F32), 0);
+        for dtype in [DType::F16, DType::BF16] {
+            let bytes = shrink_shared_bytes(dtype) + 4096;
+            assert!(bytes <= 99 * 1024, "{bytes} bytes");
+        }
+        // a stage holds a pass of x rows (4 warps × 16) and the block's rows of A at k 64
+        assert!((SHRINK_WARPS * 16 + SHRINK_MMA_ROWS) * 64 <= SHRINK_STAGE_ELEMS);
     }
 }

@@ -402,7 +402,7 @@ pub fn lora_shrink(dtype: DType) -> Variant {
         entry: "moe_lora_shrink",
         defines,
         name: format!("moe_lora_shrink__{}", dtype.name()),
-        shared_bytes: 0,
+        shared_bytes: lora::shrink_shared_bytes(dtype),
         threads: lora::SHRINK_THREADS,
     }
 }
