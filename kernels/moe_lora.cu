@@ -126,6 +126,7 @@ struct FmLoraShrinkParams {
     int block_m;    // BLOCK_M of the plan
     int x_by_slot;  // 1: x's row is the route's sorted slot (GEMM2); 0: its token (GEMM1)
     int mma;        // 1: the tensor-core path (the host checked dtype, kdim and alignment)
+    int slot_groups;  // tensor-core path: grid y = row blocks × this; > 1: a block per slot
 };
 
 #ifdef FM_LORA_SHRINK_BYTES
@@ -244,6 +245,7 @@ struct FmShrinkTile {
     int np8;        // nrows rounded up to 8: the rows of A a stage holds after bmp rows of x
     int bk, lg;     // k per stage (a power of two >= 64) and log2 of its 16-byte chunks
     int nk;         // stages per unit
+    int only;       // the one slot this block takes (-1: every slot of its routes)
 };
 
 // A warp's part of a unit: m16 tile mt of the pass, n8 tiles [nt0, nt0 + nn) of the rows.
@@ -251,23 +253,6 @@ struct FmShrinkWarp {
     int mt, nt0, nn;
     bool live;  // a route of the tile uses the unit's slot, and nn > 0
 };
-
-__device__ __forceinline__ void fm_mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                            unsigned b1) {
-#if FM_DTYPE == 2
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
 
 // Element offset of 16-byte chunk c of row r in a stage of rows of bk elements. The chunk
 // index is XORed with r mod 8, so the 8 rows an ldmatrix reads hit 8 different bank groups.
@@ -278,7 +263,9 @@ __device__ __forceinline__ int fm_shrink_at(int r, int c, int bk) {
 __device__ __forceinline__ FmShrinkTile fm_shrink_tile(const FmLoraShrinkParams& p) {
     FmShrinkTile g;
     g.bmp = min(p.block_m, FM_SHRINK_PASS);
-    g.n0 = blockIdx.y * FM_SHRINK_MMA_ROWS;
+    const int row_blocks = (p.rows + FM_SHRINK_MMA_ROWS - 1) / FM_SHRINK_MMA_ROWS;
+    g.n0 = blockIdx.y % row_blocks * FM_SHRINK_MMA_ROWS;
+    g.only = p.slot_groups > 1 ? (int)(blockIdx.y / row_blocks) : -1;
     g.nrows = min(FM_SHRINK_MMA_ROWS, p.rows - g.n0);
     g.np8 = (g.nrows + 7) & ~7;
     // the longest k a stage holds (fewer routes per pass: longer stages, more bytes of A in
@@ -298,7 +285,7 @@ __device__ __forceinline__ unsigned long long fm_shrink_present(const FmShrinkSh
 // The block's routes, their slots and x rows, and the units in slot order (a slot's passes
 // follow each other, so its A is read again from L2 while it is fresh).
 __device__ void fm_shrink_gather(const FmLoraShrinkParams& p, FmShrinkShared& sh, int bmp,
-                                 int slot0) {
+                                 int only, int slot0) {
     if (threadIdx.x < 2 * FM_SHRINK_PASSES) sh.present[threadIdx.x / 2][threadIdx.x % 2] = 0;
     __syncthreads();
     for (int i = threadIdx.x; i < p.block_m; i += FM_SHRINK_THREADS) {
@@ -320,6 +307,7 @@ __device__ void fm_shrink_gather(const FmLoraShrinkParams& p, FmShrinkShared& sh
         const int passes = p.block_m / bmp;
         unsigned long long all = 0;
         for (int q = 0; q < passes; ++q) all |= fm_shrink_present(sh, q);
+        if (only >= 0) all &= 1ull << only;
         int n = 0;
         while (all != 0) {
             const int a = __ffsll((long long)all) - 1;
@@ -396,7 +384,7 @@ __device__ __forceinline__ void fm_shrink_mma_stage(const fm_t* stage, const FmS
             unsigned wb[2];  // 8 rows of A at k 0-7 and 8-15: the col-major k16 × n8 operand
             const int r = g.bmp + (wp.nt0 + j) * 8 + (lane & 7);
             fm_ldmatrix_x2(wb, stage + fm_shrink_at(r, (kk >> 3) + ((lane >> 3) & 1), g.bk));
-            fm_mma16816(acc[j], xa, wb[0], wb[1]);
+            fm_mma(acc[j], xa, wb[0], wb[1]);
         }
     }
 }
@@ -430,7 +418,7 @@ __device__ void fm_shrink_mma(const FmLoraShrinkParams& p, int expert, int slot0
     fm_t* stages = (fm_t*)fm_smem;
     const FmShrinkTile g = fm_shrink_tile(p);
     if (g.nrows <= 0) return;
-    fm_shrink_gather(p, sh, g.bmp, slot0);
+    fm_shrink_gather(p, sh, g.bmp, g.only, slot0);
     const int units = sh.units, total = units * g.nk;
     int lu = 0, lk = 0;  // the next chunk to load
     for (int s = 0; s < FM_SHRINK_STAGES - 1; ++s) {
