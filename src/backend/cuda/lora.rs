@@ -49,6 +49,8 @@ const SHRINK_MMA_ROWS: usize = 32;
 const SHRINK_STAGES: usize = 3;
 const SHRINK_STAGE_ELEMS: usize = 12288;
 const SHRINK_MAX_BLOCK_M: usize = 256;
+// a stage holds a pass of x rows (16 per warp) and the block's rows of A at k 64
+const _: () = assert!((SHRINK_WARPS * 16 + SHRINK_MMA_ROWS) * 64 <= SHRINK_STAGE_ELEMS);
 pub(super) const SHRINK_THREADS: u32 = SHRINK_WARPS as u32 * 32;
 
 // ---------------------------------------------------------------- the parameter structs
@@ -495,7 +497,5 @@ mod tests {
             let bytes = shrink_shared_bytes(dtype) + 4096;
             assert!(bytes <= 99 * 1024, "{bytes} bytes");
         }
-        // a stage holds a pass of x rows (4 warps × 16) and the block's rows of A at k 64
-        assert!((SHRINK_WARPS * 16 + SHRINK_MMA_ROWS) * 64 <= SHRINK_STAGE_ELEMS);
     }
 }
