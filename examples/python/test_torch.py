@@ -160,3 +160,96 @@ def test_cuda_layer_replays_in_a_cuda_graph_and_matches_cpu(cuda, dtype):
     want = cpu_result(weights, fresh, dtype)
     assert relative_error(out, want.double().numpy()) <= TOLERANCE[dtype]
     assert relative_error(out, expected(weights, fresh, dtype)) <= TOLERANCE[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on CUDA (SPEC §7): a wrapper over a CUDA layer against the same wrapper over the CPU
+# layer (tests/lora.rs and test_lora.py check that one against float64).
+
+
+def random_adapters(device, seed=3, max_rank=8):
+    """Three bf16 adapters of ranks 8, 3 (zero padded, shared outer) and 8, as set_slot takes
+    them, with their scalings."""
+    rng = np.random.default_rng(seed)
+    e, h, i = SIZES["num_experts"], SIZES["hidden_size"], SIZES["intermediate_size"]
+    as_bf16 = lambda a: to_torch(a, torch.bfloat16, device)
+    adapters = []
+    for rank, shared, scaling in [(8, False, 0.5), (3, True, 2.0), (8, False, 1.0)]:
+        outer, r = (1 if shared else e), max_rank
+        gate_up_a = rng.uniform(-1, 1, (outer, 2 * r, h)) * 1.5 / np.sqrt(h)
+        gate_up_a[:, (np.arange(2 * r) % r) >= rank, :] = 0
+        gate_up_b = rng.uniform(-1, 1, (e, 2 * i, r)) * 1.5 / np.sqrt(rank)
+        gate_up_b[:, :, rank:] = 0
+        down_a = rng.uniform(-1, 1, (e, r, i)) * 1.5 / np.sqrt(i)
+        down_a[:, rank:, :] = 0
+        down_b = rng.uniform(-1, 1, (outer, h, r)) * 1.5 / np.sqrt(rank)
+        down_b[:, :, rank:] = 0
+        adapters.append(([as_bf16(w) for w in (gate_up_a, gate_up_b, down_a, down_b)], scaling))
+    return adapters
+
+
+def lora_forward(weights, adapters, batch, adapter_ids, device, out=None):
+    """A LoRA wrapper (4 slots: the three adapters, the third disabled, one empty) over a
+    layer on `device`, run once; returns the output."""
+    moved = lambda t: t.to(device)
+    with make_layer({k: moved(v) for k, v in weights.items()}, "bf16", device) as layer, \
+            fm.Lora(layer, 4, 8) as lora:
+        for slot, (tensors, scaling) in enumerate(adapters):
+            lora.set_slot(slot, *[moved(t) for t in tensors], scaling)
+        lora.set_enabled(2, False)
+        batch = {k: moved(v) for k, v in batch.items()}
+        out = poisoned_output(batch) if out is None else out
+        lora.forward(batch["hidden"], batch["topk_ids"], batch["topk_weights"],
+                     adapter_ids=moved(adapter_ids), out=out)
+        if out.is_cuda:
+            torch.cuda.current_stream(out.device).synchronize()
+        return out.cpu()
+
+
+def token_adapters(tokens, device="cpu"):
+    """-1, 0, 1, 2 (disabled), 3 (empty) in turn."""
+    return torch.tensor([m % 5 - 1 for m in range(tokens)], dtype=torch.int32, device=device)
+
+
+def test_cuda_lora_matches_the_cpu_wrapper_and_its_deltas_matter(cuda):
+    weights, batch = random_weights("bf16"), random_batch("bf16", tokens=23)
+    adapters, ids = random_adapters("cpu"), token_adapters(23)
+    want = lora_forward(weights, adapters, batch, ids, "cpu")
+    got = lora_forward(weights, adapters, batch, ids, cuda)
+    base = cpu_result(weights, batch, "bf16")
+    assert relative_error(got, want.double().numpy()) <= TOLERANCE["bf16"]
+    assert relative_error(got, base.double().numpy()) > 10 * TOLERANCE["bf16"]
+
+
+def test_cuda_lora_replays_in_a_cuda_graph_with_new_adapter_ids(cuda):
+    weights, static = random_weights("bf16", cuda), random_batch("bf16", cuda, tokens=23)
+    adapters = random_adapters(cuda)
+    ids = token_adapters(23, cuda)
+    out = poisoned_output(static)
+    with make_layer(weights, "bf16", cuda) as layer, fm.Lora(layer, 4, 8) as lora:
+        for slot, (tensors, scaling) in enumerate(adapters):
+            lora.set_slot(slot, *tensors, scaling)
+        lora.set_enabled(2, False)
+        run = lambda: lora.forward(static["hidden"], static["topk_ids"], static["topk_weights"],
+                                   adapter_ids=ids, out=out)
+        # the LoRA kernels compile and the workspace is allocated on the first run: outside
+        side = torch.cuda.Stream(cuda)
+        side.wait_stream(torch.cuda.current_stream(cuda))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(cuda).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        # the map is device memory read at replay: new ids, new inputs, the same slots
+        fresh = random_batch("bf16", cuda, tokens=23, seed=5)
+        for name, tensor in fresh.items():
+            static[name].copy_(tensor)
+        ids.copy_(torch.flip(token_adapters(23, cuda), [0]))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize(cuda)
+    want = lora_forward({k: v.cpu() for k, v in weights.items()},
+                        [([t.cpu() for t in ts], s) for ts, s in adapters],
+                        {k: v.cpu() for k, v in fresh.items()}, ids.cpu(), "cpu")
+    assert relative_error(out, want.double().numpy()) <= TOLERANCE["bf16"]
