@@ -92,6 +92,13 @@ __device__ __forceinline__ void fm_lora_load16(const fm_t* p, float (&dst)[FM_LO
 #endif
 }
 
+// Whether output column `col` takes the up half of t (SPEC §7's split of a gated GEMM1).
+__device__ __forceinline__ bool fm_lora_is_up(const FmLoraExpand& L, int col) {
+    return L.split == FM_LORA_SPLIT_HALVES ? col >= L.half
+           : L.split == FM_LORA_SPLIT_INTERLEAVED ? (col & 1) != 0
+                                                  : false;
+}
+
 // The LoRA delta of one accumulator element of an FM_LORA GEMM: tile row `route` (the flat
 // route id m·K + k) and output column `col` of expert `expert`. 0 where the route's token has
 // no active slot. The caller adds it to the f32 accumulator before the bias, the router weight
@@ -104,9 +111,7 @@ __device__ __forceinline__ float fm_lora_delta(const FmLoraExpand& L, int route,
     if (s.w == nullptr) return 0.0f;  // the map resolves inactive slots to -1 already
     const int e = s.shared_outer ? 0 : expert;
     const fm_t* b = (const fm_t*)s.w + ((fm_i64)e * L.n + col) * L.rank;
-    const bool up = L.split == FM_LORA_SPLIT_HALVES        ? col >= L.half
-                    : L.split == FM_LORA_SPLIT_INTERLEAVED ? (col & 1) != 0
-                                                           : false;
+    const bool up = fm_lora_is_up(L, col);
     const float* t = L.t + (fm_i64)route * L.t_stride + (up ? L.rank : 0);
     float sum = 0.0f;
     const bool vec = L.rank % FM_LORA_VEC == 0 &&
@@ -133,13 +138,6 @@ __device__ __forceinline__ int fm_lora_slot_of(const FmLoraExpand& L, int route)
     if (route < 0) return -1;
     const int a = L.token_slot[route / L.top_k];
     return a >= 0 && L.b.slot[a].w != nullptr ? a : -1;
-}
-
-// Whether output column `col` takes the up half of t (SPEC §7's split of a gated GEMM1).
-__device__ __forceinline__ bool fm_lora_is_up(const FmLoraExpand& L, int col) {
-    return L.split == FM_LORA_SPLIT_HALVES ? col >= L.half
-           : L.split == FM_LORA_SPLIT_INTERLEAVED ? (col & 1) != 0
-                                                  : false;
 }
 
 // Two elements of the layer dtype packed as an MMA operand word (the lower k in the low half).

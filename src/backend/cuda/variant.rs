@@ -141,6 +141,25 @@ pub fn fuses_act(dtype: DType) -> bool {
 
 /// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config.
 pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<Variant> {
+    let (layout, main_loop, shared_bytes) = main_loop(dtype, tile, path)?;
+    Ok(gemm_variant(
+        dtype,
+        mode,
+        tile,
+        layout,
+        main_loop,
+        path,
+        shared_bytes,
+    ))
+}
+
+/// The main loop a tile config takes on `path`: its warps (along M, along N), the loop, and
+/// the dynamic shared memory it needs.
+fn main_loop(
+    dtype: DType,
+    tile: TileConfig,
+    path: GemmPath,
+) -> Result<((u32, u32), MainLoop, usize)> {
     let TileConfig {
         block_m: bm,
         block_n: bn,
@@ -156,16 +175,7 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<
         if let Some(layout) = wgmma_layout(bm, bn, bk, warps, stages) {
             // the row table, 1024 bytes to align the first stage, the swizzled stages
             let shared_bytes = rows_bytes + 1024 + stages as usize * (bm + bn) as usize * 128;
-            let main_loop = MainLoop::Wgmma;
-            return Ok(gemm_variant(
-                dtype,
-                mode,
-                tile,
-                layout,
-                main_loop,
-                path,
-                shared_bytes,
-            ));
+            return Ok((layout, MainLoop::Wgmma, shared_bytes));
         }
     }
     let layout = warp_layout(bm, bn, warps, mma).ok_or_else(|| {
@@ -174,9 +184,7 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<
             if mma { 16 } else { 1 }
         )
     })?;
-    let shared_bytes = if mma {
-        rows_bytes + stages as usize * (bm + bn) as usize * (bk as usize + 8) * esize
-    } else {
+    if !mma {
         let per_thread = (bm * bn).div_ceil(warps * 32);
         if per_thread > 64 {
             return Err(unsupported!(
@@ -184,21 +192,12 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<
                 warps * 32
             ));
         }
-        rows_bytes + (bm + bn) as usize * (bk as usize + 1) * esize
-    };
-    let main_loop = match (mma, path.vec8) {
-        (false, _) => MainLoop::Simt,
-        (true, vec8) => MainLoop::MmaSync { vec8 },
-    };
-    Ok(gemm_variant(
-        dtype,
-        mode,
-        tile,
-        layout,
-        main_loop,
-        path,
-        shared_bytes,
-    ))
+        let shared_bytes = rows_bytes + (bm + bn) as usize * (bk as usize + 1) * esize;
+        return Ok((layout, MainLoop::Simt, shared_bytes));
+    }
+    let shared_bytes =
+        rows_bytes + stages as usize * (bm + bn) as usize * (bk as usize + 8) * esize;
+    Ok((layout, MainLoop::MmaSync { vec8: path.vec8 }, shared_bytes))
 }
 
 /// The GEMM's main loop: its FM_MMA, FM_WGMMA and FM_VEC.
