@@ -130,32 +130,55 @@ __device__ __forceinline__ fm_t* fm_tiles(unsigned char* smem) {
     return (fm_t*)(smem + ((sizeof(FmRows) + 127) / 128) * 128);
 }
 
-#if FM_FUSED_ACT
-// The fused epilogue of tile row `i`, tile columns col and col + 1 (col even): each rounded
-// as GEMM1's output would be, then the activation of the rounded values, as moe_act reads
-// them back (SPEC §3).
-__device__ __forceinline__ void fm_epilogue_act(const FmRows& rows, const FmGemmParams& p,
-                                                int expert, int slot0, int i, int col,
-                                                float acc0, float acc1) {
+#if FM_MMA
+// The epilogue of one row of a tensor-core accumulator fragment (mma.sync's m16n8 and
+// wgmma's m64nN give a thread the same shape): tile row `i`, columns col0 + 8j and the one
+// after, values acc[4j + Q0] and acc[4j + Q0 + 1] (Q0 0: the fragment's first row; 2: the
+// row 8 below). What depends on the row alone (route, router weight, output row) is read
+// once per row: per value it had been most of the epilogue's instructions, and with a short
+// k loop (DeepSeek's GEMM2: 4 k-tiles) the epilogue is a large share of the kernel's issue
+// slots. Each value is rounded as the stage's output (SPEC §2); with FM_FUSED_ACT that
+// rounded pair then goes through the activation, as moe_act would read it back (SPEC §3).
+template <int NJ, int Q0>
+__device__ __forceinline__ void fm_store_row(const FmRows& rows, const FmGemmParams& p,
+                                             int expert, int slot0, int i, int col0,
+                                             const float* acc) {
     const int route = rows.route[i];
-    if (route < 0 || col >= p.n) return;
+    if (route < 0) return;
     const float scale = p.apply_router ? fm_read_as_f32(p.router, route, p.router_kind) : 1.0f;
     const fm_i64 bias_row = (fm_i64)expert * p.n;
-    const float b0 = p.bias ? fm_read_as_f32(p.bias, bias_row + fm_w_row(p, col), p.bias_kind) : 0.0f;
-    const float g = fm_load(fm_store(scale * (acc0 + b0)));
+#if FM_FUSED_ACT
     fm_t* out = (fm_t*)p.out + (fm_i64)(slot0 + i) * p.inter;
-#if FM_GATED
-    // n = 2I, so col + 1 < n
-    const float b1 = p.bias ? fm_read_as_f32(p.bias, bias_row + fm_w_row(p, col + 1), p.bias_kind) : 0.0f;
-    const float u = fm_load(fm_store(scale * (acc1 + b1)));
-    out[col >> 1] = fm_store(fm_act(g, u, p.alpha, p.limit));
+#elif FM_GEMM_MODE == 1
+    fm_t* out = (fm_t*)p.out + (fm_i64)(slot0 + i) * p.n;
 #else
-    out[col] = fm_store(fm_act(g));
-    if (col + 1 < p.n) {
-        const float b1 = p.bias ? fm_read_as_f32(p.bias, bias_row + col + 1, p.bias_kind) : 0.0f;
-        out[col + 1] = fm_store(fm_act(fm_load(fm_store(scale * (acc1 + b1)))));
-    }
+    fm_t* out = (fm_t*)p.out + (fm_i64)route * p.n;
 #endif
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) {
+        const int col = col0 + 8 * j;  // even
+        if (col >= p.n) break;
+        const bool has1 = col + 1 < p.n;
+        float v0 = acc[4 * j + Q0], v1 = acc[4 * j + Q0 + 1];
+        if (p.bias) {
+            v0 += fm_read_as_f32(p.bias, bias_row + fm_w_row(p, col), p.bias_kind);
+            if (has1) v1 += fm_read_as_f32(p.bias, bias_row + fm_w_row(p, col + 1), p.bias_kind);
+        }
+        const fm_t lo = fm_store(scale * v0), hi = fm_store(scale * v1);
+#if FM_FUSED_ACT && FM_GATED
+        out[col >> 1] = fm_store(fm_act(fm_load(lo), fm_load(hi), p.alpha, p.limit));  // n = 2I
+#elif FM_FUSED_ACT
+        out[col] = fm_store(fm_act(fm_load(lo)));
+        if (has1) out[col + 1] = fm_store(fm_act(fm_load(hi)));
+#else
+        if (has1 && !(p.n & 1)) {  // one aligned 4-byte store
+            *(unsigned*)(out + col) = (unsigned)lo | ((unsigned)hi << 16);
+        } else {
+            out[col] = lo;
+            if (has1) out[col + 1] = hi;
+        }
+#endif
+    }
 }
 #endif
 
@@ -326,23 +349,12 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS)
 #endif
     // c0, c1: row lane/4, columns 2(lane%4) + {0, 1}; c2, c3: eight rows further down.
 #pragma unroll
-    for (int i = 0; i < FM_MI; ++i)
-#pragma unroll
-        for (int j = 0; j < FM_NI; ++j) {
-#if FM_FUSED_ACT
-            const int row = wm * FM_WTM + i * 16 + lane / 4;
-            const int col = n0 + wn * FM_WTN + j * 8 + (lane % 4) * 2;
-            fm_epilogue_act(rows, p, expert, slot0, row, col, acc[i][j][0], acc[i][j][1]);
-            fm_epilogue_act(rows, p, expert, slot0, row + 8, col, acc[i][j][2], acc[i][j][3]);
-#else
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                const int row = wm * FM_WTM + i * 16 + lane / 4 + (q / 2) * 8;
-                const int col = n0 + wn * FM_WTN + j * 8 + (lane % 4) * 2 + (q % 2);
-                fm_epilogue(rows, p, expert, slot0, row, col, acc[i][j][q] FM_LORA_PASS);
-            }
-#endif
-        }
+    for (int i = 0; i < FM_MI; ++i) {
+        const int row = wm * FM_WTM + i * 16 + lane / 4;
+        const int col0 = n0 + wn * FM_WTN + (lane % 4) * 2;
+        fm_store_row<FM_NI, 0>(rows, p, expert, slot0, row, col0, &acc[i][0][0]);
+        fm_store_row<FM_NI, 2>(rows, p, expert, slot0, row + 8, col0, &acc[i][0][0]);
+    }
 }
 
 #else

@@ -221,32 +221,6 @@ struct FmWgLoader {
     }
 };
 
-// Two adjacent columns of the epilogue: one 4-byte store where both are inside the row and
-// the row length keeps it aligned.
-__device__ __forceinline__ void fm_epilogue_pair(const FmRows& rows, const FmGemmParams& p,
-                                                 int expert, int slot0, int i, int col,
-                                                 float acc0, float acc1 FM_LORA_ARG) {
-    const int route = rows.route[i];
-    if (route < 0) return;
-    if (col + 1 >= p.n || (p.n & 1)) {
-        fm_epilogue(rows, p, expert, slot0, i, col, acc0 FM_LORA_PASS);
-        fm_epilogue(rows, p, expert, slot0, i, col + 1, acc1 FM_LORA_PASS);
-        return;
-    }
-    const fm_i64 b = (fm_i64)expert * p.n + col;
-    const float bias0 = p.bias ? fm_read_as_f32(p.bias, b, p.bias_kind) : 0.0f;
-    const float bias1 = p.bias ? fm_read_as_f32(p.bias, b + 1, p.bias_kind) : 0.0f;
-    const float scale = p.apply_router ? fm_read_as_f32(p.router, route, p.router_kind) : 1.0f;
-#if FM_GEMM_MODE == 1
-    const fm_i64 at = (fm_i64)(slot0 + i) * p.n + col;
-    const unsigned lo = fm_store(scale * (acc0 + bias0)), hi = fm_store(scale * (acc1 + bias1));
-#else
-    const fm_i64 at = (fm_i64)route * p.n + col;
-    const unsigned lo = fm_store((acc0 + bias0) * scale), hi = fm_store((acc1 + bias1) * scale);
-#endif
-    *(unsigned*)((fm_t*)p.out + at) = lo | (hi << 16);
-}
-
 // Two CTAs per SM where the accumulators allow (64 per thread fit the 128 registers that
 // leaves, without spills): one CTA's epilogue and pipeline fill then overlap the other's
 // main loop.
@@ -321,17 +295,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
     fm_lora_expand_frags<FM_WG_COLS / 8, FM_PAIRED_HALVES>(
         lora, rows.route[row0], rows.route[row0 + 8], expert, n0 + wg_n * FM_WG_COLS, acc);
 #endif
-#pragma unroll
-    for (int j = 0; j < FM_WG_COLS / 8; ++j) {
-#if FM_FUSED_ACT
-        fm_epilogue_act(rows, p, expert, slot0, row0, col0 + 8 * j, acc[4 * j], acc[4 * j + 1]);
-        fm_epilogue_act(rows, p, expert, slot0, row0 + 8, col0 + 8 * j, acc[4 * j + 2],
-                        acc[4 * j + 3]);
-#else
-        fm_epilogue_pair(rows, p, expert, slot0, row0, col0 + 8 * j, acc[4 * j],
-                         acc[4 * j + 1] FM_LORA_PASS);
-        fm_epilogue_pair(rows, p, expert, slot0, row0 + 8, col0 + 8 * j, acc[4 * j + 2],
-                         acc[4 * j + 3] FM_LORA_PASS);
-#endif
-    }
+    fm_store_row<FM_WG_COLS / 8, 0>(rows, p, expert, slot0, row0, col0, acc);
+    fm_store_row<FM_WG_COLS / 8, 2>(rows, p, expert, slot0, row0 + 8, col0, acc);
 }
