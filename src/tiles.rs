@@ -348,7 +348,7 @@ mod tests {
             let tables = parse_tables(json, source).unwrap();
             assert!(!tables.is_empty(), "{source}");
         }
-        // Mixtral-8x7B on the H100 (examples/tune): large batches take the 128×128 tile
+        // Mixtral-8x7B on the H100 (examples/tune): large batches take the 128×256 tile
         let key = TableKey {
             experts: 8,
             n: 14336,
@@ -359,7 +359,7 @@ mod tests {
         };
         let chooser = TileChooser::new(&key, &Options::default()).unwrap();
         let big = chooser.choose(16384);
-        assert_eq!((big.block_m, big.block_n, big.num_warps), (128, 128, 8));
+        assert_eq!((big.block_m, big.block_n, big.num_warps), (128, 256, 8));
         assert_ne!(
             chooser.choose(1),
             default_config(1, 8),
