@@ -13,6 +13,92 @@
 // [TAG_GRAPH_SAFE]: no allocation, no host sync; num_padded stays on the device.
 #include "common.cuh"
 
+// Ranks the routes [begin, end) in `segments` pieces, one warp each, as moe_align's step 1, and
+// turns each piece's counts into the piece's starts within the range; totals[e] ends as the
+// range's total of expert e. Returns the piece length (for the rank's piece: (r - begin) / it).
+template <typename Id>
+__device__ int fm_rank_pieces(const Id* __restrict__ topk_ids, int begin, int end, int experts,
+                              int segments, int* piece_counts, int* totals, int* route_slot,
+                              unsigned* bad) {
+    const unsigned lane = threadIdx.x & 31u;
+    const int warp = threadIdx.x >> 5;
+    const int piece_len = (end - begin + segments - 1) / segments;
+    if (warp < segments) {
+        int* counts = piece_counts + warp * experts;
+        const int lo = begin + warp * piece_len, hi = min(end, lo + piece_len);
+        unsigned my_bad = 0;
+        for (int base = lo; base < hi; base += 32) {
+            const int r = base + (int)lane;
+            int e = -1;
+            if (r < hi) {
+                const long long id = (long long)topk_ids[r];
+                if (id >= 0 && id < experts) e = (int)id;
+                else if (id != -1) ++my_bad;
+            }
+            const unsigned peers = __match_any_sync(FM_FULL_MASK, e);
+            const int rank = e >= 0 ? counts[e] + __popc(peers & fm_lanes_below(lane)) : -1;
+            __syncwarp();
+            if (e >= 0 && (int)lane == __ffs(peers) - 1) counts[e] += __popc(peers);
+            __syncwarp();
+            if (r < hi) route_slot[r] = rank;
+        }
+        if (my_bad != 0) atomicAdd(bad, my_bad);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+        int running = 0;
+        for (int s = 0; s < segments; ++s) {
+            const int c = piece_counts[s * experts + e];
+            piece_counts[s * experts + e] = running;
+            running += c;
+        }
+        totals[e] = running;
+    }
+    __syncthreads();
+    return piece_len;
+}
+
+// Warp 0's exclusive scans over experts, each lane a run of consecutive experts: from the
+// experts' route counts (`totals`; may be `padded_start` itself, read before written) to their
+// padded starts, expert_offsets (kept routes before e) and num_padded; and the bad ids found,
+// one plain write to the host-mapped counter, only when there is something to report (it is
+// read by the next moe_prepare or moe_run).
+__device__ void fm_scan_experts(const int* totals, int* padded_start, int experts, int block_m,
+                                int* __restrict__ expert_offsets, int* __restrict__ num_padded,
+                                unsigned bad, unsigned* __restrict__ bad_ids) {
+    const unsigned lane = threadIdx.x & 31u;
+    const int chunk = (experts + 31) / 32;
+    const int lo = min(experts, (int)lane * chunk), hi = min(experts, lo + chunk);
+    int padded = 0, kept = 0;
+    for (int e = lo; e < hi; ++e) {
+        padded += (totals[e] + block_m - 1) / block_m * block_m;
+        kept += totals[e];
+    }
+    int padded_incl = padded, kept_incl = kept;
+    for (int off = 1; off < 32; off <<= 1) {
+        const int p = __shfl_up_sync(FM_FULL_MASK, padded_incl, off);
+        const int k = __shfl_up_sync(FM_FULL_MASK, kept_incl, off);
+        if ((int)lane >= off) {
+            padded_incl += p;
+            kept_incl += k;
+        }
+    }
+    int padded_at = padded_incl - padded, kept_at = kept_incl - kept;
+    for (int e = lo; e < hi; ++e) {
+        const int c = totals[e];
+        padded_start[e] = padded_at;
+        expert_offsets[e] = kept_at;
+        padded_at += (c + block_m - 1) / block_m * block_m;
+        kept_at += c;
+    }
+    if (lane == 31) {
+        padded_start[experts] = padded_incl;
+        expert_offsets[experts] = kept_incl;
+        *num_padded = padded_incl;
+        if (bad != 0) *(volatile unsigned*)bad_ids += bad;
+    }
+}
+
 template <typename Id>
 __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [-1, E)
                           int numel, int experts, int block_m, int capacity, int max_blocks,
@@ -27,7 +113,6 @@ __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [
     int* piece_counts = shared;                               // [segments][E]
     int* padded_start = shared + segments * experts;          // [E + 1]
     unsigned* bad = (unsigned*)(padded_start + experts + 1);  // [1]
-    const unsigned lane = threadIdx.x & 31u;
     const int warp = threadIdx.x >> 5;
 
     for (int i = threadIdx.x; i < segments * experts; i += blockDim.x) piece_counts[i] = 0;
@@ -36,81 +121,17 @@ __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [
     for (int i = threadIdx.x; i < max_blocks; i += blockDim.x) block_expert[i] = -1;
     __syncthreads();
 
-    // 1. Each piece in order: a route's rank among its expert's routes of the piece (kept in
-    //    route_slot until step 4). Ids out of range match no expert (they drop) and are counted.
-    const int piece_len = (numel + segments - 1) / segments;
-    if (warp < segments) {
-        int* counts = piece_counts + warp * experts;
-        const int begin = warp * piece_len, end = min(numel, begin + piece_len);
-        unsigned my_bad = 0;
-        for (int base = begin; base < end; base += 32) {
-            const int r = base + (int)lane;
-            int e = -1;
-            if (r < end) {
-                const long long id = (long long)topk_ids[r];
-                if (id >= 0 && id < experts) e = (int)id;
-                else if (id != -1) ++my_bad;
-            }
-            const unsigned peers = __match_any_sync(FM_FULL_MASK, e);
-            const int rank = e >= 0 ? counts[e] + __popc(peers & fm_lanes_below(lane)) : -1;
-            __syncwarp();
-            if (e >= 0 && (int)lane == __ffs(peers) - 1) counts[e] += __popc(peers);
-            __syncwarp();
-            if (r < end) route_slot[r] = rank;
-        }
-        if (my_bad != 0) atomicAdd(bad, my_bad);
-    }
-    __syncthreads();
-
-    // 2. Per expert: the pieces' counts become their starts within the expert; the expert's
+    // 1-2. Each piece in order: a route's rank among its expert's routes of the piece (kept in
+    //    route_slot until step 4); ids out of range match no expert (they drop) and are
+    //    counted. Then the pieces' counts become their starts within the expert; the expert's
     //    total goes to padded_start[e] for step 3.
-    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
-        int running = 0;
-        for (int s = 0; s < segments; ++s) {
-            const int c = piece_counts[s * experts + e];
-            piece_counts[s * experts + e] = running;
-            running += c;
-        }
-        padded_start[e] = running;
-    }
-    __syncthreads();
+    const int piece_len = fm_rank_pieces(topk_ids, 0, numel, experts, segments, piece_counts,
+                                         padded_start, route_slot, bad);
 
-    // 3. Exclusive scans over experts in warp 0: each lane a run of consecutive experts.
-    if (warp == 0) {
-        const int chunk = (experts + 31) / 32;
-        const int lo = min(experts, (int)lane * chunk), hi = min(experts, lo + chunk);
-        int padded = 0, kept = 0;
-        for (int e = lo; e < hi; ++e) {
-            const int c = padded_start[e];
-            padded += (c + block_m - 1) / block_m * block_m;
-            kept += c;
-        }
-        int padded_incl = padded, kept_incl = kept;
-        for (int off = 1; off < 32; off <<= 1) {
-            const int p = __shfl_up_sync(FM_FULL_MASK, padded_incl, off);
-            const int k = __shfl_up_sync(FM_FULL_MASK, kept_incl, off);
-            if ((int)lane >= off) {
-                padded_incl += p;
-                kept_incl += k;
-            }
-        }
-        int padded_at = padded_incl - padded, kept_at = kept_incl - kept;
-        for (int e = lo; e < hi; ++e) {
-            const int c = padded_start[e];
-            padded_start[e] = padded_at;
-            expert_offsets[e] = kept_at;
-            padded_at += (c + block_m - 1) / block_m * block_m;
-            kept_at += c;
-        }
-        if (lane == 31) {
-            padded_start[experts] = padded_incl;
-            expert_offsets[experts] = kept_incl;
-            *num_padded = padded_incl;
-            // bad_ids is host memory mapped for the device (read by the next moe_prepare or
-            // moe_run): one plain write from one thread, only when there is something to report.
-            if (*bad != 0) *(volatile unsigned*)bad_ids += *bad;
-        }
-    }
+    // 3. Exclusive scans over experts (warp 0).
+    if (warp == 0)
+        fm_scan_experts(padded_start, padded_start, experts, block_m, expert_offsets, num_padded,
+                        *bad, bad_ids);
     __syncthreads();
 
     // 4. Every kept route to its place; 5. every used block tagged with its expert.
@@ -139,3 +160,142 @@ __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [
 
 FM_ALIGN_ENTRY(moe_align__i32, int)
 FM_ALIGN_ENTRY(moe_align__i64, long long)
+
+// ---------------------------------------------------------------- the same, over many blocks
+// One block is bound by its SM: ncu at M = 4096, E = 257, top 9 (36864 routes) had its L1 50 %
+// busy with the scattered stores and its warps waiting, 100 us. For many routes the host cuts
+// them into `chunks` contiguous chunks and launches three kernels instead, the same arrays out:
+//   count   (a block per chunk): the routes of the chunk ranked as moe_align ranks them, in
+//           pieces of the chunk; route_slot[r] = the route's rank among its expert's routes of
+//           the chunk; chunk_counts[c][e] = the chunk's routes of expert e, [c][E] its bad ids.
+//   scan    (one block): per expert, the chunks' counts become their starts, plus the expert's
+//           padded start; expert_offsets, num_padded, block_expert, the padding's sentinels.
+//   scatter (a block per chunk): every kept route to chunk_counts[c][e] + its rank.
+// chunk_counts [chunks][E + 1] ints is the workspace's compact_routes section, which the CUDA
+// path does not use otherwise (the host keeps chunks · (E + 1) ≤ numel).
+
+template <typename Id>
+__device__ void moe_align_count(const Id* __restrict__ topk_ids, int numel, int experts,
+                                int chunk_len, int segments, int* __restrict__ route_slot,
+                                int* __restrict__ chunk_counts) {
+    extern __shared__ int shared[];
+    int* piece_counts = shared;                                     // [segments][E]
+    unsigned* bad = (unsigned*)(piece_counts + segments * experts);  // [1]
+    for (int i = threadIdx.x; i < segments * experts; i += blockDim.x) piece_counts[i] = 0;
+    if (threadIdx.x == 0) *bad = 0;
+    __syncthreads();
+    const int begin = min(numel, (int)blockIdx.x * chunk_len), end = min(numel, begin + chunk_len);
+    int* mine = chunk_counts + (fm_i64)blockIdx.x * (experts + 1);
+    const int piece_len = fm_rank_pieces(topk_ids, begin, end, experts, segments, piece_counts,
+                                         mine, route_slot, bad);
+    for (int r = begin + (int)threadIdx.x; r < end; r += blockDim.x) {
+        const int rank = route_slot[r];
+        if (rank >= 0)
+            route_slot[r] = piece_counts[((r - begin) / piece_len) * experts + (int)topk_ids[r]] + rank;
+    }
+    if (threadIdx.x == 0) mine[experts] = (int)*bad;
+}
+
+__device__ void moe_align_scan(int experts, int block_m, int capacity, int max_blocks,
+                               int chunks, int* __restrict__ chunk_counts,
+                               int* __restrict__ sorted_route_ids,
+                               int* __restrict__ block_expert, int* __restrict__ num_padded,
+                               int* __restrict__ expert_offsets, unsigned* __restrict__ bad_ids,
+                               int numel) {
+    extern __shared__ int shared[];
+    int* padded_start = shared;                         // [E + 1]
+    int* totals = padded_start + experts + 1;           // [E]
+    unsigned* bad = (unsigned*)(totals + experts);      // [1]
+    const unsigned lane = threadIdx.x & 31u;
+    const int warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int stride = experts + 1;
+    if (threadIdx.x == 0) *bad = 0;
+    for (int i = threadIdx.x; i < max_blocks; i += blockDim.x) block_expert[i] = -1;
+    __syncthreads();
+
+    // 1. Per expert, a warp scans the chunks' counts 32 at a time: they become starts.
+    for (int e = warp; e < experts; e += warps) {
+        int running = 0;
+        for (int c0 = 0; c0 < chunks; c0 += 32) {
+            const int c = c0 + (int)lane;
+            const int n = c < chunks ? chunk_counts[(fm_i64)c * stride + e] : 0;
+            int incl = n;
+            for (int off = 1; off < 32; off <<= 1) {
+                const int v = __shfl_up_sync(FM_FULL_MASK, incl, off);
+                if ((int)lane >= off) incl += v;
+            }
+            if (c < chunks) chunk_counts[(fm_i64)c * stride + e] = running + incl - n;
+            running += __shfl_sync(FM_FULL_MASK, incl, 31);
+        }
+        if (lane == 0) totals[e] = running;
+    }
+    if (warp == warps - 1) {  // the chunks' bad ids
+        unsigned n = 0;
+        for (int c = (int)lane; c < chunks; c += 32) n += (unsigned)chunk_counts[(fm_i64)c * stride + experts];
+        for (int off = 16; off > 0; off >>= 1) n += __shfl_down_sync(FM_FULL_MASK, n, off);
+        if (lane == 0) *bad = n;
+    }
+    __syncthreads();
+
+    // 2. Exclusive scans over experts (warp 0).
+    if (warp == 0)
+        fm_scan_experts(totals, padded_start, experts, block_m, expert_offsets, num_padded, *bad,
+                        bad_ids);
+    __syncthreads();
+
+    // 3. The chunks' starts become places; every used block tagged; sentinels in each
+    //    expert's padding and past num_padded (the routes fill the rest, in scatter).
+    for (int i = threadIdx.x; i < chunks * experts; i += blockDim.x) {
+        const int c = i / experts, e = i % experts;
+        chunk_counts[(fm_i64)c * stride + e] += padded_start[e];
+    }
+    for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+        for (int b = padded_start[e] / block_m; b < padded_start[e + 1] / block_m; ++b)
+            block_expert[b] = e;
+        for (int i = padded_start[e] + totals[e]; i < padded_start[e + 1]; ++i)
+            sorted_route_ids[i] = numel;
+    }
+    for (int i = padded_start[experts] + (int)threadIdx.x; i < capacity; i += blockDim.x)
+        sorted_route_ids[i] = numel;
+}
+
+template <typename Id>
+__device__ void moe_align_scatter(const Id* __restrict__ topk_ids, int numel, int experts,
+                                  int chunk_len, const int* __restrict__ chunk_counts,
+                                  int* __restrict__ sorted_route_ids,
+                                  int* __restrict__ route_slot) {
+    const int begin = min(numel, (int)blockIdx.x * chunk_len), end = min(numel, begin + chunk_len);
+    const int* starts = chunk_counts + (fm_i64)blockIdx.x * (experts + 1);
+    for (int r = begin + (int)threadIdx.x; r < end; r += blockDim.x) {
+        const int rank = route_slot[r];
+        if (rank < 0) continue;
+        const int at = starts[(int)topk_ids[r]] + rank;
+        sorted_route_ids[at] = r;
+        route_slot[r] = at;
+    }
+}
+
+#define FM_ALIGN_CHUNK_ENTRIES(suffix, Id)                                                     \
+    extern "C" __global__ void __launch_bounds__(1024) moe_align_count__##suffix(             \
+        const Id* topk_ids, int numel, int experts, int chunk_len, int segments,               \
+        int* route_slot, int* chunk_counts) {                                                  \
+        moe_align_count<Id>(topk_ids, numel, experts, chunk_len, segments, route_slot,         \
+                            chunk_counts);                                                     \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(1024) moe_align_scatter__##suffix(           \
+        const Id* topk_ids, int numel, int experts, int chunk_len, const int* chunk_counts,    \
+        int* sorted_route_ids, int* route_slot) {                                              \
+        moe_align_scatter<Id>(topk_ids, numel, experts, chunk_len, chunk_counts,               \
+                              sorted_route_ids, route_slot);                                   \
+    }
+
+FM_ALIGN_CHUNK_ENTRIES(i32, int)
+FM_ALIGN_CHUNK_ENTRIES(i64, long long)
+
+extern "C" __global__ void __launch_bounds__(1024) moe_align_scan_chunks(
+    int numel, int experts, int block_m, int capacity, int max_blocks, int chunks,
+    int* chunk_counts, int* sorted_route_ids, int* block_expert, int* num_padded,
+    int* expert_offsets, unsigned* bad_ids) {
+    moe_align_scan(experts, block_m, capacity, max_blocks, chunks, chunk_counts,
+                   sorted_route_ids, block_expert, num_padded, expert_offsets, bad_ids, numel);
+}

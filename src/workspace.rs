@@ -22,7 +22,8 @@ pub struct Layout {
     pub num_padded: Section,
     /// i32 [E + 1]
     pub expert_offsets: Section,
-    /// i32 [numel]
+    /// i32 [numel]; the CUDA prepare, which does not fill it, borrows it for the many-block
+    /// align step's chunk counts (backend/cuda/variant.rs, align_chunks)
     pub compact_routes: Section,
     /// i32 [numel]
     pub route_slot: Section,

@@ -419,7 +419,8 @@ fn cuda_plan_arrays_equal_the_cpu_plan() {
         return;
     };
     // (tokens, experts, top_k, BLOCK_M): the align kernel cuts the routes into one piece per
-    // warp up to E = 744 and fewer above (4 at E = 4096), so both sides of that are here.
+    // warp up to E = 744 and fewer above (4 at E = 4096), so both sides of that are here; from
+    // 4096 routes the align step runs over many blocks (18, 11 and 16 chunks below).
     let shapes = [
         (100, 16, 4, "16"),
         (100, 16, 4, "64"),

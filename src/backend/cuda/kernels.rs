@@ -87,9 +87,28 @@ impl Loaded {
     }
 }
 
+/// The align kernels for one id type (int32, int64): the one-block kernel, and the count and
+/// scatter of the many-block align step.
+struct AlignKernels {
+    one_block: Loaded,
+    count: Loaded,
+    scatter: Loaded,
+}
+
+impl AlignKernels {
+    fn load(dev: &DeviceState, ids_i64: bool) -> Result<AlignKernels> {
+        Ok(AlignKernels {
+            one_block: Loaded::new(dev, variant::align(ids_i64))?,
+            count: Loaded::new(dev, variant::align_count(ids_i64))?,
+            scatter: Loaded::new(dev, variant::align_scatter(ids_i64))?,
+        })
+    }
+}
+
 pub struct KernelSet {
-    align_i32: Loaded,
-    align_i64: Loaded,
+    /// int32 ids, int64 ids
+    align: [AlignKernels; 2],
+    align_scan: Loaded,
     gemm1: Loaded,
     /// moe_act, or None where GEMM1 applies the activation in its epilogue.
     act: Option<Loaded>,
@@ -209,8 +228,11 @@ impl KernelSet {
             act,
         };
         Ok(KernelSet {
-            align_i32: Loaded::new(dev, variant::align(false))?,
-            align_i64: Loaded::new(dev, variant::align(true))?,
+            align: [
+                AlignKernels::load(dev, false)?,
+                AlignKernels::load(dev, true)?,
+            ],
+            align_scan: Loaded::new(dev, variant::align_scan())?,
             gemm1: Loaded::new(
                 dev,
                 variant::gemm(v.dtype, 1, tile, path(gemm1_vec8, fused))?,
@@ -235,14 +257,11 @@ impl KernelSet {
         })
     }
 
-    /// SPEC §4 on the device: one block; the routes in pieces ranked per warp, the scans and
-    /// the scatter (kernels/moe_align.cu).
+    /// SPEC §4 on the device (kernels/moe_align.cu): the routes in pieces ranked per warp, the
+    /// scans and the scatter, in one block; for many routes in three launches over chunks of
+    /// them (variant::align_chunks).
     pub fn align(&self, stream: &Arc<CudaStream>, ids_i64: bool, a: AlignArgs) -> Result<()> {
-        let k = if ids_i64 {
-            &self.align_i64
-        } else {
-            &self.align_i32
-        };
+        let k = &self.align[ids_i64 as usize];
         let l = a.layout;
         let at = |s: crate::workspace::Section| a.ws + s.offset as u64;
         let (numel, experts, block_m) =
@@ -255,30 +274,79 @@ impl KernelSet {
             at(l.expert_offsets),
             at(l.route_slot),
         );
-        let (segments, shared_bytes) = variant::align_segments(a.experts, k.v.threads);
+        let (segments, shared_bytes) = variant::align_segments(a.experts, k.one_block.v.threads);
         let segments = segments as i32;
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (k.v.threads, 1, 1),
-            shared_mem_bytes: shared_bytes as u32,
+        let chunks = variant::align_chunks(l.route_slot.len, a.experts);
+        let launch = |f: &Loaded, blocks: usize, shared: usize| LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (f.v.threads, 1, 1),
+            shared_mem_bytes: shared as u32,
         };
-        let mut b = stream.launch_builder(&k.f);
+        let fail = |f: &Loaded| {
+            let name = f.v.name.clone();
+            move |e| driver_error(&format!("kernel {name}"), e)
+        };
+        if chunks == 1 {
+            let f = &k.one_block;
+            let mut b = stream.launch_builder(&f.f);
+            b.arg(&a.ids)
+                .arg(&numel)
+                .arg(&experts)
+                .arg(&block_m)
+                .arg(&capacity)
+                .arg(&max_blocks)
+                .arg(&segments)
+                .arg(&sorted)
+                .arg(&blocks)
+                .arg(&padded)
+                .arg(&offsets)
+                .arg(&slots)
+                .arg(&a.bad_ids);
+            return unsafe { b.launch(launch(f, 1, shared_bytes)) }
+                .map(|_| ())
+                .map_err(fail(f));
+        }
+        // the chunks' counts borrow compact_routes, which the CUDA path does not fill
+        let counts = at(l.compact_routes);
+        let chunk_len = l.route_slot.len.div_ceil(chunks) as i32;
+        let n_chunks = chunks as i32;
+        let f = &k.count;
+        let mut b = stream.launch_builder(&f.f);
         b.arg(&a.ids)
             .arg(&numel)
+            .arg(&experts)
+            .arg(&chunk_len)
+            .arg(&segments)
+            .arg(&slots)
+            .arg(&counts);
+        unsafe { b.launch(launch(f, chunks, shared_bytes)) }.map_err(fail(f))?;
+        let f = &self.align_scan;
+        let mut b = stream.launch_builder(&f.f);
+        b.arg(&numel)
             .arg(&experts)
             .arg(&block_m)
             .arg(&capacity)
             .arg(&max_blocks)
-            .arg(&segments)
+            .arg(&n_chunks)
+            .arg(&counts)
             .arg(&sorted)
             .arg(&blocks)
             .arg(&padded)
             .arg(&offsets)
-            .arg(&slots)
             .arg(&a.bad_ids);
-        unsafe { b.launch(cfg) }
+        unsafe { b.launch(launch(f, 1, (2 * a.experts + 2) * 4)) }.map_err(fail(f))?;
+        let f = &k.scatter;
+        let mut b = stream.launch_builder(&f.f);
+        b.arg(&a.ids)
+            .arg(&numel)
+            .arg(&experts)
+            .arg(&chunk_len)
+            .arg(&counts)
+            .arg(&sorted)
+            .arg(&slots);
+        unsafe { b.launch(launch(f, chunks, 0)) }
             .map(|_| ())
-            .map_err(|e| driver_error(&format!("kernel {}", k.v.name), e))
+            .map_err(fail(f))
     }
 
     /// GEMM1, activation (in GEMM1's epilogue where fused), GEMM2, then combine (or the

@@ -58,18 +58,72 @@ pub fn dtype_code(d: DType) -> i64 {
 }
 
 pub fn align(ids_i64: bool) -> Variant {
-    let entry = if ids_i64 {
-        "moe_align__i64"
-    } else {
-        "moe_align__i32"
-    };
+    align_entry(
+        if ids_i64 {
+            "moe_align__i64"
+        } else {
+            "moe_align__i32"
+        },
+        ALIGN_SHARED_BYTES,
+    )
+}
+
+/// The align step over many blocks (kernels/moe_align.cu: count and scatter a block per chunk
+/// of the routes, the scan in one block), for batches with many routes.
+pub fn align_count(ids_i64: bool) -> Variant {
+    align_entry(
+        if ids_i64 {
+            "moe_align_count__i64"
+        } else {
+            "moe_align_count__i32"
+        },
+        ALIGN_SHARED_BYTES,
+    )
+}
+
+pub fn align_scan() -> Variant {
+    // padded starts [E + 1], totals [E] and one counter, in ints, at E = MAX_EXPERTS
+    align_entry("moe_align_scan_chunks", (2 * 4096 + 2) * 4)
+}
+
+pub fn align_scatter(ids_i64: bool) -> Variant {
+    align_entry(
+        if ids_i64 {
+            "moe_align_scatter__i64"
+        } else {
+            "moe_align_scatter__i32"
+        },
+        0,
+    )
+}
+
+fn align_entry(entry: &'static str, shared_bytes: usize) -> Variant {
     Variant {
         source: KERNEL_ALIGN.name,
         entry,
         defines: vec![],
         name: entry.to_string(),
-        shared_bytes: ALIGN_SHARED_BYTES,
+        shared_bytes,
         threads: ALIGN_THREADS,
+    }
+}
+
+/// Routes per chunk of the many-block align step: below two chunks' worth the one-block
+/// kernel runs (it needs one launch, not three).
+const ALIGN_CHUNK_ROUTES: usize = 2048;
+const ALIGN_MAX_CHUNKS: usize = 64;
+
+/// How many chunks the align step cuts `numel` routes into: 1 means the one-block kernel.
+/// The chunks' counts ([chunks][E + 1] ints) borrow the workspace's compact_routes section
+/// ([numel] ints), so chunks · (E + 1) ≤ numel.
+pub fn align_chunks(numel: usize, experts: usize) -> usize {
+    let chunks = (numel / ALIGN_CHUNK_ROUTES)
+        .min(ALIGN_MAX_CHUNKS)
+        .min(numel / (experts + 1));
+    if chunks < 2 {
+        1
+    } else {
+        chunks
     }
 }
 
@@ -462,7 +516,11 @@ pub fn ci_set() -> Vec<Variant> {
             flags: 0,
         });
 
-    let mut all = vec![align(false), align(true)];
+    let mut all = vec![align(false), align(true), align_scan()];
+    for ids_i64 in [false, true] {
+        all.push(align_count(ids_i64));
+        all.push(align_scatter(ids_i64));
+    }
     for (a, b) in [(false, false), (false, true), (true, false), (true, true)] {
         all.push(dispatch(a, b));
     }
@@ -621,6 +679,31 @@ mod tests {
         ] {
             let off = gemm(dtype, 1, tile, path(vec8, hopper)).unwrap();
             assert!(!off.needs_sm90a(), "{}", off.name);
+        }
+    }
+
+    #[test]
+    fn many_routes_take_the_many_block_align_within_the_borrowed_section() {
+        assert_eq!(align_chunks(0, 8), 1);
+        assert_eq!(align_chunks(2304, 257), 1, "DeepSeek M=256: one block");
+        assert_eq!(align_chunks(8192, 128), 4, "Qwen3 M=1024");
+        assert_eq!(align_chunks(36864, 257), 18, "DeepSeek M=4096");
+        assert_eq!(
+            align_chunks(147456, 257),
+            64,
+            "DeepSeek M=16384: at most 64"
+        );
+        assert_eq!(
+            align_chunks(4800, 4096),
+            1,
+            "E=4096: the counts would not fit"
+        );
+        for (numel, experts) in [(4096, 8), (5000, 1000), (100_000, 4096), (9999, 33)] {
+            let c = align_chunks(numel, experts);
+            assert!(
+                c == 1 || c * (experts + 1) <= numel,
+                "{numel} {experts}: {c}"
+            );
         }
     }
 
