@@ -729,6 +729,56 @@ fn graph_case(ctx: &Arc<CudaContext>, c: &Case) -> Result<(), String> {
     Ok(())
 }
 
+/// A moe_prepare whose kernels moe_warmup did not compile is refused inside a capture, naming
+/// the stream and moe_warmup, before it launches anything (compiling there would break the
+/// host's capture); the capture ends cleanly, and outside it the same calls compile and run.
+#[test]
+fn kernels_are_not_compiled_inside_a_capture() {
+    let Some(ctx) = gpu("kernels_are_not_compiled_inside_a_capture") else {
+        return;
+    };
+    let c = Case {
+        tokens: 16,
+        ..base(Dt::Bf16, 6100)
+    };
+    let mut s = Setup::new(&c);
+    let stream = ctx.new_stream().unwrap();
+    let layer = CudaLayer::new(&s, &stream).unwrap_or_else(|e| panic!("{e}"));
+    let mut d = DeviceBatch::new(&s, &layer, &stream).unwrap_or_else(|e| panic!("{e}"));
+    let (ids, ws) = (d.ids.raw(), d.ws.raw());
+
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .expect("cuStreamBeginCapture");
+    let prepared = layer.prepare_raw(&ids, &ws, cu(&stream));
+    let message = last_error();
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    assert_eq!(
+        prepared,
+        moe_status::MOE_ERR_INVALID_ARGUMENT,
+        "moe_prepare with uncompiled kernels inside a capture: \"{message}\""
+    );
+    assert!(
+        message.starts_with("stream:") && message.contains("moe_warmup"),
+        "{message}"
+    );
+    graph.expect("the capture ends cleanly after the refusal");
+
+    d.out.fill(POISON);
+    d.launch(&layer, &c).unwrap_or_else(|e| panic!("{e}"));
+    sync(&stream);
+    status(s.prepare(), "CPU moe_prepare").unwrap();
+    status(s.run(), "CPU moe_run").unwrap();
+    compare(
+        &c,
+        &d.output(&c),
+        &s.output(),
+        Some(&s.reference()),
+        &s.ids.values(),
+    )
+    .unwrap_or_else(|e| panic!("after the capture: {e}"));
+}
+
 /// Host tensors, or tensors on device ordinal 1, given to a CUDA layer are refused by name;
 /// nothing is written.
 #[test]

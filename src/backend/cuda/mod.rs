@@ -121,10 +121,11 @@ impl CudaLayer {
         Ok(k)
     }
 
-    /// `kernel_set` for a LoRA run, which must not compile inside the host's graph capture
-    /// (NVRTC and module loads there would break it): a set moe_warmup did not load is
-    /// refused while `stream` captures.
-    fn lora_kernel_set(
+    /// `kernel_set` for a launch on the host's `stream`, which must not compile inside a graph
+    /// capture (NVRTC and module loads there would break it, or fail as an unsupported call
+    /// in the capture's global mode): a set moe_warmup did not load is refused while `stream`
+    /// captures, with what to do instead.
+    fn launch_kernel_set(
         &self,
         v: &Validated,
         key: SetKey,
@@ -135,11 +136,18 @@ impl CudaLayer {
                 .capture_status()
                 .map_err(|e| driver_error("stream: querying its capture status", e))?;
             if status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+                let (which, warmup) = if key.lora {
+                    (
+                        "LoRA kernels",
+                        "call moe_warmup(layer, max_tokens) after moe_lora_create",
+                    )
+                } else {
+                    ("kernels", "call moe_warmup(layer, max_tokens)")
+                };
                 return Err(crate::error::invalid!(
-                    "stream: capturing a CUDA graph, but the LoRA kernels of tile config \
-                     {}x{}x{} are not compiled yet (compiling inside a capture is not \
-                     possible); call moe_warmup(layer, max_tokens) after moe_lora_create and \
-                     before the capture",
+                    "stream: capturing a CUDA graph, but the {which} of tile config {}x{}x{} \
+                     are not compiled yet (compiling inside a capture is not possible); \
+                     {warmup} with the largest batch the graph will take, before the capture",
                     key.tile.block_m,
                     key.tile.block_n,
                     key.tile.block_k
@@ -189,7 +197,7 @@ fn run_stages(
         lora: lora.is_some(),
     };
     let (k, run) = match lora {
-        None => (c.kernel_set(&layer.v, key)?, None),
+        None => (c.launch_kernel_set(&layer.v, key, &stream)?, None),
         Some(batch) => {
             // moe_lora_create made the counters (Backend::attach_lora)
             let errors = c
@@ -197,7 +205,7 @@ fn run_stages(
                 .get()
                 .expect("a LoRA wrapper was attached to the layer");
             let run = lora::Run::new(layer, p, batch, errors)?;
-            (c.lora_kernel_set(&layer.v, key, &stream)?, Some(run))
+            (c.launch_kernel_set(&layer.v, key, &stream)?, Some(run))
         }
     };
     let s = scratch(&layer.v, p.numel, p.layout.sorted_route_ids.len);
@@ -305,8 +313,8 @@ impl Backend for CudaBackend {
             vec8: c.gemm1_vec8,
             lora: false,
         };
-        let k = c.kernel_set(&layer.v, key)?;
         let stream = unsafe { c.dev.ctx.wrap_borrowed_stream(stream as _) };
+        let k = c.launch_kernel_set(&layer.v, key, &stream)?;
         let ids_i64 = ids.elem == crate::dtype::ElemType::I64;
         k.align(
             &stream,
