@@ -747,22 +747,9 @@ fn kernels_are_not_compiled_inside_a_capture() {
     let mut d = DeviceBatch::new(&s, &layer, &stream).unwrap_or_else(|e| panic!("{e}"));
     let (ids, ws) = (d.ids.raw(), d.ws.raw());
 
-    stream
-        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        .expect("cuStreamBeginCapture");
-    let prepared = layer.prepare_raw(&ids, &ws, cu(&stream));
-    let message = last_error();
-    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-    assert_eq!(
-        prepared,
-        moe_status::MOE_ERR_INVALID_ARGUMENT,
-        "moe_prepare with uncompiled kernels inside a capture: \"{message}\""
-    );
-    assert!(
-        message.starts_with("stream:") && message.contains("moe_warmup"),
-        "{message}"
-    );
-    graph.expect("the capture ends cleanly after the refusal");
+    assert_refused_inside_capture(&stream, || {
+        vec![("moe_prepare", layer.prepare_raw(&ids, &ws, cu(&stream)))]
+    });
 
     d.out.fill(POISON);
     d.launch(&layer, &c).unwrap_or_else(|e| panic!("{e}"));

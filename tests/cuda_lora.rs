@@ -644,24 +644,9 @@ fn lora_kernels_are_not_compiled_inside_a_capture() {
     );
     sync(&stream);
 
-    stream
-        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        .expect("cuStreamBeginCapture");
-    let prepared = g.prepare();
-    let ran = g.run(&c);
-    let message = last_error();
-    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-    ok(prepared, "moe_prepare inside the capture");
-    assert_eq!(
-        ran,
-        moe_status::MOE_ERR_INVALID_ARGUMENT,
-        "moe_run_lora with uncompiled kernels inside a capture: \"{message}\""
-    );
-    assert!(
-        message.starts_with("stream:") && message.contains("moe_warmup"),
-        "{message}"
-    );
-    graph.expect("the capture ends cleanly after the refusal");
+    assert_refused_inside_capture(&stream, || {
+        vec![("moe_prepare", g.prepare()), ("moe_run_lora", g.run(&c))]
+    });
 
     g.d.out.fill(POISON);
     g.launch(&c).unwrap_or_else(|e| panic!("{e}"));

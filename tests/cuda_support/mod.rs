@@ -772,3 +772,34 @@ pub fn base(dt: Dt, seed: u64) -> Case {
         ..Case::default()
     }
 }
+
+/// Runs `calls` inside a capture of `stream` and ends the capture whatever happened; then
+/// checks that the last call was refused for kernels moe_warmup had not compiled: status
+/// MOE_ERR_INVALID_ARGUMENT, a message naming the stream and moe_warmup, a capture that ends
+/// cleanly; and that every call before it returned MOE_OK. `calls` returns each call's name
+/// and status in order.
+pub fn assert_refused_inside_capture(
+    stream: &Arc<CudaStream>,
+    calls: impl FnOnce() -> Vec<(&'static str, moe_status)>,
+) {
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .expect("cuStreamBeginCapture");
+    let statuses = calls();
+    let message = last_error();
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    let ((refused, last), before) = statuses.split_last().expect("at least one call");
+    for &(what, s) in before {
+        ok(s, &format!("{what} inside the capture"));
+    }
+    assert_eq!(
+        *last,
+        moe_status::MOE_ERR_INVALID_ARGUMENT,
+        "{refused} with uncompiled kernels inside a capture: \"{message}\""
+    );
+    assert!(
+        message.starts_with("stream:") && message.contains("moe_warmup"),
+        "{message}"
+    );
+    graph.expect("the capture ends cleanly after the refusal");
+}
