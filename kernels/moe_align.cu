@@ -1,5 +1,6 @@
-// SPEC §4 on the device: the align step in one block, the same arrays as the CPU's
-// src/align.rs, stable (route order within each expert) without atomics on the order.
+// SPEC §4 on the device: the align step, the same arrays as the CPU's src/align.rs, stable
+// (route order within each expert) without atomics on the order. In one block (moe_align), or
+// for many routes over chunks of them in three launches (the second half of this file).
 //
 // The routes are cut into `segments` contiguous pieces, one warp each (segments ≤ warps). A
 // warp walks its piece in order, 32 routes at a time: lanes with the same expert find each
