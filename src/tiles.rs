@@ -191,10 +191,16 @@ pub fn parse_tables(json: &str, source: &str) -> Result<Vec<TileTable>> {
 
 /// Tables shipped inside the library: examples/tune's output on each GPU we tuned for
 /// (BENCHMARKS.md has the commands). Parsed once, on the first layer that looks.
-const BUILTIN_TABLE_FILES: [(&str, &str); 1] = [(
-    "src/tile_tables/nvidia_h100.json",
-    include_str!("tile_tables/nvidia_h100.json"),
-)];
+const BUILTIN_TABLE_FILES: [(&str, &str); 2] = [
+    (
+        "src/tile_tables/nvidia_h100.json",
+        include_str!("tile_tables/nvidia_h100.json"),
+    ),
+    (
+        "src/tile_tables/nvidia_h200.json",
+        include_str!("tile_tables/nvidia_h200.json"),
+    ),
+];
 
 fn builtin_tables() -> &'static [TileTable] {
     static TABLES: once_cell::sync::Lazy<Vec<TileTable>> = once_cell::sync::Lazy::new(|| {
@@ -369,12 +375,24 @@ mod tests {
         let other = TileChooser::new(
             &TableKey {
                 device: "cpu".into(),
-                ..key
+                ..key.clone()
             },
             &Options::default(),
         )
         .unwrap();
         assert_eq!(other.choose(16384), default_config(16384, 8));
+        // the H200 has a table of its own (tuned there, not the H100's copied)
+        let h200 = TileChooser::new(
+            &TableKey {
+                device: "NVIDIA H200".into(),
+                ..key.clone()
+            },
+            &Options::default(),
+        )
+        .unwrap();
+        assert!(h200.has_table());
+        let wide = h200.choose(1024);
+        assert_eq!((wide.block_m, wide.block_n, wide.num_stages), (128, 256, 4));
     }
 
     const ONE: &str = r#"{"format": "fusedmoe-tiles/1", "tables": [
