@@ -95,15 +95,16 @@ impl Layer {
         let b13 = check_bias(&weights.b13, "b13", &v, &[e, n1], "[E, N1]")?;
         let b2 = check_bias(&weights.b2, "b2", &v, &[e, h], "[E, H]")?;
 
+        let (device_name, gpu) = backend::device_identity(v.device)?;
         let key = TableKey {
             experts: d.experts,
             n: d.inter,
             k: d.hidden,
             dtype: v.dtype,
             quant: "none".into(),
-            device: backend::device_name(v.device)?,
+            device: device_name,
         };
-        let tiles = TileChooser::new(&key, &config.options)?;
+        let tiles = TileChooser::new(&key, gpu, &config.options)?;
         let pool = match config.options.int("cpu.num_threads") {
             None => None,
             Some(n) => Some(

@@ -189,30 +189,78 @@ pub fn parse_tables(json: &str, source: &str) -> Result<Vec<TileTable>> {
         .collect()
 }
 
+/// The traits of a GPU that decide its best tiles besides its name: the same compute
+/// capability means the same instructions and shared memory per SM, the same multiprocessor
+/// count the same waves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuTraits {
+    pub compute_capability: (u32, u32),
+    pub sm_count: u32,
+}
+
 /// Tables shipped inside the library: examples/tune's output on each GPU we tuned for
-/// (BENCHMARKS.md has the commands). Parsed once, on the first layer that looks.
-const BUILTIN_TABLE_FILES: [(&str, &str); 2] = [
+/// (BENCHMARKS.md has the commands), with that GPU's traits as the tuning runs read them.
+/// Parsed once, on the first layer that looks.
+const BUILTIN_TABLE_FILES: [(&str, &str, GpuTraits); 2] = [
     (
         "src/tile_tables/nvidia_h100.json",
         include_str!("tile_tables/nvidia_h100.json"),
+        GpuTraits {
+            compute_capability: (9, 0),
+            sm_count: 132,
+        },
     ),
     (
         "src/tile_tables/nvidia_h200.json",
         include_str!("tile_tables/nvidia_h200.json"),
+        GpuTraits {
+            compute_capability: (9, 0),
+            sm_count: 132,
+        },
     ),
 ];
 
-fn builtin_tables() -> &'static [TileTable] {
-    static TABLES: once_cell::sync::Lazy<Vec<TileTable>> = once_cell::sync::Lazy::new(|| {
-        BUILTIN_TABLE_FILES
-            .iter()
-            .flat_map(|(source, json)| {
-                // a shipped table that does not parse fails the unit test below
-                parse_tables(json, source).unwrap_or_default()
-            })
-            .collect()
-    });
+fn builtin_tables() -> &'static [(TileTable, GpuTraits)] {
+    static TABLES: once_cell::sync::Lazy<Vec<(TileTable, GpuTraits)>> =
+        once_cell::sync::Lazy::new(|| {
+            BUILTIN_TABLE_FILES
+                .iter()
+                .flat_map(|(source, json, traits)| {
+                    // a shipped table that does not parse fails the unit test below
+                    let tables = parse_tables(json, source).unwrap_or_default();
+                    tables.into_iter().map(move |t| (t, *traits))
+                })
+                .collect()
+        });
     &TABLES
+}
+
+/// The shipped table for `key`: the one tuned on this GPU model, else (**ours**: SPEC §5 falls
+/// back to the default rule) one of the same shape tuned on a GPU of the same compute
+/// capability, preferring the same multiprocessor count (an H100 NVL or a GH200 takes the H100
+/// SXM's): a sibling's tuned tiles are far nearer the best than the default rule, which was
+/// 1.0-3.8x slower than the H200's own table there (BENCHMARKS.md, tile tables).
+fn builtin_table(key: &TableKey, gpu: Option<GpuTraits>) -> Option<TileTable> {
+    let tables = builtin_tables();
+    if let Some((t, _)) = tables.iter().find(|(t, _)| &t.key == key) {
+        return Some(t.clone());
+    }
+    let gpu = gpu?;
+    let same_shape = |t: &TileTable| {
+        TableKey {
+            device: key.device.clone(),
+            ..t.key.clone()
+        } == *key
+    };
+    let siblings = || {
+        tables.iter().filter(move |(t, traits)| {
+            same_shape(t) && traits.compute_capability == gpu.compute_capability
+        })
+    };
+    siblings()
+        .find(|(_, traits)| traits.sm_count == gpu.sm_count)
+        .or_else(|| siblings().next())
+        .map(|(t, _)| t.clone())
 }
 
 /// Per-layer overrides from the options `tile.*`.
@@ -269,8 +317,9 @@ fn read_table_file(path: &str, source: &str, key: &TableKey) -> Result<Option<Ti
 
 impl TileChooser {
     /// Picks the table for `key` from the option file, the environment's file, or the
-    /// shipped tables, in that order. A file that does not parse is an error, not a fallback.
-    pub fn new(key: &TableKey, options: &Options) -> Result<Self> {
+    /// shipped tables (a sibling GPU's where none is for this one: `builtin_table`), in that
+    /// order. A file that does not parse is an error, not a fallback.
+    pub fn new(key: &TableKey, gpu: Option<GpuTraits>, options: &Options) -> Result<Self> {
         let table = if let Some(path) = options.get("tile.config_file") {
             read_table_file(path, "tile.config_file", key)?
         } else if let Some(path) = std::env::var_os(ENV_TILE_CONFIG) {
@@ -278,7 +327,7 @@ impl TileChooser {
         } else {
             None
         };
-        let table = table.or_else(|| builtin_tables().iter().find(|t| &t.key == key).cloned());
+        let table = table.or_else(|| builtin_table(key, gpu));
         Ok(TileChooser {
             experts: key.experts,
             table,
@@ -342,6 +391,11 @@ impl TileChooser {
     pub fn has_table(&self) -> bool {
         self.table.is_some()
     }
+
+    /// The GPU the chosen table was tuned on ("cpu" for a host's CPU table), if any.
+    pub fn table_device(&self) -> Option<&str> {
+        self.table.as_ref().map(|t| t.key.device.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -350,20 +404,13 @@ mod tests {
 
     #[test]
     fn the_shipped_tables_parse_and_are_found_by_their_key() {
-        for (source, json) in BUILTIN_TABLE_FILES {
+        for (source, json, _) in BUILTIN_TABLE_FILES {
             let tables = parse_tables(json, source).unwrap();
             assert!(!tables.is_empty(), "{source}");
         }
         // Mixtral-8x7B on the H100 (examples/tune): large batches take the 128×256 tile
-        let key = TableKey {
-            experts: 8,
-            n: 14336,
-            k: 4096,
-            dtype: DType::BF16,
-            quant: "none".into(),
-            device: "NVIDIA H100 80GB HBM3".into(),
-        };
-        let chooser = TileChooser::new(&key, &Options::default()).unwrap();
+        let key = on("NVIDIA H100 80GB HBM3");
+        let chooser = TileChooser::new(&key, Some(HOPPER_132), &Options::default()).unwrap();
         let big = chooser.choose(16384);
         assert_eq!((big.block_m, big.block_n, big.num_warps), (128, 256, 8));
         assert_ne!(
@@ -371,28 +418,63 @@ mod tests {
             default_config(1, 8),
             "the table, not the default"
         );
-        // another device's layer of the same shape keeps the default rule
-        let other = TileChooser::new(
-            &TableKey {
-                device: "cpu".into(),
-                ..key.clone()
-            },
-            &Options::default(),
-        )
-        .unwrap();
-        assert_eq!(other.choose(16384), default_config(16384, 8));
+        assert_eq!(chooser.table_device(), Some("NVIDIA H100 80GB HBM3"));
         // the H200 has a table of its own (tuned there, not the H100's copied)
-        let h200 = TileChooser::new(
-            &TableKey {
-                device: "NVIDIA H200".into(),
-                ..key.clone()
-            },
-            &Options::default(),
-        )
-        .unwrap();
-        assert!(h200.has_table());
+        let h200 = TileChooser::new(&on("NVIDIA H200"), Some(HOPPER_132), &Options::default());
+        let h200 = h200.unwrap();
+        assert_eq!(h200.table_device(), Some("NVIDIA H200"));
         let wide = h200.choose(1024);
         assert_eq!((wide.block_m, wide.block_n, wide.num_stages), (128, 256, 4));
+    }
+
+    const HOPPER_132: GpuTraits = GpuTraits {
+        compute_capability: (9, 0),
+        sm_count: 132,
+    };
+
+    /// The Mixtral-8x7B key on the named device.
+    fn on(device: &str) -> TableKey {
+        TableKey {
+            experts: 8,
+            n: 14336,
+            k: 4096,
+            dtype: DType::BF16,
+            quant: "none".into(),
+            device: device.into(),
+        }
+    }
+
+    #[test]
+    fn a_gpu_without_a_table_takes_a_siblings_of_its_compute_capability() {
+        let choose = |device: &str, gpu: Option<GpuTraits>| {
+            TileChooser::new(&on(device), gpu, &Options::default()).unwrap()
+        };
+        // same compute capability and SM count (an H100 NVL): the first such shipped table
+        let nvl = choose("NVIDIA H100 NVL", Some(HOPPER_132));
+        assert_eq!(nvl.table_device(), Some("NVIDIA H100 80GB HBM3"));
+        assert_ne!(nvl.choose(1024), default_config(1024, 8));
+        // same compute capability, fewer SMs (an H100 PCIe): still a Hopper table
+        let pcie = GpuTraits {
+            sm_count: 114,
+            ..HOPPER_132
+        };
+        assert!(choose("NVIDIA H100 PCIe", Some(pcie)).has_table());
+        // another compute capability (an A100), or no GPU: the default rule
+        let a100 = GpuTraits {
+            compute_capability: (8, 0),
+            sm_count: 108,
+        };
+        let a100 = choose("NVIDIA A100-SXM4-80GB", Some(a100));
+        assert!(!a100.has_table());
+        assert_eq!(a100.choose(16384), default_config(16384, 8));
+        assert!(!choose("cpu", None).has_table());
+        // another shape on a Hopper GPU: no table of that shape, so the default rule
+        let small = TableKey {
+            n: 1024,
+            ..on("NVIDIA H100 NVL")
+        };
+        let small = TileChooser::new(&small, Some(HOPPER_132), &Options::default()).unwrap();
+        assert!(!small.has_table());
     }
 
     const ONE: &str = r#"{"format": "fusedmoe-tiles/1", "tables": [
@@ -460,12 +542,12 @@ mod tests {
         let path = dir.join("t.json");
         std::fs::write(&path, ONE).unwrap();
         o.set("tile.config_file", path.to_str().unwrap()).unwrap();
-        let c = TileChooser::new(&key(), &o).unwrap();
+        let c = TileChooser::new(&key(), None, &o).unwrap();
         assert!(c.has_table());
         assert_eq!(c.choose(64).block_n, 128);
         assert_eq!(c.max_block_m(), 64);
         o.set("tile.block_m", "128").unwrap();
-        let c = TileChooser::new(&key(), &o).unwrap();
+        let c = TileChooser::new(&key(), None, &o).unwrap();
         assert_eq!((c.choose(1).block_m, c.choose(1).block_n), (128, 32));
         assert_eq!(c.max_block_m(), 128);
     }
@@ -482,7 +564,7 @@ mod tests {
             experts: 16,
             ..key()
         };
-        let c = TileChooser::new(&other, &o).unwrap();
+        let c = TileChooser::new(&other, None, &o).unwrap();
         assert!(!c.has_table());
         assert_eq!(c.choose(1), default_config(1, 16));
     }

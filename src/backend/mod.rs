@@ -11,7 +11,7 @@ use crate::lora::LoraBatch;
 use crate::options::Options;
 use crate::plan::{Prepared, RunIo};
 use crate::tensor::{Device, DeviceKind, Tensor};
-use crate::tiles::TileConfig;
+use crate::tiles::{GpuTraits, TileConfig};
 use crate::workspace::Layout;
 
 /// What a backend keeps per layer beyond the core's fields.
@@ -93,10 +93,11 @@ pub fn for_device(device: Device) -> Result<&'static dyn Backend> {
 
 /// The device name tile tables are keyed by: "cpu", or the GPU's name as the driver reports
 /// it ("NVIDIA H100 80GB HBM3"), so that a table tuned on one model of GPU is used on every
-/// GPU of that model. Callers have made the backend for `device` first.
-pub fn device_name(device: Device) -> Result<String> {
+/// GPU of that model; for a GPU, also the traits a stand-in table must share (tiles.rs).
+/// Callers have made the backend for `device` first.
+pub fn device_identity(device: Device) -> Result<(String, Option<GpuTraits>)> {
     match device.kind {
-        DeviceKind::Cpu => Ok("cpu".to_string()),
-        DeviceKind::Cuda => cuda::device_name(device.id as usize),
+        DeviceKind::Cpu => Ok(("cpu".to_string(), None)),
+        DeviceKind::Cuda => cuda::device_identity(device.id as usize).map(|(n, t)| (n, Some(t))),
     }
 }

@@ -5,6 +5,7 @@
 use super::variant::Variant;
 use super::{cache, compile};
 use crate::error::{Error, ErrorKind, Result};
+use crate::tiles::GpuTraits;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, DriverError};
 use once_cell::sync::Lazy;
@@ -17,6 +18,8 @@ pub struct DeviceState {
     /// NVRTC's --gpu-architecture: sm_90a on Hopper (wgmma needs the "a"), else sm_XY.
     pub arch: String,
     pub name: String,
+    /// Compute capability and multiprocessor count: what a sibling GPU's tile table must share.
+    pub traits: GpuTraits,
     max_shared_optin: usize,
     nvrtc: (i32, i32),
     functions: Mutex<HashMap<String, CudaFunction>>,
@@ -60,6 +63,13 @@ pub fn device(ordinal: usize) -> Result<Arc<DeviceState>> {
     let max_shared_optin = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .map_err(|e| driver_error(&what, e))? as usize;
+    let sm_count = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| driver_error(&what, e))? as u32;
+    let traits = GpuTraits {
+        compute_capability: (major as u32, minor as u32),
+        sm_count,
+    };
     let nvrtc = unsafe { compile::version() }
         .map_err(|e| Error::new(ErrorKind::Device, format!("{what}: {e}")))?;
     let d = Arc::new(DeviceState {
@@ -67,6 +77,7 @@ pub fn device(ordinal: usize) -> Result<Arc<DeviceState>> {
         ctx,
         arch,
         name,
+        traits,
         max_shared_optin,
         nvrtc,
         functions: Mutex::new(HashMap::new()),

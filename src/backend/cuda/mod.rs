@@ -20,7 +20,7 @@ use crate::layer::{Layer, Weights};
 use crate::lora::LoraBatch;
 use crate::plan::{Prepared, RunIo};
 use crate::tensor::{Device, Tensor};
-use crate::tiles::TileConfig;
+use crate::tiles::{GpuTraits, TileConfig};
 use crate::workspace::Layout;
 use device::{driver_error, DeviceState};
 use kernels::KernelSet;
@@ -45,9 +45,11 @@ pub fn available() -> bool {
     *ANSWER
 }
 
-/// The GPU's name as the driver reports it (tile tables are keyed by it).
-pub fn device_name(ordinal: usize) -> Result<String> {
-    Ok(device::device(ordinal)?.name.clone())
+/// The GPU's name as the driver reports it (tile tables are keyed by it), with its compute
+/// capability and multiprocessor count (a sibling GPU's table may stand in for a missing one).
+pub fn device_identity(ordinal: usize) -> Result<(String, GpuTraits)> {
+    let d = device::device(ordinal)?;
+    Ok((d.name.clone(), d.traits))
 }
 
 /// The backend for a layer on `device`, after checking the libraries and the ordinal.
