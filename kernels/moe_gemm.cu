@@ -12,7 +12,8 @@
 // FM_STAGES, FM_VEC (8: 16-byte cp.async chunks, rows 16-byte aligned; 1: element loads),
 // FM_MMA (1: mma.sync on 16-bit types; 0: SIMT in f32, the f32 layers' path), FM_WGMMA
 // (1: Hopper's wgmma, moe_gemm_wgmma.cuh; sm_90a, 16-bit types, 16-byte loads), FM_LORA
-// (see the LoRA hook below) and FM_FUSED_ACT (GEMM1 with the activation, below).
+// (see the LoRA hook below), FM_FUSED_ACT (GEMM1 with the activation, below) and
+// FM_SPLIT_K (split-K over a thread-block cluster, below).
 #include "common.cuh"
 
 // ---------------------------------------------------------------- LoRA hook (SPEC §7)
@@ -201,8 +202,90 @@ __device__ __forceinline__ void fm_epilogue(const FmRows& rows, const FmGemmPara
 #endif
 }
 
+// ---------------------------------------------------------------- split-K (sm_90)
+// FM_SPLIT_K > 1 (mma.sync path): the grid's y is one thread-block cluster of FM_SPLIT_K
+// CTAs per output tile, each taking an equal run of the k-tiles. At decode a GEMM with a
+// long k loop and few tiles (DeepSeek's GEMM1: 9 experts × 8 tiles = 72 CTAs for 132 SMs,
+// K = 7168) had too few loads in flight to stream its weights (ncu: 34 % of DRAM bandwidth);
+// split, it has FM_SPLIT_K times the CTAs. The partial tiles meet in the first CTA's
+// registers through distributed shared memory, added in rank order (deterministic, no
+// workspace, no atomics); that CTA alone runs the epilogue.
+#ifndef FM_SPLIT_K
+#define FM_SPLIT_K 1
+#endif
+#if FM_SPLIT_K > 1
+#define FM_CLUSTER __cluster_dims__(1, FM_SPLIT_K, 1)
+
+__device__ __forceinline__ unsigned fm_cluster_rank() {
+    unsigned r;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+// Every thread of the cluster arrives; shared-memory writes before it are visible to the
+// cluster's reads after it.
+__device__ __forceinline__ void fm_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n"
+                 "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// The float4 at `local` (a shared address of this CTA) in the shared memory of CTA `rank`.
+__device__ __forceinline__ float4 fm_ld_cluster_f4(const void* local, unsigned rank) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(local);
+    unsigned remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(a), "r"(rank));
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(remote)
+                 : "memory");
+    return v;
+}
+
+// The k-tiles [first, first + count) of this CTA's share of `k_tiles`.
+__device__ __forceinline__ void fm_split_range(int k_tiles, int& first, int& count) {
+    const int r = (int)fm_cluster_rank();
+    first = r * k_tiles / FM_SPLIT_K;
+    count = (r + 1) * k_tiles / FM_SPLIT_K - first;
+}
+
+// Adds the partial accumulators of ranks 1.. into rank 0's, in rank order. `scratch`: this
+// CTA's shared memory, free (the main loop done), room for FM_THREADS · N floats. True in
+// the CTA that goes on to the epilogue.
+template <int N>
+__device__ __forceinline__ bool fm_split_reduce(float* acc, float* scratch) {
+    static_assert(N % 4 == 0, "accumulators come in float4s");
+    float4* part = (float4*)scratch;
+    const unsigned rank = fm_cluster_rank();
+    if (rank != 0) {
+#pragma unroll
+        for (int q = 0; q < N / 4; ++q)  // a thread's float4s FM_THREADS apart: conflict-free
+            part[q * FM_THREADS + threadIdx.x] =
+                make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
+    }
+    fm_cluster_sync();
+    if (rank == 0) {
+        for (unsigned r = 1; r < FM_SPLIT_K; ++r) {
+#pragma unroll
+            for (int q = 0; q < N / 4; ++q) {
+                const float4 v = fm_ld_cluster_f4(part + q * FM_THREADS + threadIdx.x, r);
+                acc[4 * q] += v.x;
+                acc[4 * q + 1] += v.y;
+                acc[4 * q + 2] += v.z;
+                acc[4 * q + 3] += v.w;
+            }
+        }
+    }
+    fm_cluster_sync();  // a CTA's shared memory must outlive the reads of it
+    return rank == 0;
+}
+#else
+#define FM_CLUSTER
+#endif
+
 #if FM_WGMMA
 // ================================================================ Hopper tensor cores
+static_assert(FM_SPLIT_K == 1, "split-K takes the mma.sync main loop");
 #include "moe_gemm_wgmma.cuh"
 
 #elif FM_MMA
@@ -258,7 +341,8 @@ __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FM_THREADS)
+// A split-K cluster's CTAs share their tile (blockIdx.x), so they all exit here together.
+extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
     FmBlock b;
     if (!fm_block(p, b)) return;
@@ -282,19 +366,24 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS)
 #pragma unroll
             for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
-    const int k_tiles = (p.kdim + FM_BK - 1) / FM_BK;
+    // this CTA's k-tiles [kt0, kt0 + k_tiles): all of them, or its split's share
+    const int all_k_tiles = (p.kdim + FM_BK - 1) / FM_BK;
+    int kt0 = 0, k_tiles = all_k_tiles;
+#if FM_SPLIT_K > 1
+    fm_split_range(all_k_tiles, kt0, k_tiles);
+#endif
 #pragma unroll
     for (int s = 0; s < FM_STAGES - 1; ++s) {
         if (s < k_tiles)
             fm_load_stage(stages + s * stage_elems, stages + s * stage_elems + FM_BM * FM_LDS,
-                          rows, p, w_expert, n0, s * FM_BK);
+                          rows, p, w_expert, n0, (kt0 + s) * FM_BK);
         fm_cp_async_commit();
     }
     for (int kt = 0; kt < k_tiles; ++kt) {
         const int next = kt + FM_STAGES - 1;
         if (next < k_tiles) {
             fm_t* st = stages + (next % FM_STAGES) * stage_elems;
-            fm_load_stage(st, st + FM_BM * FM_LDS, rows, p, w_expert, n0, next * FM_BK);
+            fm_load_stage(st, st + FM_BM * FM_LDS, rows, p, w_expert, n0, (kt0 + next) * FM_BK);
         }
         fm_cp_async_commit();
         fm_cp_async_wait<FM_STAGES - 1>();
@@ -338,6 +427,10 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS)
         __syncthreads();
     }
     fm_cp_async_wait<0>();
+#if FM_SPLIT_K > 1
+    __syncthreads();  // no thread's cp.async still lands in the stages the partials reuse
+    if (!fm_split_reduce<FM_MI * FM_NI * 4>(&acc[0][0][0], (float*)stages)) return;
+#endif
 
 #if FM_LORA
 #pragma unroll
@@ -359,6 +452,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS)
 
 #else
 // ================================================================ SIMT (f32 layers)
+static_assert(FM_SPLIT_K == 1, "split-K takes the tensor-core path");
 // Each thread accumulates FM_PER_THREAD outputs of the tile; shared rows are padded by one
 // element so that threads reading one k across many rows hit different banks.
 #define FM_LDS (FM_BK + 1)

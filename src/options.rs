@@ -82,6 +82,26 @@ const KEYS: &[Key] = &[
         doc: "pipeline stages",
     },
     Key {
+        name: "tile.split_k",
+        rule: Rule::Int {
+            min: 1,
+            max: crate::tiles::MAX_SPLIT_K as i64,
+            pow2: false,
+        },
+        device: None,
+        doc: "CUDA: CTAs (a thread-block cluster, sm_90) sharing each GEMM1 tile's k loop, on mma.sync; 1: none (like tile.num_warps, the CPU path has no use for it)",
+    },
+    Key {
+        name: "tile.split_k_down",
+        rule: Rule::Int {
+            min: 1,
+            max: crate::tiles::MAX_SPLIT_K as i64,
+            pow2: false,
+        },
+        device: None,
+        doc: "CUDA: the same for GEMM2 (the down projection)",
+    },
+    Key {
         name: "tile.config_file",
         rule: Rule::Path,
         device: None,

@@ -30,8 +30,33 @@ pub struct TileConfig {
     pub group_m: u32,
     pub num_warps: u32,
     pub num_stages: u32,
-    /// Reserved for kernel variants (split-K, wgmma, ...); 0 today.
+    /// Variant flags: bits 0–3 GEMM1's split-K, bits 4–7 GEMM2's (`split_k`); the rest 0.
     pub flags: u32,
+}
+
+/// The most CTAs one GEMM tile's k loop is split over: a split's CTAs form one thread-block
+/// cluster, and 8 is the portable cluster size.
+pub(crate) const MAX_SPLIT_K: u32 = 8;
+
+impl TileConfig {
+    /// How many CTAs share the k loop of one output tile of GEMM `gemm` (1 or 2); 1: no
+    /// split. The split's partial sums are added in a fixed order in the cluster's first CTA
+    /// (kernels/moe_gemm.cu), so the result stays deterministic.
+    pub fn split_k(&self, gemm: u8) -> u32 {
+        let shift = if gemm == 1 { 0 } else { 4 };
+        ((self.flags >> shift) & 0xF).max(1)
+    }
+
+    /// This config with GEMM `gemm`'s split-K set to `split` (1..=MAX_SPLIT_K).
+    pub fn with_split_k(self, gemm: u8, split: u32) -> TileConfig {
+        debug_assert!((1..=MAX_SPLIT_K).contains(&split));
+        let shift = if gemm == 1 { 0 } else { 4 };
+        let code = if split <= 1 { 0 } else { split };
+        TileConfig {
+            flags: (self.flags & !(0xF << shift)) | (code << shift),
+            ..self
+        }
+    }
 }
 
 /// SGLang's default rule (fused_moe `get_default_config`, bf16/fp16): small batches take
@@ -107,11 +132,18 @@ fn parse_config(obj: &Value, at: &str) -> Result<TileConfig> {
         group_m: field_u32(obj, "GROUP_M", at, 1, 64, false)?,
         num_warps: field_u32(obj, "num_warps", at, 1, 16, true)?,
         num_stages: field_u32(obj, "num_stages", at, 1, 8, false)?,
-        flags: match obj.get("flags") {
-            None => 0,
-            Some(_) => field_u32(obj, "flags", at, 0, u32::MAX, false)?,
-        },
-    })
+        flags: 0,
+    }
+    .with_split_k(1, optional_u32(obj, "SPLIT_K", at, 1, MAX_SPLIT_K)?)
+    .with_split_k(2, optional_u32(obj, "SPLIT_K_DOWN", at, 1, MAX_SPLIT_K)?))
+}
+
+/// A key tables may leave out (ours, beyond SGLang's configs): 1 when absent.
+fn optional_u32(obj: &Value, name: &str, at: &str, min: u32, max: u32) -> Result<u32> {
+    match obj.get(name) {
+        None => Ok(1),
+        Some(_) => field_u32(obj, name, at, min, max, false),
+    }
 }
 
 fn parse_dtype(s: &str, at: &str) -> Result<DType> {
@@ -272,6 +304,8 @@ struct Override {
     group_m: Option<u32>,
     num_warps: Option<u32>,
     num_stages: Option<u32>,
+    split_k: Option<u32>,
+    split_k_down: Option<u32>,
 }
 
 impl Override {
@@ -284,6 +318,8 @@ impl Override {
             group_m: get("tile.group_m"),
             num_warps: get("tile.num_warps"),
             num_stages: get("tile.num_stages"),
+            split_k: get("tile.split_k"),
+            split_k_down: get("tile.split_k_down"),
         }
     }
 
@@ -297,6 +333,8 @@ impl Override {
             num_stages: self.num_stages.unwrap_or(c.num_stages),
             flags: c.flags,
         }
+        .with_split_k(1, self.split_k.unwrap_or(c.split_k(1)))
+        .with_split_k(2, self.split_k_down.unwrap_or(c.split_k(2)))
     }
 }
 
@@ -532,6 +570,35 @@ mod tests {
             .unwrap_err()
             .message
             .contains("not JSON"));
+    }
+
+    #[test]
+    fn split_k_comes_from_the_table_or_the_options_per_gemm() {
+        let with_split = ONE.replace(
+            "\"num_stages\": 4}",
+            "\"num_stages\": 4, \"SPLIT_K\": 4, \"SPLIT_K_DOWN\": 2}",
+        );
+        let t = &parse_tables(&with_split, "t").unwrap()[0];
+        assert_eq!((t.lookup(1).split_k(1), t.lookup(1).split_k(2)), (4, 2));
+        assert_eq!((t.lookup(64).split_k(1), t.lookup(64).split_k(2)), (1, 1));
+        let e =
+            parse_tables(&with_split.replace("\"SPLIT_K\": 4", "\"SPLIT_K\": 9"), "f").unwrap_err();
+        assert!(e.message.contains("\"SPLIT_K\" = 9"), "{}", e.message);
+
+        let mut o = Options::default();
+        o.set("tile.split_k_down", "8").unwrap();
+        assert!(o.set("tile.split_k", "9").is_err());
+        let c = TileChooser::new(&key(), None, &o).unwrap();
+        assert_eq!((c.choose(1).split_k(1), c.choose(1).split_k(2)), (1, 8));
+        // the flags a host reads back (moe_plan_tile_config): GEMM1 in bits 0-3, GEMM2 in 4-7
+        assert_eq!(
+            default_config(1, 8)
+                .with_split_k(1, 3)
+                .with_split_k(2, 5)
+                .flags,
+            0x53
+        );
+        assert_eq!(default_config(1, 8).with_split_k(1, 1).flags, 0);
     }
 
     #[test]

@@ -412,6 +412,86 @@ fn wgmma_tiles_match_the_cpu() {
     );
 }
 
+/// Split-K (sm_90 clusters; elsewhere refused by name): each GEMM's k loop over 2..8 CTAs
+/// whose partial tiles meet in the first one. k-tiles that do not divide by the split
+/// (H 1030 in tiles of 64: 17), fewer k-tiles than CTAs (H 100: 2 tiles for 4), tails of K
+/// that are not multiples of 8 (element loads), the fused activation and both layouts, the
+/// router weight on either GEMM, biases and no_combine.
+#[test]
+fn split_k_tiles_match_the_cpu() {
+    let Some(ctx) = gpu("split_k_tiles_match_the_cpu") else {
+        return;
+    };
+    if !has_clusters(&ctx) {
+        println!("SKIPPED: split-K needs thread-block clusters (compute capability 9.0)");
+        return;
+    }
+    // (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split of GEMM1, split of GEMM2)
+    let tiles = [
+        (16, 64, 64, 4, 3, 4, 1),
+        (16, 32, 128, 4, 3, 3, 2),
+        (32, 64, 64, 8, 4, 8, 4),
+        (64, 64, 64, 4, 3, 2, 8),
+    ];
+    let mut cases = Vec::new();
+    for (n, (bm, bn, bk, warps, stages, s1, s2)) in tiles.into_iter().enumerate() {
+        let options: Vec<(String, String)> = [
+            ("tile.block_m", bm),
+            ("tile.block_n", bn),
+            ("tile.block_k", bk),
+            ("tile.num_warps", warps),
+            ("tile.num_stages", stages),
+            ("tile.split_k", s1),
+            ("tile.split_k_down", s2),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into();
+        let dt = [Dt::Bf16, Dt::F16][n % 2];
+        let seed = 4800 + 10 * n as u64;
+        cases.push(Case {
+            tokens: 1,
+            experts: 8,
+            top_k: 2,
+            hidden: 1030,
+            inter: 520,
+            b13: true,
+            b2: true,
+            options: options.clone(),
+            ..base(dt, seed)
+        });
+        cases.push(Case {
+            tokens: 37,
+            experts: 16,
+            top_k: 4,
+            hidden: 100,
+            inter: 36,
+            on_input: true,
+            drop: 0.1,
+            options: options.clone(),
+            ..base(dt, seed + 1)
+        });
+        cases.push(
+            Case {
+                tokens: 300,
+                experts: 4,
+                hidden: 512,
+                inter: 320,
+                layout: MOE_GATE_UP_INTERLEAVED,
+                no_combine: true,
+                keep_weight: true,
+                options,
+                ..base(dt, seed + 2)
+            }
+            .with_activation(MOE_ACTIVATION_SWIGLU_OAI),
+        );
+    }
+    run_cases(
+        "split-K tiles",
+        &ctx,
+        &select(cases, |c| c.tokens == 1 || c.tokens == 37 && c.seed < 4810),
+    );
+}
+
 /// With the same BLOCK_M, the CUDA align step gives the CPU's plan (SPEC §4 fixes the order).
 #[test]
 fn cuda_plan_arrays_equal_the_cpu_plan() {

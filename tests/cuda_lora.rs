@@ -294,6 +294,59 @@ fn layouts_shared_outer_weights_and_odd_sizes_match_the_cpu() {
     run_lora_cases("layouts", &ctx, cases);
 }
 
+/// Split-K GEMMs (sm_90 clusters): the delta is added once, after the partial tiles meet.
+#[test]
+fn split_k_gemms_match_the_cpu() {
+    let Some(ctx) = gpu("split_k_gemms_match_the_cpu") else {
+        return;
+    };
+    if !has_clusters(&ctx) {
+        println!("SKIPPED: split-K needs thread-block clusters (compute capability 9.0)");
+        return;
+    }
+    let split = |s1: u32, s2: u32| -> Vec<(String, String)> {
+        [
+            ("tile.block_m", 16),
+            ("tile.block_n", 32),
+            ("tile.block_k", 64),
+            ("tile.split_k", s1),
+            ("tile.split_k_down", s2),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into()
+    };
+    let mut cases = Vec::new();
+    for (n, (dt, layout, tokens)) in [
+        (Dt::Bf16, MOE_GATE_UP_HALVES, 1),
+        (Dt::F16, MOE_GATE_UP_INTERLEAVED, 37),
+        (Dt::Bf16, MOE_GATE_UP_INTERLEAVED, 37),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let base = Case {
+            layout,
+            b13: true,
+            b2: true,
+            tokens,
+            hidden: 520,
+            options: split(3 + n as u32, 2),
+            ..base(dt, 700 + n as u64)
+        };
+        let shared_slot = SlotSpec {
+            shared: n == 2,
+            ..slot(16)
+        };
+        cases.push(lora_case(
+            base,
+            16,
+            vec![shared_slot, slot(8), shared_slot],
+            n == 1,
+        ));
+    }
+    run_lora_cases("split-K", &ctx, cases);
+}
+
 /// The flags that move the router weight or a rounding point: on-input, no_combine (with and
 /// without the router weight), inplace, rsf; with biases and dropped routes.
 #[test]

@@ -58,8 +58,7 @@ fn temp_file(name: &str) -> PathBuf {
 
 #[test]
 fn what_the_tuner_writes_parses_back_to_the_same_tables() {
-    let mut flagged = cfg(128, 256, 64, 8, 3);
-    flagged.flags = 5;
+    let split = cfg(128, 256, 64, 8, 3).with_split_k(1, 4).with_split_k(2, 2);
     let tables = vec![
         tile_table::table(
             cpu_key(),
@@ -69,7 +68,7 @@ fn what_the_tuner_writes_parses_back_to_the_same_tables() {
                 (10, cfg(32, 64, 128, 4, 2)),
             ],
         ),
-        tile_table::table(gpu_key(), &[(1, cfg(16, 64, 128, 4, 4)), (16384, flagged)]),
+        tile_table::table(gpu_key(), &[(1, cfg(16, 64, 128, 4, 4)), (16384, split)]),
     ];
     let text = tile_table::render(&tables);
     let parsed =
@@ -80,7 +79,9 @@ fn what_the_tuner_writes_parses_back_to_the_same_tables() {
     let ten = text.find("\"10\": {").unwrap();
     let hundred = text.find("\"100\": {").unwrap();
     assert!(one < ten && ten < hundred, "{text}");
-    assert!(text.contains("\"flags\": 5") && text.matches("flags").count() == 1);
+    // split-K only where it is not 1, under its own keys
+    assert!(text.contains("\"SPLIT_K\": 4, \"SPLIT_K_DOWN\": 2"), "{text}");
+    assert_eq!(text.matches("SPLIT_K\"").count(), 1, "{text}");
 
     let path = temp_file("roundtrip.json");
     tile_table::write(&path, &tables).unwrap();

@@ -13,15 +13,17 @@ fn quoted(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
 }
 
-/// One config as the table holds it; "flags" only when set (absent reads as 0).
+/// One config as the table holds it; the split-K keys only when a GEMM splits (absent reads
+/// as 1).
 pub fn render_config(c: &TileConfig) -> String {
-    let flags = if c.flags != 0 {
-        format!(", \"flags\": {}", c.flags)
-    } else {
-        String::new()
-    };
+    let mut split = String::new();
+    for (gemm, name) in [(1, "SPLIT_K"), (2, "SPLIT_K_DOWN")] {
+        if c.split_k(gemm) > 1 {
+            split += &format!(", \"{name}\": {}", c.split_k(gemm));
+        }
+    }
     format!(
-        "{{\"BLOCK_M\": {}, \"BLOCK_N\": {}, \"BLOCK_K\": {}, \"GROUP_M\": {}, \"num_warps\": {}, \"num_stages\": {}{flags}}}",
+        "{{\"BLOCK_M\": {}, \"BLOCK_N\": {}, \"BLOCK_K\": {}, \"GROUP_M\": {}, \"num_warps\": {}, \"num_stages\": {}{split}}}",
         c.block_m, c.block_n, c.block_k, c.group_m, c.num_warps, c.num_stages
     )
 }

@@ -25,7 +25,8 @@ pub struct moe_tile_config {
     pub num_warps: u32,
     /// Pipeline stages.
     pub num_stages: u32,
-    /// Variant flags; 0 today.
+    /// Variant flags: bits 0-3 GEMM1's split-K (CTAs, one thread-block cluster, sharing a
+    /// tile's k loop; 0 = none), bits 4-7 GEMM2's; the other bits are 0.
     pub flags: u32,
 }
 

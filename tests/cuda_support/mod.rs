@@ -803,3 +803,14 @@ pub fn assert_refused_inside_capture(
     );
     graph.expect("the capture ends cleanly after the refusal");
 }
+
+/// Whether the GPU has thread-block clusters (compute capability 9.0 or later), which the
+/// split-K GEMMs need.
+pub fn has_clusters(ctx: &Arc<CudaContext>) -> bool {
+    let major = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        )
+        .expect("the device's compute capability");
+    major >= 9
+}

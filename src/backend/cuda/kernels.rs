@@ -224,6 +224,7 @@ impl KernelSet {
         let path = |vec8, act| variant::GemmPath {
             vec8,
             hopper,
+            clusters: dev.traits.compute_capability.0 >= 9,
             lora: with_lora,
             act,
         };
@@ -403,9 +404,10 @@ impl KernelSet {
         };
         let (b13, b13_kind) = bias_parts(&layer.b13);
         let n_tiles1 = d.n1.div_ceil(bn);
+        // grid y: the CTAs of a split-K cluster (moe_gemm.cu, FM_SPLIT_K)
         self.gemm1.launch_with(
             stream,
-            (max_blocks * n_tiles1, 1),
+            (max_blocks * n_tiles1, self.tile.split_k(1) as usize),
             &GemmParams {
                 a: io.hidden.data as u64,
                 w: layer.weights.w13.data as u64,
@@ -461,7 +463,7 @@ impl KernelSet {
         };
         self.gemm2.launch_with(
             stream,
-            (max_blocks * n_tiles2, 1),
+            (max_blocks * n_tiles2, self.tile.split_k(2) as usize),
             &GemmParams {
                 a: s.act,
                 w: layer.weights.w2.data as u64,

@@ -152,6 +152,8 @@ pub struct GemmPath {
     /// The device runs sm_90a code and the layer allows it, so a tile of wgmma's shape
     /// (wgmma_layout) takes the wgmma main loop.
     pub hopper: bool,
+    /// The device has thread-block clusters (sm_90), which a split-K GEMM needs.
+    pub clusters: bool,
     /// The moe_run_lora variant, whose epilogue adds the LoRA delta (kernels/lora.cuh).
     pub lora: bool,
     /// GEMM1 applies this activation in its epilogue (tensor-core paths only; see
@@ -195,7 +197,28 @@ pub fn fuses_act(dtype: DType) -> bool {
 
 /// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config.
 pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<Variant> {
-    let (layout, main_loop, shared_bytes) = main_loop(dtype, tile, path)?;
+    let split = tile.split_k(mode);
+    let (layout, main_loop, shared_bytes) = main_loop(dtype, tile, path, split > 1)?;
+    if split > 1 {
+        let key = if mode == 1 { "split_k" } else { "split_k_down" };
+        if !path.clusters {
+            return Err(unsupported!(
+                "tile config: tile.{key} {split} needs thread-block clusters (compute capability 9.0 or later); this GPU has none"
+            ));
+        }
+        if !matches!(main_loop, MainLoop::MmaSync { .. }) {
+            return Err(unsupported!(
+                "tile config: tile.{key} {split} needs the tensor-core path of f16/bf16 layers; this layer is f32"
+            ));
+        }
+    }
+    // A split GEMM's CTAs leave their partial tiles (f32) in the stages' shared memory.
+    let partials = tile_rows_bytes(tile.block_m) + (tile.block_m * tile.block_n) as usize * 4;
+    let shared_bytes = if split > 1 {
+        shared_bytes.max(partials)
+    } else {
+        shared_bytes
+    };
     Ok(gemm_variant(
         dtype,
         mode,
@@ -207,12 +230,21 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<
     ))
 }
 
+/// The shared bytes of the row table (kernels/moe_gemm.cu's FmRows, 12 bytes a row),
+/// 128-byte aligned: the tiles start after it.
+fn tile_rows_bytes(bm: u32) -> usize {
+    (bm as usize * 12).div_ceil(128) * 128
+}
+
 /// The main loop a tile config takes on `path`: its warps (along M, along N), the loop, and
 /// the dynamic shared memory it needs.
+/// A split-K GEMM keeps to mma.sync: its reduction over the cluster is written for
+/// mma.sync's fragments, and it is meant for decode's thin tiles, never wgmma's.
 fn main_loop(
     dtype: DType,
     tile: TileConfig,
     path: GemmPath,
+    split: bool,
 ) -> Result<((u32, u32), MainLoop, usize)> {
     let TileConfig {
         block_m: bm,
@@ -223,9 +255,9 @@ fn main_loop(
         ..
     } = tile;
     let mma = dtype != DType::F32;
-    let rows_bytes = (bm as usize * 12).div_ceil(128) * 128;
+    let rows_bytes = tile_rows_bytes(bm);
     let esize = dtype.size();
-    if mma && path.vec8 && path.hopper {
+    if mma && path.vec8 && path.hopper && !split {
         if let Some(layout) = wgmma_layout(bm, bn, bk, warps, stages) {
             // the row table, 1024 bytes to align the first stage, the swizzled stages
             let shared_bytes = rows_bytes + 1024 + stages as usize * (bm + bn) as usize * 128;
@@ -289,10 +321,16 @@ fn gemm_variant(
             if a.interleaved { "i" } else { "" }
         )
     });
+    let split = tile.split_k(mode);
     let name = format!(
-        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}{}{}{act}",
+        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}{}{}{}{act}",
         dtype.name(),
         if wgmma == 1 { "_wgmma" } else { "" },
+        if split > 1 {
+            format!("_sk{split}")
+        } else {
+            String::new()
+        },
         if path.lora { "_lora" } else { "" }
     );
     let mut defines = vec![
@@ -307,6 +345,7 @@ fn gemm_variant(
         ("FM_VEC", vec),
         ("FM_MMA", mma),
         ("FM_WGMMA", wgmma),
+        ("FM_SPLIT_K", split as i64),
     ];
     if path.lora {
         defines.extend(lora::expand_defines());
@@ -341,10 +380,15 @@ pub fn wgmma_layout(bm: u32, bn: u32, bk: u32, warps: u32, stages: u32) -> Optio
 }
 
 impl Variant {
-    /// Whether this variant compiles for sm_90a only (the wgmma main loop).
+    /// Whether this variant compiles for sm_90a only (the wgmma main loop, or a split-K
+    /// GEMM's cluster).
     #[cfg(test)]
     pub fn needs_sm90a(&self) -> bool {
         self.defines.contains(&("FM_WGMMA", 1))
+            || self
+                .defines
+                .iter()
+                .any(|&(k, v)| k == "FM_SPLIT_K" && v > 1)
     }
 }
 
@@ -535,6 +579,7 @@ pub fn ci_set() -> Vec<Variant> {
                 let path = GemmPath {
                     vec8,
                     hopper,
+                    clusters: hopper,
                     lora: false,
                     act: None,
                 };
@@ -583,6 +628,7 @@ pub fn ci_set() -> Vec<Variant> {
                     let path = GemmPath {
                         vec8: true,
                         hopper,
+                        clusters: hopper,
                         lora: false,
                         act: fused,
                     };
@@ -590,6 +636,36 @@ pub fn ci_set() -> Vec<Variant> {
                     if !all.contains(&g) {
                         all.push(g);
                     }
+                }
+            }
+        }
+        // split-K (sm_90a): GEMM1 with the activation and LoRA, GEMM2 plain
+        if fuses_act(dtype) {
+            let split = tiles[3].with_split_k(1, 4).with_split_k(2, 2);
+            for (mode, lora, act) in [
+                (
+                    1,
+                    false,
+                    Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves)),
+                ),
+                (
+                    1,
+                    true,
+                    Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves)),
+                ),
+                (2, false, None),
+                (2, true, None),
+            ] {
+                let path = GemmPath {
+                    vec8: true,
+                    hopper: true,
+                    clusters: true,
+                    lora,
+                    act,
+                };
+                let g = gemm(dtype, mode, split, path).expect("a CI tile");
+                if !all.contains(&g) {
+                    all.push(g);
                 }
             }
         }
@@ -603,6 +679,7 @@ pub fn ci_set() -> Vec<Variant> {
                 let path = GemmPath {
                     vec8: true,
                     hopper,
+                    clusters: hopper,
                     lora: true,
                     act: Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves)),
                 };
@@ -663,6 +740,7 @@ mod tests {
         let path = |vec8, hopper| GemmPath {
             vec8,
             hopper,
+            clusters: hopper,
             lora: false,
             act: None,
         };
@@ -680,6 +758,56 @@ mod tests {
             let off = gemm(dtype, 1, tile, path(vec8, hopper)).unwrap();
             assert!(!off.needs_sm90a(), "{}", off.name);
         }
+    }
+
+    #[test]
+    fn a_split_k_gemm_is_an_sm90_mma_sync_variant_with_room_for_its_partials() {
+        let thin = TileConfig {
+            block_m: 16,
+            block_n: 64,
+            block_k: 128,
+            group_m: 1,
+            num_warps: 4,
+            num_stages: 1,
+            flags: 0,
+        };
+        let hopper = GemmPath {
+            vec8: true,
+            hopper: true,
+            clusters: true,
+            lora: false,
+            act: None,
+        };
+        let split = thin.with_split_k(1, 4);
+        assert_eq!((split.split_k(1), split.split_k(2)), (4, 1));
+        let g1 = gemm(DType::BF16, 1, split, hopper).unwrap();
+        assert!(g1.name.ends_with("_sk4") && g1.needs_sm90a(), "{}", g1.name);
+        let g2 = gemm(DType::BF16, 2, split, hopper).unwrap();
+        assert!(!g2.name.contains("_sk") && !g2.needs_sm90a(), "{}", g2.name);
+        // one stage of 16 + 64 rows is smaller than the 16×64 f32 partial tile
+        assert!(g1.shared_bytes >= 128 + 16 * 64 * 4, "{}", g1.shared_bytes);
+
+        // a wgmma-shaped tile keeps to mma.sync when it splits
+        let wide = TileConfig {
+            block_m: 64,
+            block_n: 64,
+            block_k: 64,
+            num_stages: 3,
+            ..thin
+        }
+        .with_split_k(2, 2);
+        let g2 = gemm(DType::BF16, 2, wide, hopper).unwrap();
+        assert!(g2.name.ends_with("_sk2"), "{}", g2.name);
+        assert!(!g2.defines.contains(&("FM_WGMMA", 1)));
+
+        let no_clusters = GemmPath {
+            clusters: false,
+            ..hopper
+        };
+        let e = gemm(DType::BF16, 1, split, no_clusters).unwrap_err();
+        assert!(e.to_string().contains("tile.split_k 4"), "{e}");
+        let e = gemm(DType::F32, 1, split, hopper).unwrap_err();
+        assert!(e.to_string().contains("f32"), "{e}");
     }
 
     #[test]
