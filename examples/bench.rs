@@ -244,10 +244,26 @@ fn make_sets(
 }
 
 fn tile_json(t: &moe_tile_config) -> Value {
+    let (split_k, split_k_down) = split_k(t);
     json!({
         "block_m": t.block_m, "block_n": t.block_n, "block_k": t.block_k,
         "group_m": t.group_m, "num_warps": t.num_warps, "num_stages": t.num_stages,
+        "split_k": split_k, "split_k_down": split_k_down,
     })
+}
+
+/// GEMM1's and GEMM2's split-K from the config's flags (include/fusedmoe.h).
+fn split_k(t: &moe_tile_config) -> (u32, u32) {
+    ((t.flags & 0xF).max(1), ((t.flags >> 4) & 0xF).max(1))
+}
+
+/// "16×64×128", with " split-K 4/1" (GEMM1/GEMM2) where a GEMM splits.
+fn tile_label(t: &moe_tile_config) -> String {
+    let dims = format!("{}×{}×{}", t.block_m, t.block_n, t.block_k);
+    match split_k(t) {
+        (1, 1) => dims,
+        (g1, g2) => format!("{dims} split-K {g1}/{g2}"),
+    }
 }
 
 // ---------------------------------------------------------------- the measurements
@@ -366,9 +382,8 @@ impl Row {
         let one = self
             .run_one_graph
             .map_or("–".into(), |t| format!("{:.1}", t.median_us));
-        let t = &self.tile;
         println!(
-            "| {} | {} | {} | {} | {:.1} | {one} | {:.1} | {:.3} | {:.2} | {pct} | {:.1} | {:.1} | {:.1} | {}×{}×{} |",
+            "| {} | {} | {} | {} | {:.1} | {one} | {:.1} | {:.3} | {:.2} | {pct} | {:.1} | {:.1} | {:.1} | {} |",
             self.model.name,
             self.tokens,
             if self.graph() { "graph" } else { "direct" },
@@ -380,9 +395,7 @@ impl Row {
             self.tflops(),
             self.prepare.per_set.median_us,
             self.prepare.one_graph.median_us,
-            t.block_m,
-            t.block_n,
-            t.block_k
+            tile_label(&self.tile)
         );
     }
 }
