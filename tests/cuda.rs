@@ -362,15 +362,13 @@ fn wgmma_tiles_match_the_cpu() {
     ];
     let mut cases = Vec::new();
     for (n, (bm, bn, warps, stages)) in tiles.into_iter().enumerate() {
-        let options: Vec<(String, String)> = [
+        let options = number_options(&[
             ("tile.block_m", bm),
             ("tile.block_n", bn),
             ("tile.block_k", 64),
             ("tile.num_warps", warps),
             ("tile.num_stages", stages),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .into();
+        ]);
         let dt = [Dt::Bf16, Dt::F16][n % 2];
         let seed = 4600 + 10 * n as u64;
         cases.push(Case {
@@ -435,7 +433,7 @@ fn split_k_tiles_match_the_cpu() {
     ];
     let mut cases = Vec::new();
     for (n, (bm, bn, bk, warps, stages, s1, s2)) in tiles.into_iter().enumerate() {
-        let options: Vec<(String, String)> = [
+        let options = number_options(&[
             ("tile.block_m", bm),
             ("tile.block_n", bn),
             ("tile.block_k", bk),
@@ -443,9 +441,7 @@ fn split_k_tiles_match_the_cpu() {
             ("tile.num_stages", stages),
             ("tile.split_k", s1),
             ("tile.split_k_down", s2),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .into();
+        ]);
         let dt = [Dt::Bf16, Dt::F16][n % 2];
         let seed = 4800 + 10 * n as u64;
         cases.push(Case {

@@ -305,15 +305,13 @@ fn split_k_gemms_match_the_cpu() {
         return;
     }
     let split = |s1: u32, s2: u32| -> Vec<(String, String)> {
-        [
+        number_options(&[
             ("tile.block_m", 16),
             ("tile.block_n", 32),
             ("tile.block_k", 64),
             ("tile.split_k", s1),
             ("tile.split_k_down", s2),
-        ]
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .into()
+        ])
     };
     let mut cases = Vec::new();
     for (n, (dt, layout, tokens)) in [

@@ -58,7 +58,9 @@ fn temp_file(name: &str) -> PathBuf {
 
 #[test]
 fn what_the_tuner_writes_parses_back_to_the_same_tables() {
-    let split = cfg(128, 256, 64, 8, 3).with_split_k(1, 4).with_split_k(2, 2);
+    let split = cfg(128, 256, 64, 8, 3)
+        .with_split_k(1, 4)
+        .with_split_k(2, 2);
     let tables = vec![
         tile_table::table(
             cpu_key(),
@@ -80,7 +82,10 @@ fn what_the_tuner_writes_parses_back_to_the_same_tables() {
     let hundred = text.find("\"100\": {").unwrap();
     assert!(one < ten && ten < hundred, "{text}");
     // split-K only where it is not 1, under its own keys
-    assert!(text.contains("\"SPLIT_K\": 4, \"SPLIT_K_DOWN\": 2"), "{text}");
+    assert!(
+        text.contains("\"SPLIT_K\": 4, \"SPLIT_K_DOWN\": 2"),
+        "{text}"
+    );
     assert_eq!(text.matches("SPLIT_K\"").count(), 1, "{text}");
 
     let path = temp_file("roundtrip.json");

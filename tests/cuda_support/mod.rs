@@ -814,3 +814,11 @@ pub fn has_clusters(ctx: &Arc<CudaContext>) -> bool {
         .expect("the device's compute capability");
     major >= 9
 }
+
+/// Backend options from (key, number) pairs, e.g. a tile config's `tile.*` keys.
+pub fn number_options(pairs: &[(&str, u32)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
