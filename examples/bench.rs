@@ -24,7 +24,8 @@
 //! local experts) on the dispatched ids against the full 257-expert layer at M = 16.
 //!
 //! Issue 7 (`lora` in --shapes, only when named): the LoRA overhead on the qwen3 shape, 4
-//! adapters of rank 16 with every token on one of them, M = 64 and 1024: moe_prepare +
+//! adapters of rank 16 with every token on one of them, M = 64 and 1024 (or --tokens where
+//! given): moe_prepare +
 //! moe_run against moe_prepare + moe_run_lora, both as graph replays (one graph per set).
 //!
 //! Without a GPU (or NVRTC) it exits with status 1 and the library's reason.
@@ -274,6 +275,8 @@ struct Options {
     /// Issue 7's LoRA overhead (only when `lora` is in --shapes).
     lora: bool,
     tokens: Vec<usize>,
+    /// The LoRA rows' M: LORA_TOKENS, or --tokens where given.
+    lora_tokens: Vec<usize>,
     repeats: Repeats,
     json: Option<String>,
     quick: bool,
@@ -708,7 +711,7 @@ fn lora_overhead(b: &Bench) -> Vec<Value> {
     let w = Weights::random(gpu, m, 7);
     let layer = Layer::new(m, &w, m.experts);
     let lora = Lora::new(gpu, &layer, m);
-    let max_tokens = *LORA_TOKENS.iter().max().unwrap();
+    let max_tokens = *b.o.lora_tokens.iter().max().unwrap();
     let ws = lora.workspace(gpu, max_tokens);
     // after moe_lora_create, moe_warmup compiles the LoRA kernels too
     let warm = layer.warmup(gpu, max_tokens);
@@ -717,7 +720,7 @@ fn lora_overhead(b: &Bench) -> Vec<Value> {
         m.name
     );
     let mut rows = Vec::new();
-    for tokens in LORA_TOKENS {
+    for &tokens in &b.o.lora_tokens {
         let n = set_count(m.set_bytes(tokens));
         let sets = make_sets(gpu, &layer, m, tokens, n, b.hidden);
         // every token on an adapter, the four in turn (shifted per set)
@@ -753,7 +756,7 @@ const USAGE: &str = "usage: bench [--quick] [--shapes mixtral,qwen3,deepseek,gpt
   --quick   M in 1,16,64,256,1024,4096; 5 repeats of ≥ 10 ms (default: every M to 16384; 7 repeats of ≥ 25 ms)
   --shapes  which layers; `ep` adds moe_dispatch alone and the DeepSeek-V3 rank-0 comparison (needs deepseek);
             `lora` (only when named) adds the LoRA overhead on qwen3's shape, M = 64 and 1024
-  --tokens  token counts M of the layer rows
+  --tokens  token counts M of the layer rows (and of the LoRA rows)
   --json    also write every number to PATH (rewritten after each shape)
   --option  a backend option for every model layer (repeatable), e.g. cuda.wgmma=0
 env: FUSEDMOE_NVRTC_PATH=/full/path/libnvrtc.so.13; FUSEDMOE_TILE_CONFIG=table.json (optional)";
@@ -769,6 +772,7 @@ fn parse_args() -> Options {
         ep: true,
         lora: false,
         tokens: Vec::new(),
+        lora_tokens: LORA_TOKENS.to_vec(),
         repeats: Repeats {
             reps: 7,
             target_ms: 25.0,
@@ -823,6 +827,9 @@ fn parse_args() -> Options {
     }
     if let Some(n) = reps {
         o.repeats.reps = n;
+    }
+    if !o.tokens.is_empty() {
+        o.lora_tokens = o.tokens.clone();
     }
     if o.tokens.is_empty() {
         o.tokens = if o.quick {
