@@ -17,13 +17,16 @@
 //!    more than 128 accumulators per thread (BLOCK_M·BLOCK_N over the threads: they spill).
 //!    --quick also drops 2 stages, and BLOCK_K 32 where BLOCK_M ≤ 32 and 128 where BLOCK_M ≥ 64.
 //!    GROUP_M is the default rule's for that M (the CUDA kernels do not read it today).
+//!    On a GPU with thread-block clusters (compute capability 9.0), for M ≤ 64, every
+//!    candidate of BLOCK_M ≤ 32 is also tried with split-K 2 and 4 on GEMM1, and on GEMM2
+//!    (table keys SPLIT_K, SPLIT_K_DOWN), one GEMM at a time.
 //! 2. The kernels of every candidate are compiled first, on --threads threads (a small layer
 //!    per config and moe_warmup; FUSEDMOE_CACHE_DIR keeps them for the next run). Configs the
 //!    backend refuses (warp layout, shared memory: MOE_ERR_UNSUPPORTED) are dropped, reasons
 //!    printed.
 //! 3. Per (shape, M), on rotating input sets (random softmax top-k routing, as bench):
 //!    the library's own choice (no tile options: a table where one applies, else the default
-//!    rule) first; its output is the reference. Then one layer per candidate with all six
+//!    rule) first; its output is the reference. Then one layer per candidate with all eight
 //!    `tile.*` options, borrowing the shape's weights and sharing one workspace: a first direct
 //!    call (refused at creation, warm-up, prepare or run: skipped), then moe_prepare + moe_run
 //!    as CUDA-graph replays (M ≤ 256, one graph per set) or direct calls, CUDA events around.
@@ -78,6 +81,13 @@ const WARPS: [u32; 2] = [4, 8];
 const STAGES: [u32; 3] = [2, 3, 4];
 /// Above this many f32 accumulators per thread a tile spills registers.
 const MAX_ACCUMULATORS: u32 = 128;
+/// Split-K (a thread-block cluster per GEMM tile, compute capability 9.0 and later) is tried
+/// up to this M, on the thin tiles of decode, one GEMM at a time: it pays where a GEMM's
+/// output tiles leave SMs idle (BENCHMARKS.md: DeepSeek GEMM1 at M = 1 and 16, Mixtral GEMM2
+/// at M = 1), and slows the rest.
+const SPLIT_MAX_TOKENS: usize = 64;
+const SPLIT_MAX_BLOCK_M: u32 = 32;
+const SPLITS: [u32; 2] = [2, 4];
 
 /// Input sets together should exceed twice the 50 MB L2 ...
 const SETS_TARGET_BYTES: usize = 100_000_000;
@@ -124,29 +134,43 @@ const FULL_BUDGET: Budget = Budget {
 
 // ---------------------------------------------------------------- tile configs
 
-/// A config's kernel: what the CUDA backend compiles (GROUP_M and flags are not in it).
-type Kernel = (u32, u32, u32, u32, u32);
+/// A config's kernels: what the CUDA backend compiles (GROUP_M is not in it; the flags'
+/// split-K are).
+type Kernel = (u32, u32, u32, u32, u32, u32);
 
 fn kernel(c: &TileConfig) -> Kernel {
-    (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages)
+    (
+        c.block_m,
+        c.block_n,
+        c.block_k,
+        c.num_warps,
+        c.num_stages,
+        c.flags,
+    )
 }
 
-/// "64×128×64 w4 s3": BLOCK_M×BLOCK_N×BLOCK_K, warps, stages.
+/// "64×128×64 w4 s3": BLOCK_M×BLOCK_N×BLOCK_K, warps, stages; " split-K 4/1" (GEMM1/GEMM2)
+/// where a GEMM splits.
 fn tile_str(c: &TileConfig) -> String {
-    format!(
+    let dims = format!(
         "{}×{}×{} w{} s{}",
         c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages
-    )
+    );
+    match (c.split_k(1), c.split_k(2)) {
+        (1, 1) => dims,
+        (g1, g2) => format!("{dims} split-K {g1}/{g2}"),
+    }
 }
 
 fn tile_json(c: &TileConfig) -> Value {
     json!({
         "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k,
         "GROUP_M": c.group_m, "num_warps": c.num_warps, "num_stages": c.num_stages,
+        "SPLIT_K": c.split_k(1), "SPLIT_K_DOWN": c.split_k(2),
     })
 }
 
-/// The six `tile.*` options that pin a layer to `c` at every M.
+/// The eight `tile.*` options that pin a layer to `c` at every M.
 fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
     vec![
         ("tile.block_m", c.block_m.to_string()),
@@ -155,6 +179,8 @@ fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
         ("tile.group_m", c.group_m.to_string()),
         ("tile.num_warps", c.num_warps.to_string()),
         ("tile.num_stages", c.num_stages.to_string()),
+        ("tile.split_k", c.split_k(1).to_string()),
+        ("tile.split_k_down", c.split_k(2).to_string()),
     ]
 }
 
@@ -194,8 +220,9 @@ fn block_m_range(m: &Model, tokens: usize) -> (u32, u32) {
     (lo, hi.max(lo))
 }
 
-/// The configs timed for `m` at `tokens` tokens (see the header).
-fn candidates(m: &Model, tokens: usize, quick: bool) -> Vec<TileConfig> {
+/// The configs timed for `m` at `tokens` tokens (see the header); with `split_k` (the GPU
+/// has thread-block clusters) also the split-K variants of the thin decode tiles.
+fn candidates(m: &Model, tokens: usize, quick: bool, split_k: bool) -> Vec<TileConfig> {
     let (lo, hi) = block_m_range(m, tokens);
     let group_m = default_config(tokens, m.experts).group_m;
     let mut out = Vec::new();
@@ -230,6 +257,18 @@ fn candidates(m: &Model, tokens: usize, quick: bool) -> Vec<TileConfig> {
                         });
                     }
                 }
+            }
+        }
+    }
+    if split_k && tokens <= SPLIT_MAX_TOKENS {
+        let thin: Vec<TileConfig> = out
+            .iter()
+            .filter(|c| c.block_m <= SPLIT_MAX_BLOCK_M)
+            .copied()
+            .collect();
+        for c in thin {
+            for gemm in [1, 2] {
+                out.extend(SPLITS.iter().map(|&s| c.with_split_k(gemm, s)));
             }
         }
     }
@@ -729,7 +768,7 @@ fn tune_point(r: &ShapeRun, tokens: usize) -> Point {
     let (default_screen, _) = bench.screen(&default, budget, f64::INFINITY);
     let mut best = default_screen;
 
-    let space: Vec<TileConfig> = candidates(m, tokens, r.o.quick)
+    let space: Vec<TileConfig> = candidates(m, tokens, r.o.quick, r.o.split_k)
         .into_iter()
         .filter(|c| kernel(c) != kernel(&default.tile))
         .collect();
@@ -1035,7 +1074,12 @@ impl Tuner<'_> {
         };
         let mut points: Vec<Point> = Vec::new();
         for &tokens in &o.tokens {
-            let guess = guess_point_s(m, tokens, candidates(m, tokens, o.quick).len(), o.budget);
+            let guess = guess_point_s(
+                m,
+                tokens,
+                candidates(m, tokens, o.quick, o.split_k).len(),
+                o.budget,
+            );
             let p = tune_point(&run, tokens);
             self.guessed_left -= guess;
             self.guessed_done += guess;
@@ -1166,6 +1210,9 @@ struct Args {
     threads: usize,
     fresh: bool,
     dry_run: bool,
+    /// Whether split-K configs are candidates: the GPU has thread-block clusters (a dry run
+    /// assumes it has).
+    split_k: bool,
 }
 
 const USAGE: &str = "usage: tune [--quick] [--shapes mixtral,qwen3,deepseek,gpt-oss] [--tokens 1,16,...] [--out PATH] [--json PATH] [--threads N] [--reps N] [--fresh] [--dry-run]
@@ -1197,6 +1244,7 @@ fn parse_args() -> Args {
         threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
         fresh: false,
         dry_run: false,
+        split_k: true,
     };
     let mut reps = None;
     let mut it = std::env::args().skip(1);
@@ -1264,7 +1312,7 @@ fn all_configs(o: &Args) -> Vec<TileConfig> {
     let mut seen = HashMap::new();
     for m in &o.models {
         for &t in &o.tokens {
-            for c in candidates(m, t, o.quick) {
+            for c in candidates(m, t, o.quick, o.split_k) {
                 seen.entry(kernel(&c)).or_insert(c);
             }
         }
@@ -1295,6 +1343,18 @@ fn save_report(o: &Args, device: &str, compile: &Value, shapes: &[ShapeResult], 
     std::fs::write(path, text).unwrap_or_else(|e| die(&format!("{}: {e}", path.display())));
 }
 
+/// Whether CUDA device 0 has thread-block clusters (compute capability 9.0 or later), which
+/// the split-K variants need.
+fn has_clusters() -> bool {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR;
+    let ctx = cudarc::driver::CudaContext::new(0)
+        .unwrap_or_else(|e| die(&format!("CUDA device 0: {e:?}")));
+    let major = ctx
+        .attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .unwrap_or_else(|e| die(&format!("cuDeviceGetAttribute: {e:?}")));
+    major >= 9
+}
+
 fn main() {
     let o = parse_args();
     // a table file that does not parse stops the run before any GPU work
@@ -1308,8 +1368,10 @@ fn main() {
             ))
         })
     };
+    let mut o = o;
     if !o.dry_run {
         require_cuda();
+        o.split_k = has_clusters();
     }
     let configs = all_configs(&o);
     let compile_guess = configs.iter().map(guess_compile_s).sum::<f64>() / o.threads as f64;
@@ -1319,7 +1381,7 @@ fn main() {
         .flat_map(|m| {
             o.tokens
                 .iter()
-                .map(|&t| (*m, t, candidates(m, t, o.quick).len()))
+                .map(|&t| (*m, t, candidates(m, t, o.quick, o.split_k).len()))
         })
         .collect();
     let sweep_guess: f64 = points
