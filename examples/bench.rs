@@ -253,9 +253,10 @@ fn tile_json(t: &moe_tile_config) -> Value {
     })
 }
 
-/// GEMM1's and GEMM2's split-K from the config's flags (include/fusedmoe.h).
+/// GEMM1's and GEMM2's split-K from the config's flags.
 fn split_k(t: &moe_tile_config) -> (u32, u32) {
-    ((t.flags & 0xF).max(1), ((t.flags >> 4) & 0xF).max(1))
+    let c = tile_config(t);
+    (c.split_k(1), c.split_k(2))
 }
 
 /// "16×64×128", with " split-K 4/1" (GEMM1/GEMM2) where a GEMM splits.

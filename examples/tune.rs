@@ -184,18 +184,6 @@ fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn from_abi(t: &moe_tile_config) -> TileConfig {
-    TileConfig {
-        block_m: t.block_m,
-        block_n: t.block_n,
-        block_k: t.block_k,
-        group_m: t.group_m,
-        num_warps: t.num_warps,
-        num_stages: t.num_stages,
-        flags: t.flags,
-    }
-}
-
 /// Routes per expert on average: M·K/E.
 fn routes_per_expert(m: &Model, tokens: usize) -> f64 {
     (tokens * m.top_k) as f64 / m.experts as f64
@@ -393,7 +381,7 @@ fn plan_tile(plan: *mut moe_plan) -> TileConfig {
         unsafe { moe_plan_tile_config(plan, &mut t) },
         "moe_plan_tile_config",
     );
-    from_abi(&t)
+    tile_config(&t)
 }
 
 /// A layer ready to be timed on the batches of one M: a plan per set and, for graph
