@@ -43,19 +43,27 @@ impl TileConfig {
     /// split. The split's partial sums are added in a fixed order in the cluster's first CTA
     /// (kernels/moe_gemm.cu), so the result stays deterministic.
     pub fn split_k(&self, gemm: u8) -> u32 {
-        let shift = if gemm == 1 { 0 } else { 4 };
-        ((self.flags >> shift) & 0xF).max(1)
+        ((self.flags >> split_shift(gemm)) & 0xF).max(1)
     }
 
     /// This config with GEMM `gemm`'s split-K set to `split` (1..=MAX_SPLIT_K).
     pub fn with_split_k(self, gemm: u8, split: u32) -> TileConfig {
         debug_assert!((1..=MAX_SPLIT_K).contains(&split));
-        let shift = if gemm == 1 { 0 } else { 4 };
+        let shift = split_shift(gemm);
         let code = if split <= 1 { 0 } else { split };
         TileConfig {
             flags: (self.flags & !(0xF << shift)) | (code << shift),
             ..self
         }
+    }
+}
+
+/// Where GEMM `gemm`'s split-K sits in the flags: bits 0–3 for GEMM1, 4–7 for GEMM2.
+fn split_shift(gemm: u8) -> u32 {
+    if gemm == 1 {
+        0
+    } else {
+        4
     }
 }
 

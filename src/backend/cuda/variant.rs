@@ -213,9 +213,9 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<
         }
     }
     // A split GEMM's CTAs leave their partial tiles (f32) in the stages' shared memory.
-    let partials = tile_rows_bytes(tile.block_m) + (tile.block_m * tile.block_n) as usize * 4;
     let shared_bytes = if split > 1 {
-        shared_bytes.max(partials)
+        let partials = (tile.block_m * tile.block_n) as usize * 4;
+        shared_bytes.max(tile_rows_bytes(tile.block_m) + partials)
     } else {
         shared_bytes
     };
