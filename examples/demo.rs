@@ -110,7 +110,7 @@ fn main() {
     let mut out = Buffer::zeros(dt.dl(), &[m, s.hidden as i64]);
     if let Some(stream) = layer.stream() {
         for b in [&mut hidden, &mut ids, &mut weights, &mut out] {
-            b.to_device(&stream);
+            b.copy_to_device(&stream);
         }
     }
 
@@ -120,13 +120,13 @@ fn main() {
     let flops = s.flops(args.tokens * s.top_k);
     let want = reference(
         s,
-        &hidden.to_f64(dt),
-        &w.w13.to_f64(dt),
-        &w.w2.to_f64(dt),
+        &hidden.read_f64(dt),
+        &w.w13.read_f64(dt),
+        &w.w2.read_f64(dt),
         &ids_v,
         &weights_v,
     );
-    let got = out.to_f64(dt);
+    let got = out.read_f64(dt);
     let num: f64 = got.iter().zip(&want).map(|(a, b)| (a - b) * (a - b)).sum();
     let den: f64 = want.iter().map(|b| b * b).sum();
     let rel = if got.iter().all(|v| v.is_finite()) {

@@ -198,6 +198,12 @@ typedef struct {
 
 /**
  * A tensor the host owns; DLPack's DLTensor, field for field, so a DLPack tensor passes as is.
+ *
+ * A valid `moe_tensor` argument is readable; `shape` holds `ndim` entries, and `strides` is
+ * NULL or holds `ndim` entries; `data` + `byte_offset` addresses the elements that `shape`
+ * and `dtype` describe, in memory on `device` that stays valid while the library uses it:
+ * for the call, until the work launched on the stream has run, or as long as the function
+ * says (weights, LoRA slots).
  */
 typedef struct {
   /**
@@ -274,7 +280,10 @@ extern "C" {
 /**
  * Creates an empty config: sizes and dtype unset; activation silu, gated, halves layout,
  * routed_scaling_factor 1, every flag false, device CPU. Free it with moe_config_free.
- * `out` must not be NULL; it is written only on success.
+ * `out` is written only on success.
+ *
+ * # Safety
+ * `out` must be NULL or valid for writes.
  */
 moe_status moe_config_create(moe_config **out);
 
@@ -282,103 +291,179 @@ moe_status moe_config_create(moe_config **out);
  * Copies any config (also a layer's read-only one) into a new mutable config the caller
  * frees with moe_config_free. `out` is written only on success. Thread-safe for a
  * read-only source.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_clone(const moe_config *config, moe_config **out);
 
 /**
- * Frees a config made by moe_config_create or moe_config_clone. NULL is a no-op. Must not be
- * called twice, nor on a config returned by moe_layer_config (the layer owns that one: the
- * call is refused and changes nothing). Layers made from the config keep their own copy.
+ * Frees a config made by moe_config_create or moe_config_clone. NULL is a no-op. A config
+ * returned by moe_layer_config is refused and stays as it is (the layer owns that one). Layers
+ * made from the config keep their own copy.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; must not be called
+ * twice, nor while another thread uses the config.
  */
 void moe_config_free(moe_config *config);
 
 /**
- * Sets E_g, the number of experts in the whole model (≥ 1). Not thread-safe on one config.
- * Every setter refuses a layer's read-only config (from moe_layer_config).
+ * Sets E_g, the number of experts in the whole model (≥ 1). Every setter refuses a layer's
+ * read-only config (from moe_layer_config).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_num_experts(moe_config *config, int64_t num_experts);
 
 /**
  * Sets E, the experts stored in this layer (1 ≤ E ≤ E_g; defaults to E_g). Expert ids given
  * to moe_prepare are local: in [−1, E).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_num_local_experts(moe_config *config, int64_t num_local_experts);
 
 /**
  * Sets K, the routes per token (≥ 1).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_top_k(moe_config *config, int64_t top_k);
 
 /**
  * Sets H, the hidden size (≥ 1).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_hidden_size(moe_config *config, int64_t hidden_size);
 
 /**
  * Sets I, the intermediate size of one expert (per tensor-parallel shard, ≥ 1).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_intermediate_size(moe_config *config, int64_t intermediate_size);
 
 /**
  * Sets the layer dtype: {MOE_DTYPE_CODE_FLOAT, 32, 1} f32, {MOE_DTYPE_CODE_FLOAT, 16, 1}
  * f16 or {MOE_DTYPE_CODE_BFLOAT, 16, 1} bf16.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_dtype(moe_config *config, moe_dtype dtype);
 
 /**
  * Sets the activation: one of MOE_ACTIVATION_*. Whether it fits `gated` is checked by
  * moe_layer_create.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_activation(moe_config *config, uint32_t activation);
 
 /**
  * Sets whether w13 holds gate and up (true, N1 = 2I; the default) or one projection (N1 = I).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_gated(moe_config *config, bool gated);
 
 /**
  * Sets the gate/up layout of gated w13: MOE_GATE_UP_HALVES or MOE_GATE_UP_INTERLEAVED.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_gate_up_layout(moe_config *config, uint32_t layout);
 
 /**
  * Sets alpha of swiglu_oai (gpt-oss: 1.702); finite. Other activations refuse it.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_gemm1_alpha(moe_config *config, float alpha);
 
 /**
  * Sets the clamp limit L of swiglu_oai, silu_clamp and silu_preclamp; finite, ≥ 0.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_gemm1_limit(moe_config *config, float limit);
 
 /**
  * Sets the routed scaling factor applied once to the fp32 sum over k (default 1); finite.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_routed_scaling_factor(moe_config *config, float factor);
 
 /**
  * Sets whether the router weight multiplies GEMM1's output (after its bias) instead of
  * GEMM2's.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_apply_router_weight_on_input(moe_config *config, bool enabled);
 
 /**
  * Sets no_combine: out is [M, K, H], one row per route, without router weight and scaling.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_no_combine(moe_config *config, bool enabled);
 
 /**
  * With no_combine, multiplies each route's row by its router weight.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_no_combine_keep_router_weight(moe_config *config, bool enabled);
 
 /**
  * Sets inplace: the result is written into hidden (out must then be NULL or hidden).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_inplace(moe_config *config, bool enabled);
 
 /**
  * Sets where the layer runs: {MOE_DEVICE_CPU, 0} (default) or {MOE_DEVICE_CUDA, ordinal}.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config.
  */
 moe_status moe_config_set_device(moe_config *config, moe_device device);
 
@@ -388,7 +473,9 @@ moe_status moe_config_set_device(moe_config *config, moe_device device);
  * probes a key. Setting a key again replaces its value.
  *
  * # Safety
- * `key` and `value` must be NUL-terminated strings.
+ * `config` must be NULL or a config made by the library and not yet freed; no other thread may
+ * use it during the call, unless it is a layer's (read-only) config. `key` and `value` must
+ * each be NULL or a NUL-terminated string.
  */
 moe_status moe_config_set_option(moe_config *config, const char *key, const char *value);
 
@@ -399,7 +486,9 @@ moe_status moe_config_set_option(moe_config *config, const char *key, const char
  * and its NUL, is INVALID_ARGUMENT, and then nothing is written, `*len` included.
  *
  * # Safety
- * `key` must be a NUL-terminated string; `buf` must hold `buf_size` bytes.
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `key` must be NULL or a NUL-terminated string; `buf` must be NULL or hold
+ * `buf_size` writable bytes; `len` must be NULL or valid for writes.
  */
 moe_status moe_config_get_option(const moe_config *config,
                                  const char *key,
@@ -410,86 +499,154 @@ moe_status moe_config_get_option(const moe_config *config,
 /**
  * Reads E_g (INVALID_ARGUMENT when it was never set). Thread-safe, as every getter, also on
  * a layer's config.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_num_experts(const moe_config *config, int64_t *out);
 
 /**
  * Reads E (local experts); E_g when it was not set.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_num_local_experts(const moe_config *config, int64_t *out);
 
 /**
  * Reads K (INVALID_ARGUMENT when it was never set).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_top_k(const moe_config *config, int64_t *out);
 
 /**
  * Reads H (INVALID_ARGUMENT when it was never set).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_hidden_size(const moe_config *config, int64_t *out);
 
 /**
  * Reads I (INVALID_ARGUMENT when it was never set).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_intermediate_size(const moe_config *config, int64_t *out);
 
 /**
  * Reads the layer dtype (INVALID_ARGUMENT when not set).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_dtype(const moe_config *config, moe_dtype *out);
 
 /**
  * Reads the activation (a MOE_ACTIVATION_* value).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_activation(const moe_config *config, uint32_t *out);
 
 /**
  * Reads gated.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_gated(const moe_config *config, bool *out);
 
 /**
  * Reads the gate/up layout (a MOE_GATE_UP_* value).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_gate_up_layout(const moe_config *config, uint32_t *out);
 
 /**
  * Reads alpha: `*is_set` says whether it was set; `*out` is its value (0 when unset).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `is_set` and `out` must each be NULL or valid for writes.
  */
 moe_status moe_config_get_gemm1_alpha(const moe_config *config, bool *is_set, float *out);
 
 /**
  * Reads the limit: `*is_set` says whether it was set; `*out` is its value (0 when unset).
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `is_set` and `out` must each be NULL or valid for writes.
  */
 moe_status moe_config_get_gemm1_limit(const moe_config *config, bool *is_set, float *out);
 
 /**
  * Reads the routed scaling factor.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_routed_scaling_factor(const moe_config *config, float *out);
 
 /**
  * Reads apply_router_weight_on_input.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_apply_router_weight_on_input(const moe_config *config, bool *out);
 
 /**
  * Reads no_combine.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_no_combine(const moe_config *config, bool *out);
 
 /**
  * Reads no_combine_keep_router_weight.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_no_combine_keep_router_weight(const moe_config *config, bool *out);
 
 /**
  * Reads inplace.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_inplace(const moe_config *config, bool *out);
 
 /**
  * Reads the device.
+ *
+ * # Safety
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_config_get_device(const moe_config *config, moe_device *out);
 
@@ -501,6 +658,9 @@ moe_status moe_config_get_device(const moe_config *config, moe_device *out);
  * moe_dispatch runs: MOE_DEVICE_CPU, or MOE_DEVICE_CUDA (the mapping is copied to that
  * device once, here; the kernels compile here too). `out` is written only on success; free it with
  * moe_dispatcher_free. The dispatcher is immutable and may be used from any thread.
+ *
+ * # Safety
+ * `out` must be NULL or valid for writes.
  */
 moe_status moe_dispatcher_create_contiguous(int64_t num_experts,
                                             int64_t ep_size,
@@ -515,7 +675,8 @@ moe_status moe_dispatcher_create_contiguous(int64_t num_experts,
  * id twice. The table is copied. Otherwise as moe_dispatcher_create_contiguous.
  *
  * # Safety
- * `mapping` must be NULL or a valid `moe_tensor`.
+ * `mapping` must be NULL or point to a valid `moe_tensor` (see moe_tensor); `out` must be NULL
+ * or valid for writes.
  */
 moe_status moe_dispatcher_create_mapping(const moe_tensor *mapping,
                                          int64_t num_local_experts,
@@ -523,23 +684,39 @@ moe_status moe_dispatcher_create_mapping(const moe_tensor *mapping,
                                          moe_dispatcher **out);
 
 /**
- * Frees a dispatcher. NULL is a no-op; must not be called twice.
+ * Frees a dispatcher. NULL is a no-op.
+ *
+ * # Safety
+ * `dispatcher` must be NULL or a dispatcher made by the library and not yet freed; must not be
+ * called twice, nor while another thread uses the dispatcher.
  */
 void moe_dispatcher_free(moe_dispatcher *dispatcher);
 
 /**
  * Writes E_g, the global expert count. Thread-safe.
+ *
+ * # Safety
+ * `dispatcher` must be NULL or a dispatcher made by the library and not yet freed; `out` must
+ * be NULL or valid for writes.
  */
 moe_status moe_dispatcher_num_experts(const moe_dispatcher *dispatcher, int64_t *out);
 
 /**
  * Writes E_local, the experts this rank stores (what its layer's num_local_experts must be).
+ *
+ * # Safety
+ * `dispatcher` must be NULL or a dispatcher made by the library and not yet freed; `out` must
+ * be NULL or valid for writes.
  */
 moe_status moe_dispatcher_num_local_experts(const moe_dispatcher *dispatcher, int64_t *out);
 
 /**
  * Copies the mapping [E_g] (local id or −1 per global expert) into `dst` (`dst_len`
  * entries) and writes E_g to `*len`; with `dst` NULL and `dst_len` 0 only `*len` is written.
+ *
+ * # Safety
+ * `dispatcher` must be NULL or a dispatcher made by the library and not yet freed. `dst` must
+ * be NULL or hold `dst_len` writable int32 entries; `len` must be NULL or valid for writes.
  */
 moe_status moe_dispatcher_mapping(const moe_dispatcher *dispatcher,
                                   int32_t *dst,
@@ -549,6 +726,10 @@ moe_status moe_dispatcher_mapping(const moe_dispatcher *dispatcher,
 /**
  * Copies the expert mask [E_g] (1 where the global expert is stored here, else 0), like
  * moe_dispatcher_mapping.
+ *
+ * # Safety
+ * `dispatcher` must be NULL or a dispatcher made by the library and not yet freed. `dst` must
+ * be NULL or hold `dst_len` writable int32 entries; `len` must be NULL or valid for writes.
  */
 moe_status moe_dispatcher_expert_mask(const moe_dispatcher *dispatcher,
                                       int32_t *dst,
@@ -566,7 +747,9 @@ moe_status moe_dispatcher_expert_mask(const moe_dispatcher *dispatcher,
  * be NULL for a CPU dispatcher. Thread-safe for distinct outputs.
  *
  * # Safety
- * The tensors must be valid `moe_tensor`s describing host memory as stated.
+ * `dispatcher` must be NULL or a dispatcher made by the library and not yet freed; `topk_ids`
+ * and `local_topk_ids` must each be NULL or point to a valid `moe_tensor` (see moe_tensor).
+ * For a CUDA dispatcher, `stream` must be NULL or a CUDA stream of its device.
  */
 moe_status moe_dispatch(const moe_dispatcher *dispatcher,
                         const moe_tensor *topk_ids,
@@ -615,13 +798,17 @@ bool moe_supports(const char *feature);
  * Creates a layer from `config` (copied: the caller may change or free it afterwards) and
  * the weights w13 [E, N1, H], w2 [E, H, I] in the layer dtype, and optional biases
  * b13 [E, N1] and b2 [E, H] (f32 or the layer dtype; NULL = none). The weights' memory is
- * borrowed, not copied: it must stay valid and unchanged while the layer is in use. Every
- * config rule and weight shape is checked here; an unsupported feature (e.g. a CUDA device in
- * a build without CUDA) is UNSUPPORTED. `out` is written only on success; free the layer with
- * moe_layer_free. The layer is immutable and may be used from any thread.
+ * borrowed, not copied. Every config rule and weight shape is checked here; an unsupported
+ * feature (e.g. a CUDA device in a build without CUDA) is UNSUPPORTED. `out` is written only
+ * on success; free the layer with moe_layer_free. The layer is immutable and may be used from
+ * any thread.
  *
  * # Safety
- * Tensor pointers must be NULL or point to valid `moe_tensor`s.
+ * `config` must be NULL or a config made by the library and not yet freed, not being changed
+ * by another thread. `w13`, `w2`, `b13` and `b2` must each be NULL or point to a valid
+ * `moe_tensor` (see moe_tensor); the weights' memory must stay valid and unchanged while the
+ * layer is in use (and, after moe_lora_create, until the wrapper is freed too). `out` must be
+ * NULL or valid for writes.
  */
 moe_status moe_layer_create(const moe_config *config,
                             const moe_tensor *w13,
@@ -631,9 +818,13 @@ moe_status moe_layer_create(const moe_config *config,
                             moe_layer **out);
 
 /**
- * Frees a layer. NULL is a no-op; must not be called twice. Plans and LoRA wrappers made for
- * the layer may be freed before or after it (they keep the layer's internals alive); the
- * config from moe_layer_config dies with the layer and its LoRA wrappers.
+ * Frees a layer. NULL is a no-op. Plans and LoRA wrappers made for the layer may be freed
+ * before or after it (they keep the layer's internals alive); the config from moe_layer_config
+ * dies with the layer and its LoRA wrappers.
+ *
+ * # Safety
+ * `layer` must be NULL or a layer made by the library and not yet freed; must not be called
+ * twice, nor while another thread uses the layer.
  */
 void moe_layer_free(moe_layer *layer);
 
@@ -641,6 +832,10 @@ void moe_layer_free(moe_layer *layer);
  * Returns the layer's own, read-only config handle: every moe_config_get_* works on it; it is
  * owned by the layer (do not free it) and valid while the layer or a LoRA wrapper over it
  * lives (moe_lora_runner_config returns the same pointer). Thread-safe.
+ *
+ * # Safety
+ * `layer` must be NULL or a layer made by the library and not yet freed; `out` must be NULL or
+ * valid for writes.
  */
 moe_status moe_layer_config(const moe_layer *layer, const moe_config **out);
 
@@ -648,6 +843,10 @@ moe_status moe_layer_config(const moe_layer *layer, const moe_config **out);
  * Writes the bytes of workspace that any batch of up to `max_tokens` tokens needs (the host
  * allocates it once, on the layer's device, as a 1-D uint8 tensor at a 16-byte aligned
  * address). Thread-safe.
+ *
+ * # Safety
+ * `layer` must be NULL or a layer made by the library and not yet freed; `bytes` must be NULL
+ * or valid for writes.
  */
 moe_status moe_workspace_size(const moe_layer *layer, int64_t max_tokens, size_t *bytes);
 
@@ -658,6 +857,9 @@ moe_status moe_workspace_size(const moe_layer *layer, int64_t max_tokens, size_t
  * a LoRA wrapper was made over the layer. Call it before capturing moe_prepare and moe_run
  * (or moe_run_lora) into a CUDA graph. `stream`: as moe_prepare (nothing is launched on
  * it). A CPU layer has nothing to compile: MOE_OK. Thread-safe.
+ *
+ * # Safety
+ * `layer` must be NULL or a layer made by the library and not yet freed.
  */
 moe_status moe_warmup(const moe_layer *layer, int64_t max_tokens, void *stream);
 
@@ -665,17 +867,17 @@ moe_status moe_warmup(const moe_layer *layer, int64_t max_tokens, void *stream);
  * Creates a LoRA wrapper over `layer` with `num_slots` adapter slots (L ≥ 1; at most 64 over
  * a CUDA layer, UNSUPPORTED above) of rank at most `max_rank` (r ≥ 1); every slot starts
  * empty (no delta) and enabled. On a CUDA layer, moe_warmup of the layer from then on also
- * compiles the LoRA kernels. The wrapper keeps the
- * layer's internals and its config handle alive: the layer handle may be freed first, and
- * the wrapper (its config, its slots, moe_run_lora with plans of the layer) stays valid.
- * The layer's weights must then stay valid until the wrapper is freed too (moe_prepare
- * still needs the layer handle). `out` is written only on success; free it with moe_lora_free. The slot functions may be
- * called from any thread, also while other threads run the wrapper: a run sees each slot as
- * it was before or after a change.
+ * compiles the LoRA kernels. The wrapper keeps the layer's internals and its config handle
+ * alive: the layer handle may be freed first, and the wrapper (its config, its slots,
+ * moe_run_lora with plans of the layer) stays valid (moe_prepare still needs the layer
+ * handle). `out` is written only on success; free it with moe_lora_free. The slot functions
+ * may be called from any thread, also while other threads run the wrapper: a run sees each
+ * slot as it was before or after a change.
  *
  * # Safety
- * `layer` must be NULL or a handle made by the library and not yet freed; output pointers
- * must be NULL or writable.
+ * `layer` must be NULL or a layer made by the library and not yet freed; its weights must stay
+ * valid until the wrapper is freed too, also when the layer handle is freed first. `out` must
+ * be NULL or valid for writes.
  */
 moe_status moe_lora_create(const moe_layer *layer,
                            int64_t num_slots,
@@ -684,11 +886,11 @@ moe_status moe_lora_create(const moe_layer *layer,
 
 /**
  * Frees a LoRA wrapper (and, if the layer handle was freed already, the layer's internals
- * once no plan holds them). NULL is a no-op; must not be called twice.
+ * once no plan holds them). NULL is a no-op.
  *
  * # Safety
- * `lora` must be NULL or a handle made by the library and not yet freed; output pointers
- * must be NULL or writable.
+ * `lora` must be NULL or a LoRA wrapper made by the library and not yet freed; must not be
+ * called twice, nor while another thread uses the wrapper.
  */
 void moe_lora_free(moe_lora *lora);
 
@@ -699,12 +901,14 @@ void moe_lora_free(moe_lora *lora);
  * count; an expert dimension of 1 (gate_up_a, down_b) is shared by all experts. r is the
  * wrapper's max_rank: a smaller rank is zero padded to r. Dtype: the layer's; device: the
  * layer's. `scaling` (alpha / rank, finite) multiplies B's products; pass 1.0 when it is
- * folded into B. The memory is borrowed, not copied: it must stay valid and unchanged until
- * the slot is set again or cleared, or the wrapper is freed. Replaces the slot's previous
- * adapter; keeps its enabled flag. On failure the slot is unchanged.
+ * folded into B. The memory is borrowed, not copied. Replaces the slot's previous adapter;
+ * keeps its enabled flag. On failure the slot is unchanged.
  *
  * # Safety
- * Tensor pointers must be NULL or point to valid `moe_tensor`s.
+ * `lora` must be NULL or a LoRA wrapper made by the library and not yet freed; `gate_up_a`,
+ * `gate_up_b`, `down_a` and `down_b` must each be NULL or point to a valid `moe_tensor` (see
+ * moe_tensor), and their memory must stay valid and unchanged until the slot is set again or
+ * cleared, or the wrapper is freed.
  */
 moe_status moe_lora_set_slot(moe_lora *lora,
                              int64_t slot,
@@ -719,8 +923,7 @@ moe_status moe_lora_set_slot(moe_lora *lora,
  * no longer reads the slot's memory once this returns. Keeps the slot's enabled flag.
  *
  * # Safety
- * `lora` must be NULL or a handle made by the library and not yet freed; output pointers
- * must be NULL or writable.
+ * `lora` must be NULL or a LoRA wrapper made by the library and not yet freed.
  */
 moe_status moe_lora_clear_slot(moe_lora *lora, int64_t slot);
 
@@ -729,8 +932,7 @@ moe_status moe_lora_clear_slot(moe_lora *lora, int64_t slot);
  * start enabled; the flag survives moe_lora_set_slot and moe_lora_clear_slot.
  *
  * # Safety
- * `lora` must be NULL or a handle made by the library and not yet freed; output pointers
- * must be NULL or writable.
+ * `lora` must be NULL or a LoRA wrapper made by the library and not yet freed.
  */
 moe_status moe_lora_set_enabled(moe_lora *lora, int64_t slot, bool enabled);
 
@@ -741,8 +943,8 @@ moe_status moe_lora_set_enabled(moe_lora *lora, int64_t slot, bool enabled);
  * while the wrapper lives, also after the layer handle was freed. Thread-safe.
  *
  * # Safety
- * `lora` must be NULL or a handle made by the library and not yet freed; output pointers
- * must be NULL or writable.
+ * `lora` must be NULL or a LoRA wrapper made by the library and not yet freed; `out` must be
+ * NULL or valid for writes.
  */
 moe_status moe_lora_runner_config(const moe_lora *lora, const moe_config **out);
 
@@ -752,8 +954,8 @@ moe_status moe_lora_runner_config(const moe_lora *lora, const moe_config **out);
  * workspace of this size. Thread-safe.
  *
  * # Safety
- * `lora` must be NULL or a handle made by the library and not yet freed; output pointers
- * must be NULL or writable.
+ * `lora` must be NULL or a LoRA wrapper made by the library and not yet freed; `bytes` must be
+ * NULL or valid for writes.
  */
 moe_status moe_lora_workspace_size(const moe_lora *lora, int64_t max_tokens, size_t *bytes);
 
@@ -782,7 +984,12 @@ moe_status moe_lora_workspace_size(const moe_lora *lora, int64_t max_tokens, siz
  * read at each replay.
  *
  * # Safety
- * Handles and tensors must be valid; the tensors' memory must be as described.
+ * `lora` must be NULL or a LoRA wrapper made by the library and not yet freed; `plan` must be
+ * NULL or a plan made by the library and not yet freed, not being prepared by another thread,
+ * and the workspace it was prepared into must still be valid. `hidden`, `topk_weights`,
+ * `adapter_ids`, `seg_indptr`, `seg_adapter` and `out` must each be NULL or point to a valid
+ * `moe_tensor` (see moe_tensor). For a CUDA layer, `stream` must be NULL or a CUDA stream of
+ * its device.
  */
 moe_status moe_run_lora(const moe_lora *lora,
                         const moe_plan *plan,
@@ -798,11 +1005,19 @@ moe_status moe_run_lora(const moe_lora *lora,
  * Creates an empty plan for `layer` (it keeps the layer's internals alive). Fill it with
  * moe_prepare. A plan is used by one stream (one thread) at a time. `out` is written only on
  * success; free it with moe_plan_free.
+ *
+ * # Safety
+ * `layer` must be NULL or a layer made by the library and not yet freed; `out` must be NULL or
+ * valid for writes.
  */
 moe_status moe_plan_create(const moe_layer *layer, moe_plan **out);
 
 /**
- * Frees a plan. NULL is a no-op; must not be called twice.
+ * Frees a plan. NULL is a no-op.
+ *
+ * # Safety
+ * `plan` must be NULL or a plan made by the library and not yet freed; must not be called
+ * twice, nor while another thread uses the plan.
  */
 void moe_plan_free(moe_plan *plan);
 
@@ -822,7 +1037,10 @@ void moe_plan_free(moe_plan *plan);
  * has prepared since, with INVALID_ARGUMENT naming `plan`).
  *
  * # Safety
- * Handles and tensors must be valid; the tensors' memory must be as described.
+ * `layer` must be NULL or a layer made by the library and not yet freed; `plan` must be NULL
+ * or a plan made by the library and not yet freed, not used by another thread during the call.
+ * `topk_ids` and `workspace` must each be NULL or point to a valid `moe_tensor` (see
+ * moe_tensor). For a CUDA layer, `stream` must be NULL or a CUDA stream of its device.
  */
 moe_status moe_prepare(const moe_layer *layer,
                        const moe_tensor *topk_ids,
@@ -841,7 +1059,11 @@ moe_status moe_prepare(const moe_layer *layer,
  * as moe_prepare. Thread-safe for distinct plans and outputs.
  *
  * # Safety
- * Handles and tensors must be valid; the tensors' memory must be as described.
+ * `layer` must be NULL or a layer made by the library and not yet freed; `plan` must be NULL
+ * or a plan made by the library and not yet freed, not being prepared by another thread, and
+ * the workspace it was prepared into must still be valid. `hidden`, `topk_weights` and `out`
+ * must each be NULL or point to a valid `moe_tensor` (see moe_tensor). For a CUDA layer,
+ * `stream` must be NULL or a CUDA stream of its device.
  */
 moe_status moe_run(const moe_layer *layer,
                    const moe_lora *lora,
@@ -853,6 +1075,10 @@ moe_status moe_run(const moe_layer *layer,
 
 /**
  * Writes the plan's token count M.
+ *
+ * # Safety
+ * `plan` must be NULL or a plan made by the library and not yet freed, not being prepared by
+ * another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_plan_num_tokens(const moe_plan *plan, int64_t *out);
 
@@ -860,11 +1086,20 @@ moe_status moe_plan_num_tokens(const moe_plan *plan, int64_t *out);
  * Writes num_padded: the used entries of sorted_route_ids (a multiple of BLOCK_M). For a
  * CUDA layer it is read from the workspace on the device: synchronize the plan's stream
  * first.
+ *
+ * # Safety
+ * `plan` must be NULL or a plan made by the library and not yet freed, not being prepared by
+ * another thread, and the workspace it was prepared into must still be valid; `out` must be
+ * NULL or valid for writes.
  */
 moe_status moe_plan_num_padded(const moe_plan *plan, int64_t *out);
 
 /**
  * Writes the tile config moe_prepare chose for the batch.
+ *
+ * # Safety
+ * `plan` must be NULL or a plan made by the library and not yet freed, not being prepared by
+ * another thread; `out` must be NULL or valid for writes.
  */
 moe_status moe_plan_tile_config(const moe_plan *plan, moe_tile_config *out);
 
@@ -873,6 +1108,11 @@ moe_status moe_plan_tile_config(const moe_plan *plan, moe_tile_config *out);
  * also M·K) into `dst` (`dst_len` entries) and writes the count to `*len`. With `dst` NULL
  * and `dst_len` 0 only `*len` is written. Reads the workspace the plan was prepared in (for
  * a CUDA layer, a copy from the device: synchronize the plan's stream first).
+ *
+ * # Safety
+ * `plan` must be NULL or a plan made by the library and not yet freed, not being prepared by
+ * another thread, and the workspace it was prepared into must still be valid. `dst` must be
+ * NULL or hold `dst_len` writable int32 entries; `len` must be NULL or valid for writes.
  */
 moe_status moe_plan_sorted_route_ids(const moe_plan *plan,
                                      int32_t *dst,
@@ -882,6 +1122,11 @@ moe_status moe_plan_sorted_route_ids(const moe_plan *plan,
 /**
  * Copies block_expert (one expert id per BLOCK_M entries of the capacity; −1 past the used
  * blocks) into `dst`, like moe_plan_sorted_route_ids.
+ *
+ * # Safety
+ * `plan` must be NULL or a plan made by the library and not yet freed, not being prepared by
+ * another thread, and the workspace it was prepared into must still be valid. `dst` must be
+ * NULL or hold `dst_len` writable int32 entries; `len` must be NULL or valid for writes.
  */
 moe_status moe_plan_block_expert(const moe_plan *plan, int32_t *dst, size_t dst_len, size_t *len);
 

@@ -97,7 +97,8 @@ pub fn gelu_erf(x: f32) -> f32 {
 
 #[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
-    0.5 * x * (1.0 + (0.797_884_56 * (x + 0.044715 * x * x * x)).tanh())
+    // √(2/π) as an f32: the same float as kernels/act.cuh's 0.79788456f
+    0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044715 * x * x * x)).tanh())
 }
 
 /// erf in f32 through libc's erff (the C library's correctly rounded-ish implementation;

@@ -105,7 +105,7 @@ pub(crate) const MAX_DIM: i64 = 1 << 24;
 /// Checks a size field at set time.
 pub fn check_size(name: &str, value: i64) -> Result<()> {
     ensure!(
-        value >= 1 && value <= MAX_DIM,
+        (1..=MAX_DIM).contains(&value),
         "{name}: {value}, expected in [1, {MAX_DIM}]"
     );
     Ok(())

@@ -54,11 +54,14 @@ macro_rules! unsupported {
 
 /// `ensure!(cond, "message", args)`: return INVALID_ARGUMENT unless `cond` holds.
 macro_rules! ensure {
-    ($cond:expr, $($arg:tt)*) => {
-        if !$cond {
+    ($cond:expr, $($arg:tt)*) => {{
+        // `ensure!(x >= 0.0, ..)` must refuse a NaN too, which `!(x >= 0.0)` does
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        let failed = !$cond;
+        if failed {
             return Err($crate::error::invalid!($($arg)*));
         }
-    };
+    }};
 }
 
 pub(crate) use {ensure, invalid, unsupported};

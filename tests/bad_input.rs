@@ -547,7 +547,7 @@ fn table() -> Vec<Bad> {
                 ok(s.prepare(), "prepare");
                 let (hidden, router) = (s.hidden.raw(), s.router.raw());
                 let mut out = s.out.raw();
-                out.data = (s.hidden.ptr() as *mut u8).wrapping_add(16) as *mut _;
+                out.data = s.hidden.ptr().wrapping_add(16) as *mut _;
                 unsafe { moe_run(s.layer, null(), s.plan, &hidden, &router, &out, null_mut()) }
             },
         ),

@@ -65,7 +65,7 @@ pub fn check(s: moe_status, what: &str) {
     }
 }
 
-/// Host memory with a DLPack view, optionally mirrored on the GPU (`to_device`). Storage is
+/// Host memory with a DLPack view, optionally mirrored on the GPU (`copy_to_device`). Storage is
 /// u64 so every dtype is aligned.
 pub struct Buffer {
     store: Vec<u64>,
@@ -90,7 +90,7 @@ impl Buffer {
     }
 
     /// Copies the values to the GPU; from then on `tensor()` describes the device copy.
-    pub fn to_device(&mut self, stream: &Arc<CudaStream>) {
+    pub fn copy_to_device(&mut self, stream: &Arc<CudaStream>) {
         let n = self.nbytes();
         let host = unsafe { std::slice::from_raw_parts(self.ptr(), n) };
         // at least one byte, so that an empty tensor still has an address
@@ -166,7 +166,7 @@ impl Buffer {
     }
 
     /// The elements of an int32 buffer.
-    pub fn to_i32(&mut self) -> Vec<i32> {
+    pub fn read_i32(&mut self) -> Vec<i32> {
         let n = self.numel();
         unsafe { std::slice::from_raw_parts(self.ptr() as *const i32, n) }.to_vec()
     }
@@ -175,7 +175,7 @@ impl Buffer {
         self.shape.iter().product::<i64>() as usize
     }
 
-    pub fn to_f64(&mut self, dt: Dtype) -> Vec<f64> {
+    pub fn read_f64(&mut self, dt: Dtype) -> Vec<f64> {
         self.sync_from_device();
         (0..self.numel()).map(|i| self.get(dt, i)).collect()
     }
@@ -321,8 +321,8 @@ impl Layer {
                 }
                 let ctx = CudaContext::new(0).expect("CUDA device 0");
                 let stream = ctx.new_stream().expect("a CUDA stream");
-                w.w13.to_device(&stream);
-                w.w2.to_device(&stream);
+                w.w13.copy_to_device(&stream);
+                w.w2.copy_to_device(&stream);
                 (
                     moe_device {
                         device_type: MOE_DEVICE_CUDA,
@@ -387,7 +387,7 @@ impl Layer {
             &[bytes as i64],
         );
         if let Some(stream) = &stream {
-            workspace.to_device(stream);
+            workspace.copy_to_device(stream);
             let s = stream.cu_stream() as *mut c_void;
             check(
                 unsafe { moe_warmup(layer, max_tokens as i64, s) },
@@ -403,7 +403,7 @@ impl Layer {
     }
 
     /// The CUDA stream the layer runs on (None for a CPU layer): put the batch's buffers on
-    /// the device with `Buffer::to_device(stream)`.
+    /// the device with `Buffer::copy_to_device(stream)`.
     pub fn stream(&self) -> Option<Arc<CudaStream>> {
         self.stream.clone()
     }

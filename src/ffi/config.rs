@@ -80,7 +80,10 @@ fn size_set(value: Option<i64>, name: &str) -> Result<i64> {
 
 /// Creates an empty config: sizes and dtype unset; activation silu, gated, halves layout,
 /// routed_scaling_factor 1, every flag false, device CPU. Free it with moe_config_free.
-/// `out` must not be NULL; it is written only on success.
+/// `out` is written only on success.
+///
+/// # Safety
+/// `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_create(out: *mut *mut moe_config) -> moe_status {
     guard(|| {
@@ -93,6 +96,10 @@ pub unsafe extern "C" fn moe_config_create(out: *mut *mut moe_config) -> moe_sta
 /// Copies any config (also a layer's read-only one) into a new mutable config the caller
 /// frees with moe_config_free. `out` is written only on success. Thread-safe for a
 /// read-only source.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_clone(
     config: *const moe_config,
@@ -106,9 +113,13 @@ pub unsafe extern "C" fn moe_config_clone(
     })
 }
 
-/// Frees a config made by moe_config_create or moe_config_clone. NULL is a no-op. Must not be
-/// called twice, nor on a config returned by moe_layer_config (the layer owns that one: the
-/// call is refused and changes nothing). Layers made from the config keep their own copy.
+/// Frees a config made by moe_config_create or moe_config_clone. NULL is a no-op. A config
+/// returned by moe_layer_config is refused and stays as it is (the layer owns that one). Layers
+/// made from the config keep their own copy.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; must not be called
+/// twice, nor while another thread uses the config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_free(config: *mut moe_config) {
     let _ = guard(|| {
@@ -123,8 +134,12 @@ pub unsafe extern "C" fn moe_config_free(config: *mut moe_config) {
     });
 }
 
-/// Sets E_g, the number of experts in the whole model (≥ 1). Not thread-safe on one config.
-/// Every setter refuses a layer's read-only config (from moe_layer_config).
+/// Sets E_g, the number of experts in the whole model (≥ 1). Every setter refuses a layer's
+/// read-only config (from moe_layer_config).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_num_experts(
     config: *mut moe_config,
@@ -139,6 +154,10 @@ pub unsafe extern "C" fn moe_config_set_num_experts(
 
 /// Sets E, the experts stored in this layer (1 ≤ E ≤ E_g; defaults to E_g). Expert ids given
 /// to moe_prepare are local: in [−1, E).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_num_local_experts(
     config: *mut moe_config,
@@ -152,6 +171,10 @@ pub unsafe extern "C" fn moe_config_set_num_local_experts(
 }
 
 /// Sets K, the routes per token (≥ 1).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_top_k(config: *mut moe_config, top_k: i64) -> moe_status {
     set(config, |c| {
@@ -162,6 +185,10 @@ pub unsafe extern "C" fn moe_config_set_top_k(config: *mut moe_config, top_k: i6
 }
 
 /// Sets H, the hidden size (≥ 1).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_hidden_size(
     config: *mut moe_config,
@@ -175,6 +202,10 @@ pub unsafe extern "C" fn moe_config_set_hidden_size(
 }
 
 /// Sets I, the intermediate size of one expert (per tensor-parallel shard, ≥ 1).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_intermediate_size(
     config: *mut moe_config,
@@ -189,6 +220,10 @@ pub unsafe extern "C" fn moe_config_set_intermediate_size(
 
 /// Sets the layer dtype: {MOE_DTYPE_CODE_FLOAT, 32, 1} f32, {MOE_DTYPE_CODE_FLOAT, 16, 1}
 /// f16 or {MOE_DTYPE_CODE_BFLOAT, 16, 1} bf16.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_dtype(
     config: *mut moe_config,
@@ -210,6 +245,10 @@ pub unsafe extern "C" fn moe_config_set_dtype(
 
 /// Sets the activation: one of MOE_ACTIVATION_*. Whether it fits `gated` is checked by
 /// moe_layer_create.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_activation(
     config: *mut moe_config,
@@ -222,6 +261,10 @@ pub unsafe extern "C" fn moe_config_set_activation(
 }
 
 /// Sets whether w13 holds gate and up (true, N1 = 2I; the default) or one projection (N1 = I).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_gated(config: *mut moe_config, gated: bool) -> moe_status {
     set(config, |c| {
@@ -231,6 +274,10 @@ pub unsafe extern "C" fn moe_config_set_gated(config: *mut moe_config, gated: bo
 }
 
 /// Sets the gate/up layout of gated w13: MOE_GATE_UP_HALVES or MOE_GATE_UP_INTERLEAVED.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_gate_up_layout(
     config: *mut moe_config,
@@ -251,6 +298,10 @@ pub unsafe extern "C" fn moe_config_set_gate_up_layout(
 }
 
 /// Sets alpha of swiglu_oai (gpt-oss: 1.702); finite. Other activations refuse it.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_gemm1_alpha(
     config: *mut moe_config,
@@ -264,6 +315,10 @@ pub unsafe extern "C" fn moe_config_set_gemm1_alpha(
 }
 
 /// Sets the clamp limit L of swiglu_oai, silu_clamp and silu_preclamp; finite, ≥ 0.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_gemm1_limit(
     config: *mut moe_config,
@@ -278,6 +333,10 @@ pub unsafe extern "C" fn moe_config_set_gemm1_limit(
 }
 
 /// Sets the routed scaling factor applied once to the fp32 sum over k (default 1); finite.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_routed_scaling_factor(
     config: *mut moe_config,
@@ -292,6 +351,10 @@ pub unsafe extern "C" fn moe_config_set_routed_scaling_factor(
 
 /// Sets whether the router weight multiplies GEMM1's output (after its bias) instead of
 /// GEMM2's.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_apply_router_weight_on_input(
     config: *mut moe_config,
@@ -304,6 +367,10 @@ pub unsafe extern "C" fn moe_config_set_apply_router_weight_on_input(
 }
 
 /// Sets no_combine: out is [M, K, H], one row per route, without router weight and scaling.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_no_combine(
     config: *mut moe_config,
@@ -316,6 +383,10 @@ pub unsafe extern "C" fn moe_config_set_no_combine(
 }
 
 /// With no_combine, multiplies each route's row by its router weight.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_no_combine_keep_router_weight(
     config: *mut moe_config,
@@ -328,6 +399,10 @@ pub unsafe extern "C" fn moe_config_set_no_combine_keep_router_weight(
 }
 
 /// Sets inplace: the result is written into hidden (out must then be NULL or hidden).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_inplace(
     config: *mut moe_config,
@@ -340,6 +415,10 @@ pub unsafe extern "C" fn moe_config_set_inplace(
 }
 
 /// Sets where the layer runs: {MOE_DEVICE_CPU, 0} (default) or {MOE_DEVICE_CUDA, ordinal}.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_device(
     config: *mut moe_config,
@@ -356,7 +435,9 @@ pub unsafe extern "C" fn moe_config_set_device(
 /// probes a key. Setting a key again replaces its value.
 ///
 /// # Safety
-/// `key` and `value` must be NUL-terminated strings.
+/// `config` must be NULL or a config made by the library and not yet freed; no other thread may
+/// use it during the call, unless it is a layer's (read-only) config. `key` and `value` must
+/// each be NULL or a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_set_option(
     config: *mut moe_config,
@@ -376,7 +457,9 @@ pub unsafe extern "C" fn moe_config_set_option(
 /// and its NUL, is INVALID_ARGUMENT, and then nothing is written, `*len` included.
 ///
 /// # Safety
-/// `key` must be a NUL-terminated string; `buf` must hold `buf_size` bytes.
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `key` must be NULL or a NUL-terminated string; `buf` must be NULL or hold
+/// `buf_size` writable bytes; `len` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_option(
     config: *const moe_config,
@@ -414,6 +497,10 @@ pub unsafe extern "C" fn moe_config_get_option(
 
 /// Reads E_g (INVALID_ARGUMENT when it was never set). Thread-safe, as every getter, also on
 /// a layer's config.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_num_experts(
     config: *const moe_config,
@@ -423,6 +510,10 @@ pub unsafe extern "C" fn moe_config_get_num_experts(
 }
 
 /// Reads E (local experts); E_g when it was not set.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_num_local_experts(
     config: *const moe_config,
@@ -435,6 +526,10 @@ pub unsafe extern "C" fn moe_config_get_num_local_experts(
 }
 
 /// Reads K (INVALID_ARGUMENT when it was never set).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_top_k(
     config: *const moe_config,
@@ -444,6 +539,10 @@ pub unsafe extern "C" fn moe_config_get_top_k(
 }
 
 /// Reads H (INVALID_ARGUMENT when it was never set).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_hidden_size(
     config: *const moe_config,
@@ -453,6 +552,10 @@ pub unsafe extern "C" fn moe_config_get_hidden_size(
 }
 
 /// Reads I (INVALID_ARGUMENT when it was never set).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_intermediate_size(
     config: *const moe_config,
@@ -464,6 +567,10 @@ pub unsafe extern "C" fn moe_config_get_intermediate_size(
 }
 
 /// Reads the layer dtype (INVALID_ARGUMENT when not set).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_dtype(
     config: *const moe_config,
@@ -483,6 +590,10 @@ pub unsafe extern "C" fn moe_config_get_dtype(
 }
 
 /// Reads the activation (a MOE_ACTIVATION_* value).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_activation(
     config: *const moe_config,
@@ -492,6 +603,10 @@ pub unsafe extern "C" fn moe_config_get_activation(
 }
 
 /// Reads gated.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_gated(
     config: *const moe_config,
@@ -501,6 +616,10 @@ pub unsafe extern "C" fn moe_config_get_gated(
 }
 
 /// Reads the gate/up layout (a MOE_GATE_UP_* value).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_gate_up_layout(
     config: *const moe_config,
@@ -515,6 +634,10 @@ pub unsafe extern "C" fn moe_config_get_gate_up_layout(
 }
 
 /// Reads alpha: `*is_set` says whether it was set; `*out` is its value (0 when unset).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `is_set` and `out` must each be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_gemm1_alpha(
     config: *const moe_config,
@@ -532,6 +655,10 @@ pub unsafe extern "C" fn moe_config_get_gemm1_alpha(
 }
 
 /// Reads the limit: `*is_set` says whether it was set; `*out` is its value (0 when unset).
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `is_set` and `out` must each be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_gemm1_limit(
     config: *const moe_config,
@@ -549,6 +676,10 @@ pub unsafe extern "C" fn moe_config_get_gemm1_limit(
 }
 
 /// Reads the routed scaling factor.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_routed_scaling_factor(
     config: *const moe_config,
@@ -558,6 +689,10 @@ pub unsafe extern "C" fn moe_config_get_routed_scaling_factor(
 }
 
 /// Reads apply_router_weight_on_input.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_apply_router_weight_on_input(
     config: *const moe_config,
@@ -567,6 +702,10 @@ pub unsafe extern "C" fn moe_config_get_apply_router_weight_on_input(
 }
 
 /// Reads no_combine.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_no_combine(
     config: *const moe_config,
@@ -576,6 +715,10 @@ pub unsafe extern "C" fn moe_config_get_no_combine(
 }
 
 /// Reads no_combine_keep_router_weight.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_no_combine_keep_router_weight(
     config: *const moe_config,
@@ -585,6 +728,10 @@ pub unsafe extern "C" fn moe_config_get_no_combine_keep_router_weight(
 }
 
 /// Reads inplace.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_inplace(
     config: *const moe_config,
@@ -594,6 +741,10 @@ pub unsafe extern "C" fn moe_config_get_inplace(
 }
 
 /// Reads the device.
+///
+/// # Safety
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_config_get_device(
     config: *const moe_config,

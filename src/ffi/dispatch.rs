@@ -20,6 +20,9 @@ fn boxed(d: Dispatcher, out: &mut *mut moe_dispatcher) {
 /// moe_dispatch runs: MOE_DEVICE_CPU, or MOE_DEVICE_CUDA (the mapping is copied to that
 /// device once, here; the kernels compile here too). `out` is written only on success; free it with
 /// moe_dispatcher_free. The dispatcher is immutable and may be used from any thread.
+///
+/// # Safety
+/// `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_dispatcher_create_contiguous(
     num_experts: i64,
@@ -45,7 +48,8 @@ pub unsafe extern "C" fn moe_dispatcher_create_contiguous(
 /// id twice. The table is copied. Otherwise as moe_dispatcher_create_contiguous.
 ///
 /// # Safety
-/// `mapping` must be NULL or a valid `moe_tensor`.
+/// `mapping` must be NULL or point to a valid `moe_tensor` (see moe_tensor); `out` must be NULL
+/// or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_dispatcher_create_mapping(
     mapping: *const moe_tensor,
@@ -76,13 +80,21 @@ pub unsafe extern "C" fn moe_dispatcher_create_mapping(
     })
 }
 
-/// Frees a dispatcher. NULL is a no-op; must not be called twice.
+/// Frees a dispatcher. NULL is a no-op.
+///
+/// # Safety
+/// `dispatcher` must be NULL or a dispatcher made by the library and not yet freed; must not be
+/// called twice, nor while another thread uses the dispatcher.
 #[no_mangle]
 pub unsafe extern "C" fn moe_dispatcher_free(dispatcher: *mut moe_dispatcher) {
     let _ = guard(|| free_boxed(dispatcher));
 }
 
 /// Writes E_g, the global expert count. Thread-safe.
+///
+/// # Safety
+/// `dispatcher` must be NULL or a dispatcher made by the library and not yet freed; `out` must
+/// be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_dispatcher_num_experts(
     dispatcher: *const moe_dispatcher,
@@ -96,6 +108,10 @@ pub unsafe extern "C" fn moe_dispatcher_num_experts(
 }
 
 /// Writes E_local, the experts this rank stores (what its layer's num_local_experts must be).
+///
+/// # Safety
+/// `dispatcher` must be NULL or a dispatcher made by the library and not yet freed; `out` must
+/// be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_dispatcher_num_local_experts(
     dispatcher: *const moe_dispatcher,
@@ -110,6 +126,10 @@ pub unsafe extern "C" fn moe_dispatcher_num_local_experts(
 
 /// Copies the mapping [E_g] (local id or −1 per global expert) into `dst` (`dst_len`
 /// entries) and writes E_g to `*len`; with `dst` NULL and `dst_len` 0 only `*len` is written.
+///
+/// # Safety
+/// `dispatcher` must be NULL or a dispatcher made by the library and not yet freed. `dst` must
+/// be NULL or hold `dst_len` writable int32 entries; `len` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_dispatcher_mapping(
     dispatcher: *const moe_dispatcher,
@@ -129,6 +149,10 @@ pub unsafe extern "C" fn moe_dispatcher_mapping(
 
 /// Copies the expert mask [E_g] (1 where the global expert is stored here, else 0), like
 /// moe_dispatcher_mapping.
+///
+/// # Safety
+/// `dispatcher` must be NULL or a dispatcher made by the library and not yet freed. `dst` must
+/// be NULL or hold `dst_len` writable int32 entries; `len` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_dispatcher_expert_mask(
     dispatcher: *const moe_dispatcher,
@@ -158,7 +182,9 @@ pub unsafe extern "C" fn moe_dispatcher_expert_mask(
 /// be NULL for a CPU dispatcher. Thread-safe for distinct outputs.
 ///
 /// # Safety
-/// The tensors must be valid `moe_tensor`s describing host memory as stated.
+/// `dispatcher` must be NULL or a dispatcher made by the library and not yet freed; `topk_ids`
+/// and `local_topk_ids` must each be NULL or point to a valid `moe_tensor` (see moe_tensor).
+/// For a CUDA dispatcher, `stream` must be NULL or a CUDA stream of its device.
 #[no_mangle]
 pub unsafe extern "C" fn moe_dispatch(
     dispatcher: *const moe_dispatcher,

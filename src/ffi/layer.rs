@@ -11,13 +11,17 @@ use std::sync::Arc;
 /// Creates a layer from `config` (copied: the caller may change or free it afterwards) and
 /// the weights w13 [E, N1, H], w2 [E, H, I] in the layer dtype, and optional biases
 /// b13 [E, N1] and b2 [E, H] (f32 or the layer dtype; NULL = none). The weights' memory is
-/// borrowed, not copied: it must stay valid and unchanged while the layer is in use. Every
-/// config rule and weight shape is checked here; an unsupported feature (e.g. a CUDA device in
-/// a build without CUDA) is UNSUPPORTED. `out` is written only on success; free the layer with
-/// moe_layer_free. The layer is immutable and may be used from any thread.
+/// borrowed, not copied. Every config rule and weight shape is checked here; an unsupported
+/// feature (e.g. a CUDA device in a build without CUDA) is UNSUPPORTED. `out` is written only
+/// on success; free the layer with moe_layer_free. The layer is immutable and may be used from
+/// any thread.
 ///
 /// # Safety
-/// Tensor pointers must be NULL or point to valid `moe_tensor`s.
+/// `config` must be NULL or a config made by the library and not yet freed, not being changed
+/// by another thread. `w13`, `w2`, `b13` and `b2` must each be NULL or point to a valid
+/// `moe_tensor` (see moe_tensor); the weights' memory must stay valid and unchanged while the
+/// layer is in use (and, after moe_lora_create, until the wrapper is freed too). `out` must be
+/// NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_layer_create(
     config: *const moe_config,
@@ -42,9 +46,13 @@ pub unsafe extern "C" fn moe_layer_create(
     })
 }
 
-/// Frees a layer. NULL is a no-op; must not be called twice. Plans and LoRA wrappers made for
-/// the layer may be freed before or after it (they keep the layer's internals alive); the
-/// config from moe_layer_config dies with the layer and its LoRA wrappers.
+/// Frees a layer. NULL is a no-op. Plans and LoRA wrappers made for the layer may be freed
+/// before or after it (they keep the layer's internals alive); the config from moe_layer_config
+/// dies with the layer and its LoRA wrappers.
+///
+/// # Safety
+/// `layer` must be NULL or a layer made by the library and not yet freed; must not be called
+/// twice, nor while another thread uses the layer.
 #[no_mangle]
 pub unsafe extern "C" fn moe_layer_free(layer: *mut moe_layer) {
     let _ = guard(|| free_boxed(layer));
@@ -53,6 +61,10 @@ pub unsafe extern "C" fn moe_layer_free(layer: *mut moe_layer) {
 /// Returns the layer's own, read-only config handle: every moe_config_get_* works on it; it is
 /// owned by the layer (do not free it) and valid while the layer or a LoRA wrapper over it
 /// lives (moe_lora_runner_config returns the same pointer). Thread-safe.
+///
+/// # Safety
+/// `layer` must be NULL or a layer made by the library and not yet freed; `out` must be NULL or
+/// valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_layer_config(
     layer: *const moe_layer,
@@ -69,6 +81,10 @@ pub unsafe extern "C" fn moe_layer_config(
 /// Writes the bytes of workspace that any batch of up to `max_tokens` tokens needs (the host
 /// allocates it once, on the layer's device, as a 1-D uint8 tensor at a 16-byte aligned
 /// address). Thread-safe.
+///
+/// # Safety
+/// `layer` must be NULL or a layer made by the library and not yet freed; `bytes` must be NULL
+/// or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_workspace_size(
     layer: *const moe_layer,
@@ -89,6 +105,9 @@ pub unsafe extern "C" fn moe_workspace_size(
 /// a LoRA wrapper was made over the layer. Call it before capturing moe_prepare and moe_run
 /// (or moe_run_lora) into a CUDA graph. `stream`: as moe_prepare (nothing is launched on
 /// it). A CPU layer has nothing to compile: MOE_OK. Thread-safe.
+///
+/// # Safety
+/// `layer` must be NULL or a layer made by the library and not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn moe_warmup(
     layer: *const moe_layer,

@@ -11,17 +11,17 @@ use std::sync::Arc;
 /// Creates a LoRA wrapper over `layer` with `num_slots` adapter slots (L ≥ 1; at most 64 over
 /// a CUDA layer, UNSUPPORTED above) of rank at most `max_rank` (r ≥ 1); every slot starts
 /// empty (no delta) and enabled. On a CUDA layer, moe_warmup of the layer from then on also
-/// compiles the LoRA kernels. The wrapper keeps the
-/// layer's internals and its config handle alive: the layer handle may be freed first, and
-/// the wrapper (its config, its slots, moe_run_lora with plans of the layer) stays valid.
-/// The layer's weights must then stay valid until the wrapper is freed too (moe_prepare
-/// still needs the layer handle). `out` is written only on success; free it with moe_lora_free. The slot functions may be
-/// called from any thread, also while other threads run the wrapper: a run sees each slot as
-/// it was before or after a change.
+/// compiles the LoRA kernels. The wrapper keeps the layer's internals and its config handle
+/// alive: the layer handle may be freed first, and the wrapper (its config, its slots,
+/// moe_run_lora with plans of the layer) stays valid (moe_prepare still needs the layer
+/// handle). `out` is written only on success; free it with moe_lora_free. The slot functions
+/// may be called from any thread, also while other threads run the wrapper: a run sees each
+/// slot as it was before or after a change.
 ///
 /// # Safety
-/// `layer` must be NULL or a handle made by the library and not yet freed; output pointers
-/// must be NULL or writable.
+/// `layer` must be NULL or a layer made by the library and not yet freed; its weights must stay
+/// valid until the wrapper is freed too, also when the layer handle is freed first. `out` must
+/// be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_lora_create(
     layer: *const moe_layer,
@@ -39,11 +39,11 @@ pub unsafe extern "C" fn moe_lora_create(
 }
 
 /// Frees a LoRA wrapper (and, if the layer handle was freed already, the layer's internals
-/// once no plan holds them). NULL is a no-op; must not be called twice.
+/// once no plan holds them). NULL is a no-op.
 ///
 /// # Safety
-/// `lora` must be NULL or a handle made by the library and not yet freed; output pointers
-/// must be NULL or writable.
+/// `lora` must be NULL or a LoRA wrapper made by the library and not yet freed; must not be
+/// called twice, nor while another thread uses the wrapper.
 #[no_mangle]
 pub unsafe extern "C" fn moe_lora_free(lora: *mut moe_lora) {
     let _ = guard(|| free_boxed(lora));
@@ -55,12 +55,14 @@ pub unsafe extern "C" fn moe_lora_free(lora: *mut moe_lora) {
 /// count; an expert dimension of 1 (gate_up_a, down_b) is shared by all experts. r is the
 /// wrapper's max_rank: a smaller rank is zero padded to r. Dtype: the layer's; device: the
 /// layer's. `scaling` (alpha / rank, finite) multiplies B's products; pass 1.0 when it is
-/// folded into B. The memory is borrowed, not copied: it must stay valid and unchanged until
-/// the slot is set again or cleared, or the wrapper is freed. Replaces the slot's previous
-/// adapter; keeps its enabled flag. On failure the slot is unchanged.
+/// folded into B. The memory is borrowed, not copied. Replaces the slot's previous adapter;
+/// keeps its enabled flag. On failure the slot is unchanged.
 ///
 /// # Safety
-/// Tensor pointers must be NULL or point to valid `moe_tensor`s.
+/// `lora` must be NULL or a LoRA wrapper made by the library and not yet freed; `gate_up_a`,
+/// `gate_up_b`, `down_a` and `down_b` must each be NULL or point to a valid `moe_tensor` (see
+/// moe_tensor), and their memory must stay valid and unchanged until the slot is set again or
+/// cleared, or the wrapper is freed.
 #[no_mangle]
 pub unsafe extern "C" fn moe_lora_set_slot(
     lora: *mut moe_lora,
@@ -88,8 +90,7 @@ pub unsafe extern "C" fn moe_lora_set_slot(
 /// no longer reads the slot's memory once this returns. Keeps the slot's enabled flag.
 ///
 /// # Safety
-/// `lora` must be NULL or a handle made by the library and not yet freed; output pointers
-/// must be NULL or writable.
+/// `lora` must be NULL or a LoRA wrapper made by the library and not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn moe_lora_clear_slot(lora: *mut moe_lora, slot: i64) -> moe_status {
     guard(|| handle_ref(lora, "lora")?.lora.clear_slot(slot))
@@ -99,8 +100,7 @@ pub unsafe extern "C" fn moe_lora_clear_slot(lora: *mut moe_lora, slot: i64) -> 
 /// start enabled; the flag survives moe_lora_set_slot and moe_lora_clear_slot.
 ///
 /// # Safety
-/// `lora` must be NULL or a handle made by the library and not yet freed; output pointers
-/// must be NULL or writable.
+/// `lora` must be NULL or a LoRA wrapper made by the library and not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn moe_lora_set_enabled(
     lora: *mut moe_lora,
@@ -116,8 +116,8 @@ pub unsafe extern "C" fn moe_lora_set_enabled(
 /// while the wrapper lives, also after the layer handle was freed. Thread-safe.
 ///
 /// # Safety
-/// `lora` must be NULL or a handle made by the library and not yet freed; output pointers
-/// must be NULL or writable.
+/// `lora` must be NULL or a LoRA wrapper made by the library and not yet freed; `out` must be
+/// NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_lora_runner_config(
     lora: *const moe_lora,
@@ -136,8 +136,8 @@ pub unsafe extern "C" fn moe_lora_runner_config(
 /// workspace of this size. Thread-safe.
 ///
 /// # Safety
-/// `lora` must be NULL or a handle made by the library and not yet freed; output pointers
-/// must be NULL or writable.
+/// `lora` must be NULL or a LoRA wrapper made by the library and not yet freed; `bytes` must be
+/// NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_lora_workspace_size(
     lora: *const moe_lora,
@@ -176,7 +176,12 @@ pub unsafe extern "C" fn moe_lora_workspace_size(
 /// read at each replay.
 ///
 /// # Safety
-/// Handles and tensors must be valid; the tensors' memory must be as described.
+/// `lora` must be NULL or a LoRA wrapper made by the library and not yet freed; `plan` must be
+/// NULL or a plan made by the library and not yet freed, not being prepared by another thread,
+/// and the workspace it was prepared into must still be valid. `hidden`, `topk_weights`,
+/// `adapter_ids`, `seg_indptr`, `seg_adapter` and `out` must each be NULL or point to a valid
+/// `moe_tensor` (see moe_tensor). For a CUDA layer, `stream` must be NULL or a CUDA stream of
+/// its device.
 #[no_mangle]
 #[allow(clippy::too_many_arguments)]
 pub unsafe extern "C" fn moe_run_lora(

@@ -33,6 +33,10 @@ pub struct moe_tile_config {
 /// Creates an empty plan for `layer` (it keeps the layer's internals alive). Fill it with
 /// moe_prepare. A plan is used by one stream (one thread) at a time. `out` is written only on
 /// success; free it with moe_plan_free.
+///
+/// # Safety
+/// `layer` must be NULL or a layer made by the library and not yet freed; `out` must be NULL or
+/// valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_plan_create(
     layer: *const moe_layer,
@@ -46,7 +50,11 @@ pub unsafe extern "C" fn moe_plan_create(
     })
 }
 
-/// Frees a plan. NULL is a no-op; must not be called twice.
+/// Frees a plan. NULL is a no-op.
+///
+/// # Safety
+/// `plan` must be NULL or a plan made by the library and not yet freed; must not be called
+/// twice, nor while another thread uses the plan.
 #[no_mangle]
 pub unsafe extern "C" fn moe_plan_free(plan: *mut moe_plan) {
     let _ = guard(|| free_boxed(plan));
@@ -67,7 +75,10 @@ pub unsafe extern "C" fn moe_plan_free(plan: *mut moe_plan) {
 /// has prepared since, with INVALID_ARGUMENT naming `plan`).
 ///
 /// # Safety
-/// Handles and tensors must be valid; the tensors' memory must be as described.
+/// `layer` must be NULL or a layer made by the library and not yet freed; `plan` must be NULL
+/// or a plan made by the library and not yet freed, not used by another thread during the call.
+/// `topk_ids` and `workspace` must each be NULL or point to a valid `moe_tensor` (see
+/// moe_tensor). For a CUDA layer, `stream` must be NULL or a CUDA stream of its device.
 #[no_mangle]
 pub unsafe extern "C" fn moe_prepare(
     layer: *const moe_layer,
@@ -95,7 +106,11 @@ pub unsafe extern "C" fn moe_prepare(
 /// as moe_prepare. Thread-safe for distinct plans and outputs.
 ///
 /// # Safety
-/// Handles and tensors must be valid; the tensors' memory must be as described.
+/// `layer` must be NULL or a layer made by the library and not yet freed; `plan` must be NULL
+/// or a plan made by the library and not yet freed, not being prepared by another thread, and
+/// the workspace it was prepared into must still be valid. `hidden`, `topk_weights` and `out`
+/// must each be NULL or point to a valid `moe_tensor` (see moe_tensor). For a CUDA layer,
+/// `stream` must be NULL or a CUDA stream of its device.
 #[no_mangle]
 pub unsafe extern "C" fn moe_run(
     layer: *const moe_layer,
@@ -137,6 +152,10 @@ fn prepared(p: &moe_plan) -> Result<&Prepared> {
 }
 
 /// Writes the plan's token count M.
+///
+/// # Safety
+/// `plan` must be NULL or a plan made by the library and not yet freed, not being prepared by
+/// another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_plan_num_tokens(plan: *const moe_plan, out: *mut i64) -> moe_status {
     guard(|| {
@@ -149,6 +168,11 @@ pub unsafe extern "C" fn moe_plan_num_tokens(plan: *const moe_plan, out: *mut i6
 /// Writes num_padded: the used entries of sorted_route_ids (a multiple of BLOCK_M). For a
 /// CUDA layer it is read from the workspace on the device: synchronize the plan's stream
 /// first.
+///
+/// # Safety
+/// `plan` must be NULL or a plan made by the library and not yet freed, not being prepared by
+/// another thread, and the workspace it was prepared into must still be valid; `out` must be
+/// NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_plan_num_padded(plan: *const moe_plan, out: *mut i64) -> moe_status {
     guard(|| {
@@ -163,6 +187,10 @@ pub unsafe extern "C" fn moe_plan_num_padded(plan: *const moe_plan, out: *mut i6
 }
 
 /// Writes the tile config moe_prepare chose for the batch.
+///
+/// # Safety
+/// `plan` must be NULL or a plan made by the library and not yet freed, not being prepared by
+/// another thread; `out` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_plan_tile_config(
     plan: *const moe_plan,
@@ -209,6 +237,11 @@ unsafe fn copy_section(
 /// also M·K) into `dst` (`dst_len` entries) and writes the count to `*len`. With `dst` NULL
 /// and `dst_len` 0 only `*len` is written. Reads the workspace the plan was prepared in (for
 /// a CUDA layer, a copy from the device: synchronize the plan's stream first).
+///
+/// # Safety
+/// `plan` must be NULL or a plan made by the library and not yet freed, not being prepared by
+/// another thread, and the workspace it was prepared into must still be valid. `dst` must be
+/// NULL or hold `dst_len` writable int32 entries; `len` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_plan_sorted_route_ids(
     plan: *const moe_plan,
@@ -221,6 +254,11 @@ pub unsafe extern "C" fn moe_plan_sorted_route_ids(
 
 /// Copies block_expert (one expert id per BLOCK_M entries of the capacity; −1 past the used
 /// blocks) into `dst`, like moe_plan_sorted_route_ids.
+///
+/// # Safety
+/// `plan` must be NULL or a plan made by the library and not yet freed, not being prepared by
+/// another thread, and the workspace it was prepared into must still be valid. `dst` must be
+/// NULL or hold `dst_len` writable int32 entries; `len` must be NULL or valid for writes.
 #[no_mangle]
 pub unsafe extern "C" fn moe_plan_block_expert(
     plan: *const moe_plan,

@@ -43,6 +43,12 @@ pub struct moe_dtype {
 }
 
 /// A tensor the host owns; DLPack's DLTensor, field for field, so a DLPack tensor passes as is.
+///
+/// A valid `moe_tensor` argument is readable; `shape` holds `ndim` entries, and `strides` is
+/// NULL or holds `ndim` entries; `data` + `byte_offset` addresses the elements that `shape`
+/// and `dtype` describe, in memory on `device` that stays valid while the library uses it:
+/// for the call, until the work launched on the stream has run, or as long as the function
+/// says (weights, LoRA slots).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct moe_tensor {

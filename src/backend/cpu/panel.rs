@@ -24,6 +24,9 @@ pub fn panel_rows(k: usize, n_total: usize) -> usize {
 ///
 /// # Safety
 /// Every pointer must cover the extents above; `dst` must not alias the inputs.
+// One GEMM's extents, operands and stride, as the hot loop has them and gemm::gemm takes
+// them: a struct would only be unpacked again.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn matmul_panel(
     rows: usize,
     n: usize,
