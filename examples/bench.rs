@@ -255,7 +255,7 @@ fn tile_json(t: &moe_tile_config) -> Value {
 
 /// GEMM1's and GEMM2's split-K from the config's flags.
 fn split_k(t: &moe_tile_config) -> (u32, u32) {
-    let c = tile_config(t);
+    let c = fusedmoe::tiles::TileConfig::from(*t);
     (c.split_k(1), c.split_k(2))
 }
 

@@ -381,7 +381,7 @@ fn plan_tile(plan: *mut moe_plan) -> TileConfig {
         unsafe { moe_plan_tile_config(plan, &mut t) },
         "moe_plan_tile_config",
     );
-    tile_config(&t)
+    t.into()
 }
 
 /// A layer ready to be timed on the batches of one M: a plan per set and, for graph

@@ -482,19 +482,6 @@ impl Pattern {
     }
 }
 
-/// A plan's tile config as the library's own type, whose `split_k` reads the flags.
-pub fn tile_config(t: &moe_tile_config) -> fusedmoe::tiles::TileConfig {
-    fusedmoe::tiles::TileConfig {
-        block_m: t.block_m,
-        block_n: t.block_n,
-        block_k: t.block_k,
-        group_m: t.group_m,
-        num_warps: t.num_warps,
-        num_stages: t.num_stages,
-        flags: t.flags,
-    }
-}
-
 // ---------------------------------------------------------------- ABI handles
 
 /// The layer's weights on the device: w13 [E, N1, H], w2 [E, H, I], biases [E, N1], [E, H].

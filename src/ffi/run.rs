@@ -30,6 +30,36 @@ pub struct moe_tile_config {
     pub flags: u32,
 }
 
+impl From<crate::tiles::TileConfig> for moe_tile_config {
+    fn from(t: crate::tiles::TileConfig) -> moe_tile_config {
+        moe_tile_config {
+            block_m: t.block_m,
+            block_n: t.block_n,
+            block_k: t.block_k,
+            group_m: t.group_m,
+            num_warps: t.num_warps,
+            num_stages: t.num_stages,
+            flags: t.flags,
+        }
+    }
+}
+
+/// The library's own type for a host's config (Rust hosts: bench, tune), whose `split_k`
+/// reads the flags.
+impl From<moe_tile_config> for crate::tiles::TileConfig {
+    fn from(t: moe_tile_config) -> crate::tiles::TileConfig {
+        crate::tiles::TileConfig {
+            block_m: t.block_m,
+            block_n: t.block_n,
+            block_k: t.block_k,
+            group_m: t.group_m,
+            num_warps: t.num_warps,
+            num_stages: t.num_stages,
+            flags: t.flags,
+        }
+    }
+}
+
 /// Creates an empty plan for `layer` (it keeps the layer's internals alive). Fill it with
 /// moe_prepare. A plan is used by one stream (one thread) at a time. `out` is written only on
 /// success; free it with moe_plan_free.
@@ -198,16 +228,7 @@ pub unsafe extern "C" fn moe_plan_tile_config(
 ) -> moe_status {
     guard(|| {
         let p = prepared(handle_ref(plan, "plan")?)?;
-        let t = p.tile;
-        *out_arg(out, "out")? = moe_tile_config {
-            block_m: t.block_m,
-            block_n: t.block_n,
-            block_k: t.block_k,
-            group_m: t.group_m,
-            num_warps: t.num_warps,
-            num_stages: t.num_stages,
-            flags: t.flags,
-        };
+        *out_arg(out, "out")? = p.tile.into();
         Ok(())
     })
 }
