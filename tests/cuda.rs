@@ -420,8 +420,7 @@ fn split_k_tiles_match_the_cpu() {
     let Some(ctx) = gpu("split_k_tiles_match_the_cpu") else {
         return;
     };
-    if !has_clusters(&ctx) {
-        println!("SKIPPED: split-K needs thread-block clusters (compute capability 9.0)");
+    if !clusters_for_split_k(&ctx) {
         return;
     }
     // (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split of GEMM1, split of GEMM2)

@@ -300,8 +300,7 @@ fn split_k_gemms_match_the_cpu() {
     let Some(ctx) = gpu("split_k_gemms_match_the_cpu") else {
         return;
     };
-    if !has_clusters(&ctx) {
-        println!("SKIPPED: split-K needs thread-block clusters (compute capability 9.0)");
+    if !clusters_for_split_k(&ctx) {
         return;
     }
     let split = |s1: u32, s2: u32| -> Vec<(String, String)> {

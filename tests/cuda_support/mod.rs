@@ -815,6 +815,15 @@ pub fn has_clusters(ctx: &Arc<CudaContext>) -> bool {
     major >= 9
 }
 
+/// For a split-K test: whether the GPU has clusters; if not, says the test is skipped.
+pub fn clusters_for_split_k(ctx: &Arc<CudaContext>) -> bool {
+    let has = has_clusters(ctx);
+    if !has {
+        println!("SKIPPED: split-K needs thread-block clusters (compute capability 9.0)");
+    }
+    has
+}
+
 /// Backend options from (key, number) pairs, e.g. a tile config's `tile.*` keys.
 pub fn number_options(pairs: &[(&str, u32)]) -> Vec<(String, String)> {
     pairs
