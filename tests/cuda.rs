@@ -487,6 +487,82 @@ fn split_k_tiles_match_the_cpu() {
     );
 }
 
+/// The decode prefetches (cuda.prefetch_up, cuda.prefetch_down) are hints: with each of them,
+/// at budgets that take whole experts and budgets that take a prefix (1 MiB over the experts
+/// in use), on mma.sync, split-K and wgmma tiles, both layouts, biases and odd sizes (ranges
+/// that do not start or end on 16 bytes), every result stays the CPU's.
+#[test]
+fn decode_prefetches_leave_every_result_as_the_cpus() {
+    let Some(ctx) = gpu("decode_prefetches_leave_every_result_as_the_cpus") else {
+        return;
+    };
+    if !clusters_for_split_k(&ctx) {
+        return;
+    }
+    // (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split of GEMM1)
+    let tiles = [(16, 32, 128, 4, 4, 1), (16, 64, 64, 4, 3, 4), (64, 128, 64, 4, 4, 1)];
+    let mut cases = Vec::new();
+    for (n, (bm, bn, bk, warps, stages, split)) in tiles.into_iter().enumerate() {
+        for (down, mib) in [(1, 64), (2, 1), (3, 64)] {
+            let options = number_options(&[
+                ("tile.block_m", bm),
+                ("tile.block_n", bn),
+                ("tile.block_k", bk),
+                ("tile.num_warps", warps),
+                ("tile.num_stages", stages),
+                ("tile.split_k", split),
+                ("cuda.prefetch_up", 1),
+                ("cuda.prefetch_down", down),
+                ("cuda.prefetch_tokens", 4096),
+                ("cuda.prefetch_mib", mib),
+            ]);
+            let dt = [Dt::Bf16, Dt::F16][(n + down as usize) % 2];
+            let seed = 4900 + 10 * (3 * n as u64 + down as u64);
+            cases.push(Case {
+                tokens: 1,
+                experts: 8,
+                top_k: 2,
+                hidden: 1030,
+                inter: 520,
+                b13: true,
+                b2: true,
+                options: options.clone(),
+                ..base(dt, seed)
+            });
+            cases.push(Case {
+                tokens: 37,
+                experts: 16,
+                top_k: 4,
+                hidden: 203,
+                inter: 67,
+                on_input: true,
+                drop: 0.1,
+                options: options.clone(),
+                ..base(dt, seed + 1)
+            });
+            cases.push(
+                Case {
+                    tokens: 300,
+                    experts: 4,
+                    hidden: 512,
+                    inter: 320,
+                    layout: MOE_GATE_UP_INTERLEAVED,
+                    no_combine: true,
+                    keep_weight: true,
+                    options,
+                    ..base(dt, seed + 2)
+                }
+                .with_activation(MOE_ACTIVATION_SWIGLU_OAI),
+            );
+        }
+    }
+    run_cases(
+        "decode prefetches",
+        &ctx,
+        &select(cases, |c| c.tokens == 1 && c.seed % 30 == 0),
+    );
+}
+
 /// With the same BLOCK_M, the CUDA align step gives the CPU's plan (SPEC §4 fixes the order).
 #[test]
 fn cuda_plan_arrays_equal_the_cpu_plan() {
