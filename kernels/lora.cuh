@@ -146,8 +146,10 @@ __device__ __forceinline__ unsigned fm_lora_pack(float lo, float hi) {
 }
 
 // One A fragment of t (rows lo and hi, ranks k0 + 2·(lane%4) + {0, 1, 8, 9}) at offset `off`
-// into each route's t row; zero for a row whose slot is not `a`, and past the rank. t holds
-// values already rounded to the layer dtype, so the repacking is exact.
+// into each route's t row; zero for a row that is off, and past the rank. t holds values
+// already rounded to the layer dtype, so the repacking is exact. PAIRS: r even and t 8-byte
+// aligned, so ranks k, k + 1 (k even) are one float2 with one predicate: half the loads.
+template <bool PAIRS>
 __device__ __forceinline__ void fm_lora_t_frag(const FmLoraExpand& L, int route_lo,
                                                int route_hi, bool lo_on, bool hi_on, int off,
                                                int k0, unsigned (&a)[4]) {
@@ -158,15 +160,148 @@ __device__ __forceinline__ void fm_lora_t_frag(const FmLoraExpand& L, int route_
         const bool on = h == 0 ? lo_on : hi_on;
         const float* t = L.t + (fm_i64)(h == 0 ? route_lo : route_hi) * L.t_stride + off;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int kq = k + (q / 2) * 8 + (q % 2);
-            v[h][q] = on && kq < L.rank ? t[kq] : 0.0f;
+        for (int q = 0; q < 4; q += 2) {
+            const int kq = k + (q / 2) * 8;
+            if (PAIRS) {
+                const float2 w = on && kq < L.rank ? *(const float2*)(t + kq) : float2{0.0f, 0.0f};
+                v[h][q] = w.x;
+                v[h][q + 1] = w.y;
+            } else {
+                v[h][q] = on && kq < L.rank ? t[kq] : 0.0f;
+                v[h][q + 1] = on && kq + 1 < L.rank ? t[kq + 1] : 0.0f;
+            }
         }
     }
     a[0] = fm_lora_pack(v[0][0], v[0][1]);
     a[1] = fm_lora_pack(v[1][0], v[1][1]);
     a[2] = fm_lora_pack(v[0][2], v[0][3]);
     a[3] = fm_lora_pack(v[1][2], v[1][3]);
+}
+
+// An expand pass (one slot, 16 ranks) is a list of m16n8k16 MMAs, its units. Without PAIRED,
+// unit u is fragment j = u: B's columns col0 + 8j + {0..7}, and with a split gated GEMM1 two
+// MMAs (one per half of t) whose outputs it picks per column. With PAIRED, units 2P and 2P + 1
+// are the gate and the up MMA of fragments 2P and 2P + 1: block column 2p + f is the tile's
+// column col0 + 8(2P + f) + 2p (gate) or that + 1 (up), so every output is used and a pass
+// takes half the MMAs. Each output element is still its own dot product of the same t row and
+// B row, so the values do not change.
+#define FM_LORA_UNITS(NJ, PAIRED) ((PAIRED) ? 2 * (((NJ) + 1) / 2) : (NJ))
+
+// GEMM2's expand has one half of t (SPLIT_NONE) at compile time: no up MMAs, no registers
+// for their outputs.
+#if defined(FM_GEMM_MODE) && FM_GEMM_MODE == 2
+#define FM_LORA_ONE_HALF 1
+#else
+#define FM_LORA_ONE_HALF 0
+#endif
+
+// How many units load their B words together before their MMAs: one L2 round trip per chunk
+// (the first with t's loads) instead of one per fragment (ncu: the serialized loads cost
+// ~150 µs per GEMM at Qwen3 M = 1024). The most that keep the wgmma 64×128 LoRA GEMMs at
+// ≤ 168 registers, so 3 CTAs per SM (ptxas, sm_90a: GEMM1 and GEMM2 168 at 6; at 8 GEMM1
+// 192, GEMM2 179).
+#ifndef FM_LORA_EXPAND_CHUNK
+#define FM_LORA_EXPAND_CHUNK 6
+#endif
+
+// This lane's B words of units [u0, u0 + C) (those < U): column lane/4 of each unit's block,
+// ranks kb + {0, 1} and kb + {8, 9}; zero past the rank and for columns past n. Predicated
+// loads, no branch, so a chunk's loads issue back to back. WORDS: r even and B 4-byte
+// aligned (and t 8-byte aligned, fm_lora_t_frag), a word per two ranks (kb is even, so
+// kb + 1 < r is kb < r); else 16-bit loads.
+template <int NJ, bool PAIRED, bool WORDS, int C>
+__device__ __forceinline__ void fm_lora_b_frags(const FmLoraExpand& L, const fm_t* b, int col0,
+                                                int u0, int kb, unsigned (&bw)[C][2]) {
+    const int g = threadIdx.x % 32 / 4;
+    // The lane's tile column and B row in unit 0; a unit further is a uniform step, so one
+    // lane pointer serves them all (per-unit 64-bit row offsets cost ~50 registers).
+    const int col = PAIRED ? col0 + 8 * (g & 1) + 2 * (g >> 1) : col0 + g;
+    const fm_t* row0 = b + (fm_i64)(PAIRED ? col / 2 : col) * L.rank;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int u = u0 + c;
+        bool on;
+        const fm_t* row;
+        if (PAIRED) {  // fragment 2(u/2) + (g & 1); the up unit's row is I further
+            on = u < FM_LORA_UNITS(NJ, PAIRED) && 2 * (u / 2) + (g & 1) < NJ &&
+                 col + 16 * (u / 2) < L.n;
+            row = row0 + (fm_i64)(8 * (u / 2) + (u % 2) * L.half) * L.rank;
+        } else {
+            on = u < NJ && col + 8 * u < L.n;
+            row = row0 + (fm_i64)(8 * u) * L.rank;
+        }
+        // An element that is off loads b[0] (always there) and is zeroed: a load or address
+        // computed under a predicate leaves its register live back to the kernel's start in
+        // ptxas's allocation, which cost ~50 registers across the main loop.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int k = kb + 8 * h;
+            if (WORDS) {
+                const bool ok = on && k + 1 < L.rank;
+                const unsigned w = *(const unsigned*)(ok ? row + k : b);
+                bw[c][h] = ok ? w : 0u;
+            } else {
+                const bool ok_lo = on && k < L.rank, ok_hi = on && k + 1 < L.rank;
+                const unsigned lo = (unsigned)*(ok_lo ? row + k : b);
+                const unsigned hi = (unsigned)*(ok_hi ? row + k + 1 : b);
+                bw[c][h] = (ok_lo ? lo : 0u) | (ok_hi ? hi : 0u) << 16;
+            }
+        }
+    }
+}
+
+// One expand pass (slot a, whose B is at b; ranks k0 + [0, 16)) over the warp's units, C at a
+// time: the chunk's B loads, then its MMAs, acc += s · the outputs (fm_lora_expand_frags).
+template <int NJ, bool PAIRED, bool WORDS, int C>
+__device__ __forceinline__ void fm_lora_pass(const FmLoraExpand& L, int route_lo, int route_hi,
+                                             bool lo_on, bool hi_on, const fm_t* b, int col0,
+                                             int k0, bool split, float scaling, float* acc) {
+    constexpr int U = FM_LORA_UNITS(NJ, PAIRED);
+    const int lane = threadIdx.x % 32;
+    // t's loads in the same block as the first chunk's, so that they are in flight together
+    unsigned t_gate[4], t_up[4];
+    fm_lora_t_frag<WORDS>(L, route_lo, route_hi, lo_on, hi_on, 0, k0, t_gate);
+    fm_lora_t_frag<WORDS>(L, route_lo, route_hi, split && lo_on, split && hi_on, L.rank, k0,
+                          t_up);
+    const int kb = k0 + 2 * (lane % 4);
+#pragma unroll
+    for (int u0 = 0; u0 < U; u0 += C) {
+        // A chunk whose columns are all past n has nothing to add. The test also makes each
+        // chunk a block of its own: ptxas otherwise moves every chunk's loads ahead of the
+        // pass's MMAs, all their words live at once.
+        if (u0 > 0 && col0 + 8 * (PAIRED ? u0 & ~1 : u0) >= L.n) break;
+        unsigned bw[C][2];
+        fm_lora_b_frags<NJ, PAIRED, WORDS, C>(L, b, col0, u0, kb, bw);
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            const int u = u0 + c;
+            if (u >= U) break;
+            if (PAIRED) {
+                // d: row lo of fragments 2P, 2P + 1, then row hi of both; h: gate 0, up 1
+                const int P = u / 2, h = u % 2;
+                float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                fm_mma(d, h == 0 ? t_gate : t_up, bw[c][0], bw[c][1]);
+#pragma unroll
+                for (int f = 0; f < 2; ++f) {
+                    const int j = 2 * P + f;
+                    if (j >= NJ) break;
+                    acc[4 * j + h] += scaling * d[f];
+                    acc[4 * j + 2 + h] += scaling * d[2 + f];
+                }
+            } else {
+                const int j = u;
+                float d_gate[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d_up[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                fm_mma(d_gate, t_gate, bw[c][0], bw[c][1]);
+                if (split) fm_mma(d_up, t_up, bw[c][0], bw[c][1]);
+                const int col = col0 + 8 * j + 2 * (lane % 4);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    const bool up = split && fm_lora_is_up(L, col + (q % 2));
+                    acc[4 * j + q] += scaling * (up ? d_up[q] : d_gate[q]);
+                }
+            }
+        }
+    }
 }
 
 // Adds the LoRA delta s_a · B[a, e][col, :] · t[route, half(col)] to a warp's accumulator
@@ -177,19 +312,27 @@ __device__ __forceinline__ void fm_lora_t_frag(const FmLoraExpand& L, int route_
 //
 // A tile's rows may belong to different adapters, so it runs once per distinct active slot
 // among the warp's 16 rows, with the rows of other slots zeroed in t's fragment: per slot and
-// 16 ranks, one m16n8k16 MMA per 8 columns (two for a split gated GEMM1, one per half of t).
+// 16 ranks, one pass of MMAs over the warp's columns (FM_LORA_UNITS).
 // The per-element expand it replaces read B and t (96 bytes at r = 16) per output element
 // and tripled the GEMMs' time at Qwen3 M = 1024 (ncu).
 //
-// PAIRED (a GEMM1 with the activation fused, halves layout): tile column n is W row
-// n / 2 + (n odd) · I, so B's row is that and odd columns are the up half.
+// PAIRED (a GEMM1 with the activation fused, halves layout, so split): tile column n is W
+// row n / 2 + (n odd) · I, so B's row is that and odd columns are the up half.
 template <int NJ, bool PAIRED>
 __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int route_lo,
                                                      int route_hi, int expert, int col0,
                                                      float* acc) {
-    const int lane = threadIdx.x % 32;
+    constexpr int U = FM_LORA_UNITS(NJ, PAIRED);
+    // a unit of a split GEMM1 without PAIRED holds two MMAs' outputs (a third of the chunk:
+    // at half, the interleaved f16 64×64 mma.sync GEMM1 spilled)
+    constexpr int C0 =
+        PAIRED || FM_LORA_ONE_HALF ? FM_LORA_EXPAND_CHUNK : FM_LORA_EXPAND_CHUNK / 3;
+    constexpr int C = U < C0 ? U : C0;
+    // the 16-bit path has twice the loads per unit: half the chunk keeps this rare path from
+    // setting the kernel's register count
+    constexpr int C_HALVES = (C + 1) / 2;
     const int a_lo = fm_lora_slot_of(L, route_lo), a_hi = fm_lora_slot_of(L, route_hi);
-    const bool split = L.split != FM_LORA_SPLIT_NONE;
+    const bool split = PAIRED || (!FM_LORA_ONE_HALF && L.split != FM_LORA_SPLIT_NONE);
     int pending_lo = a_lo, pending_hi = a_hi;  // -1 once this lane's row is done
     for (;;) {
         const int mine = min(pending_lo < 0 ? FM_LORA_SLOTS : pending_lo,
@@ -200,39 +343,16 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
         if (pending_hi == a) pending_hi = -1;
         const FmLoraSlot& s = L.b.slot[a];
         const fm_t* b = (const fm_t*)s.w + (fm_i64)(s.shared_outer ? 0 : expert) * L.n * L.rank;
-        const bool pairs = (L.rank % 2 == 0) && (((unsigned long long)b & 3ull) == 0);
+        const bool words = L.rank % 2 == 0 && ((unsigned long long)b & 3ull) == 0 &&
+                           ((unsigned long long)L.t & 7ull) == 0;
         for (int k0 = 0; k0 < L.rank; k0 += 16) {
-            unsigned t_gate[4], t_up[4];
-            fm_lora_t_frag(L, route_lo, route_hi, a_lo == a, a_hi == a, 0, k0, t_gate);
-            if (split) fm_lora_t_frag(L, route_lo, route_hi, a_lo == a, a_hi == a, L.rank, k0, t_up);
-            const int kb = k0 + 2 * (lane % 4);
-#pragma unroll
-            for (int j = 0; j < NJ; ++j) {
-                // B's fragment: column col0 + 8j + lane/4 of the output, ranks kb + {0, 1, 8, 9}
-                const int n = col0 + 8 * j + lane / 4;
-                unsigned bw[2] = {0u, 0u};
-                if (n < L.n) {
-                    const int b_row = PAIRED ? (n >> 1) + (n & 1) * L.half : n;
-                    const fm_t* row = b + (fm_i64)b_row * L.rank;
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const int k = kb + 8 * h;
-                        if (pairs && k + 1 < L.rank)
-                            bw[h] = *(const unsigned*)(row + k);
-                        else if (k < L.rank)
-                            bw[h] = (unsigned)row[k] | (k + 1 < L.rank ? (unsigned)row[k + 1] << 16 : 0u);
-                    }
-                }
-                float d_gate[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d_up[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                fm_mma(d_gate, t_gate, bw[0], bw[1]);
-                if (split) fm_mma(d_up, t_up, bw[0], bw[1]);
-                const int c = col0 + 8 * j + 2 * (lane % 4);
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    const bool up = PAIRED ? (q % 2) == 1 : split && fm_lora_is_up(L, c + (q % 2));
-                    acc[4 * j + q] += s.scaling * (up ? d_up[q] : d_gate[q]);
-                }
-            }
+            if (words)
+                fm_lora_pass<NJ, PAIRED, true, C>(L, route_lo, route_hi, a_lo == a, a_hi == a, b,
+                                                  col0, k0, split, s.scaling, acc);
+            else
+                fm_lora_pass<NJ, PAIRED, false, C_HALVES>(L, route_lo, route_hi, a_lo == a,
+                                                          a_hi == a, b, col0, k0, split,
+                                                          s.scaling, acc);
         }
     }
 }

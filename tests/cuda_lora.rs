@@ -245,7 +245,8 @@ fn mixed_adapters_ranks_and_maps_match_the_cpu() {
 }
 
 /// Gated (halves, interleaved, swiglu_oai) and non-gated layers with biases, shared-outer
-/// gate_up A and down B; and odd sizes (H 63, I 37, r 6) that take the kernels' narrow loads.
+/// gate_up A and down B; and odd sizes (H 63, I 37, r 6 and 5) that take the kernels' narrow
+/// loads.
 #[test]
 fn layouts_shared_outer_weights_and_odd_sizes_match_the_cpu() {
     let Some(ctx) = gpu("layouts_shared_outer_weights_and_odd_sizes_match_the_cpu") else {
@@ -277,7 +278,12 @@ fn layouts_shared_outer_weights_and_odd_sizes_match_the_cpu() {
                 cases.push(lora_case(base, 8, slots, seed % 2 == 0));
             }
         }
-        for (layout, segments) in [(MOE_GATE_UP_HALVES, false), (MOE_GATE_UP_INTERLEAVED, true)] {
+        // r 5: odd, so the expand takes its 16-bit loads of B and t's element path
+        for (layout, segments, rank) in [
+            (MOE_GATE_UP_HALVES, false, 6),
+            (MOE_GATE_UP_INTERLEAVED, true, 6),
+            (MOE_GATE_UP_HALVES, true, 5),
+        ] {
             seed += 1;
             let base = Case {
                 hidden: 63,
@@ -288,7 +294,7 @@ fn layouts_shared_outer_weights_and_odd_sizes_match_the_cpu() {
                 tokens: 37,
                 ..base(dt, seed)
             };
-            cases.push(lora_case(base, 6, four_slots_cleared(6), segments));
+            cases.push(lora_case(base, rank, four_slots_cleared(rank), segments));
         }
     }
     run_lora_cases("layouts", &ctx, cases);
