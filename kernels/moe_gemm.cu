@@ -144,7 +144,10 @@ __device__ __forceinline__ bool fm_block(const FmGemmParams& p, FmBlock& b) {
 // expert's w2 among its n-tiles (and split-K ranks); the bytes per expert are capped so that
 // all the experts in use together take at most prefetch_budget, read from num_padded on the
 // device (graph-safe): a prefix of each expert's w2 when they do not all fit.
-__device__ __forceinline__ void fm_prefetch_next(const FmGemmParams& p, const FmBlock& b) {
+// `index` of `count` threads share the prefetch (FM_WGMMA 2: the producer warpgroup's).
+__device__ __forceinline__ void fm_prefetch_next(const FmGemmParams& p, const FmBlock& b,
+                                                 int index = threadIdx.x,
+                                                 int count = FM_THREADS) {
     if (p.next_w == nullptr) return;
     const int m_block = b.slot0 / FM_BM;
     if (m_block > 0 && p.block_expert[m_block - 1] == b.expert) return;
