@@ -11,7 +11,9 @@
 // Compile-time variant: FM_DTYPE, FM_GEMM_MODE, FM_BM, FM_BN, FM_BK, FM_WARPS_M, FM_WARPS_N,
 // FM_STAGES, FM_VEC (8: 16-byte cp.async chunks, rows 16-byte aligned; 1: element loads),
 // FM_MMA (1: mma.sync on 16-bit types; 0: SIMT in f32, the f32 layers' path), FM_WGMMA
-// (1: Hopper's wgmma, moe_gemm_wgmma.cuh; sm_90a, 16-bit types, 16-byte loads), FM_LORA
+// (1: Hopper's wgmma, moe_gemm_wgmma.cuh; 2: its warp-specialised form, a producer warpgroup
+// beside the FM_THREADS of the tile, moe_gemm_wgmma_ws.cuh; sm_90a, 16-bit types, 16-byte
+// loads), FM_LORA
 // (see the LoRA hook below), FM_FUSED_ACT (GEMM1 with the activation, below) and
 // FM_SPLIT_K (split-K over a thread-block cluster, below).
 #include "common.cuh"
@@ -144,7 +146,10 @@ __device__ __forceinline__ bool fm_block(const FmGemmParams& p, FmBlock& b) {
 // expert's w2 among its n-tiles (and split-K ranks); the bytes per expert are capped so that
 // all the experts in use together take at most prefetch_budget, read from num_padded on the
 // device (graph-safe): a prefix of each expert's w2 when they do not all fit.
-__device__ __forceinline__ void fm_prefetch_next(const FmGemmParams& p, const FmBlock& b) {
+// `index` of `count` threads share the prefetch (FM_WGMMA 2: the producer warpgroup's).
+__device__ __forceinline__ void fm_prefetch_next(const FmGemmParams& p, const FmBlock& b,
+                                                 int index = threadIdx.x,
+                                                 int count = FM_THREADS) {
     if (p.next_w == nullptr) return;
     const int m_block = b.slot0 / FM_BM;
     if (m_block > 0 && p.block_expert[m_block - 1] == b.expert) return;
@@ -153,8 +158,7 @@ __device__ __forceinline__ void fm_prefetch_next(const FmGemmParams& p, const Fm
     const fm_i64 shares = (fm_i64)p.n_tiles * gridDim.y;
     const fm_i64 share = (fm_i64)(b.n0 / FM_BN) * gridDim.y + blockIdx.y;
     const char* w = (const char*)p.next_w + (fm_i64)b.expert * p.next_w_bytes;
-    fm_prefetch_l2(w + bytes * share / shares, w + bytes * (share + 1) / shares, threadIdx.x,
-                   FM_THREADS);
+    fm_prefetch_l2(w + bytes * share / shares, w + bytes * (share + 1) / shares, index, count);
 }
 
 // The shared-memory tiles start after the row table, 128-byte aligned.
@@ -318,6 +322,9 @@ __device__ __forceinline__ bool fm_split_reduce(float* acc, float* scratch) {
 // ================================================================ Hopper tensor cores
 static_assert(FM_SPLIT_K == 1, "split-K takes the mma.sync main loop");
 #include "moe_gemm_wgmma.cuh"
+#if FM_WGMMA == 2
+#include "moe_gemm_wgmma_ws.cuh"
+#endif
 
 #elif FM_MMA
 // ================================================================ tensor cores (f16, bf16)

@@ -14,6 +14,10 @@
 // kt + STAGES − 1 are in flight. The slot the newest load takes held k-tile kt − 1, so that
 // load waits for a second barrier per k-tile, after every warpgroup has waited for its wgmma
 // of kt − 1; with one barrier the prefetch would reach only STAGES − 2 k-tiles ahead.
+//
+// Everything above the kernel (swizzle, descriptors, wgmma wrappers, the stage loader) is
+// shared with the warp-specialised main loop of moe_gemm_wgmma_ws.cuh (FM_WGMMA 2), which
+// includes this header after it; the kernel at the bottom is FM_WGMMA 1's alone.
 
 #define FM_WG_M (FM_WARPS_M / 4)
 #define FM_WG_N FM_WARPS_N
@@ -150,16 +154,18 @@ __device__ __forceinline__ void fm_cp_async16_to(unsigned dst, const void* src, 
 }
 
 // One thread's share of every stage load: the k-slice [k0, k0 + 64) of the A rows (tile rows
-// [0, BM)) and the W rows (tile rows [BM, BM + BN)), swizzled. A thread's chunks sit
-// FM_THREADS apart, so it keeps one 16-byte column (chunk) and rows FM_THREADS / 8 apart,
-// which share one swizzle phase: its shared offsets are one base plus constants, its sources
+// [0, BM)) and the W rows (tile rows [BM, BM + BN)), swizzled, over LOADERS threads (`tid` in
+// [0, LOADERS): all FM_THREADS of FM_WGMMA 1, the producer warpgroup of FM_WGMMA 2). A
+// thread's chunks sit LOADERS apart, so it keeps one 16-byte column (chunk) and rows
+// LOADERS / 8 apart, which share one swizzle phase: its shared offsets are one base plus constants, its sources
 // one pointer per A row (gathered) plus one W pointer and a constant stride. Everything but
 // k0 is set up once; recomputing it per chunk and k-tile (row tests, swizzle, 64-bit index
 // math, behind branches) took about 30 instructions per 16-byte copy, and at 128x128 tiles
 // that issue work, not the tensor cores, bounded the main loop (ncu: issue slots 53 % busy,
 // tensor pipe 45 %).
+template <int LOADERS>
 struct FmWgLoader {
-    static constexpr int ROWS_PER_PASS = FM_THREADS / 8;
+    static constexpr int ROWS_PER_PASS = LOADERS / 8;
     static constexpr int A_CHUNKS = FM_BM / ROWS_PER_PASS;
     static constexpr int B_CHUNKS = FM_BN / ROWS_PER_PASS;
     // Sources of the next k-tile: each A row's (gathered), the first W row's; rows that are
@@ -172,12 +178,12 @@ struct FmWgLoader {
     int k;             // this thread's next k index (for the kdim test)
 
     __device__ __forceinline__ FmWgLoader(const FmRows& rows, const FmGemmParams& p,
-                                          const fm_t* w_expert, int n0) {
-        static_assert(FM_THREADS % 8 == 0 && FM_BM % ROWS_PER_PASS == 0 &&
+                                          const fm_t* w_expert, int n0, int tid) {
+        static_assert(LOADERS % 8 == 0 && FM_BM % ROWS_PER_PASS == 0 &&
                           FM_BN % ROWS_PER_PASS == 0 && ROWS_PER_PASS % 8 == 0,
                       "whole rows per pass, one swizzle phase per thread");
         static_assert(A_CHUNKS + B_CHUNKS <= 32, "one bit per chunk");
-        const int row = threadIdx.x / 8, chunk = threadIdx.x % 8;
+        const int row = tid / 8, chunk = tid % 8;
         k = chunk * 8;
         dst = fm_swizzled(row, chunk);
         const fm_t* a = (const fm_t*)p.a;
@@ -219,6 +225,7 @@ struct FmWgLoader {
     }
 };
 
+#if FM_WGMMA == 1
 // Two CTAs per SM where the accumulators allow (64 per thread fit the 128 registers that
 // leaves, without spills): one CTA's epilogue and pipeline fill then overlap the other's
 // main loop.
@@ -250,7 +257,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
 #pragma unroll
     for (int q = 0; q < FM_WG_COLS / 2; ++q) acc[q] = 0.0f;
 
-    FmWgLoader loader(rows, p, w_expert, n0);
+    FmWgLoader<FM_THREADS> loader(rows, p, w_expert, n0, threadIdx.x);
     const int k_tiles = (p.kdim + FM_BK - 1) / FM_BK;
 #pragma unroll
     for (int s = 0; s < FM_STAGES - 1; ++s) {
@@ -298,3 +305,4 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
     fm_store_row<FM_WG_COLS / 8, 0>(rows, p, expert, slot0, row0, col0, acc);
     fm_store_row<FM_WG_COLS / 8, 2>(rows, p, expert, slot0, row0 + 8, col0, acc);
 }
+#endif  // FM_WGMMA == 1

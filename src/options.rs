@@ -118,6 +118,16 @@ const KEYS: &[Key] = &[
         doc: "1 (default): GEMM tiles of wgmma's shape use Hopper's wgmma on sm_90a; 0: mma.sync",
     },
     Key {
+        name: "cuda.wgmma_ws",
+        rule: Rule::Int {
+            min: 0,
+            max: 1,
+            pow2: false,
+        },
+        device: Some(DeviceKind::Cuda),
+        doc: "1: GEMM tiles that take wgmma (cuda.wgmma) use its warp-specialised main loop, a producer warpgroup issuing the loads beside the tile's warpgroups; 0 (default): every warp loads and multiplies",
+    },
+    Key {
         name: "cuda.fuse_act",
         rule: Rule::Int {
             min: 0,

@@ -351,6 +351,34 @@ fn wgmma_tiles_match_the_cpu() {
     let Some(ctx) = gpu("wgmma_tiles_match_the_cpu") else {
         return;
     };
+    let cases = wgmma_tile_cases(&[]);
+    run_cases(
+        "wgmma tiles",
+        &ctx,
+        &select(cases, |c| c.tokens == 37 && c.options[1].1 == "128"),
+    );
+}
+
+/// The same tiles and cases on the warp-specialised wgmma main loop (cuda.wgmma_ws=1: a
+/// producer warpgroup and mbarriers instead of every warp loading). Each must keep producer
+/// and consumers in step: K tails (H 200: the fourth k-tile mostly zero-filled), k loops no
+/// longer than the pipeline (I 64: GEMM2's one k-tile; H 200 in 5 stages), loops that wrap
+/// the slots several times (H 512), rows past N, slots without routes, idle blocks.
+#[test]
+fn wgmma_ws_tiles_match_the_cpu() {
+    let Some(ctx) = gpu("wgmma_ws_tiles_match_the_cpu") else {
+        return;
+    };
+    let cases = wgmma_tile_cases(&[("cuda.wgmma_ws", 1)]);
+    run_cases(
+        "wgmma_ws tiles",
+        &ctx,
+        &select(cases, |c| c.tokens == 37 && c.options[1].1 == "128"),
+    );
+}
+
+/// The cases of the wgmma tests, with `extra` options after the tile's.
+fn wgmma_tile_cases(extra: &[(&str, u32)]) -> Vec<Case> {
     // (BLOCK_M, BLOCK_N, warps, stages)
     let tiles = [
         (64, 64, 4, 3),
@@ -362,13 +390,14 @@ fn wgmma_tiles_match_the_cpu() {
     ];
     let mut cases = Vec::new();
     for (n, (bm, bn, warps, stages)) in tiles.into_iter().enumerate() {
-        let options = number_options(&[
+        let mut options = number_options(&[
             ("tile.block_m", bm),
             ("tile.block_n", bn),
             ("tile.block_k", 64),
             ("tile.num_warps", warps),
             ("tile.num_stages", stages),
         ]);
+        options.extend(number_options(extra));
         let dt = [Dt::Bf16, Dt::F16][n % 2];
         let seed = 4600 + 10 * n as u64;
         cases.push(Case {
@@ -403,11 +432,7 @@ fn wgmma_tiles_match_the_cpu() {
             ..base(dt, seed + 2)
         });
     }
-    run_cases(
-        "wgmma tiles",
-        &ctx,
-        &select(cases, |c| c.tokens == 37 && c.options[1].1 == "128"),
-    );
+    cases
 }
 
 /// Split-K (sm_90 clusters; elsewhere refused by name): each GEMM's k loop over 2..8 CTAs

@@ -22,6 +22,10 @@ pub const HEADERS: &[Source] = &[
         text: include_str!("../../../kernels/moe_gemm_wgmma.cuh"),
     },
     Source {
+        name: "moe_gemm_wgmma_ws.cuh",
+        text: include_str!("../../../kernels/moe_gemm_wgmma_ws.cuh"),
+    },
+    Source {
         name: "act.cuh",
         text: include_str!("../../../kernels/act.cuh"),
     },

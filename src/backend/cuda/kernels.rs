@@ -235,6 +235,7 @@ impl KernelSet {
         tile: TileConfig,
         (gemm1_vec8, gemm2_vec8): (bool, bool),
         hopper: bool,
+        wgmma_ws: bool,
         with_lora: bool,
         fuse_act: bool,
     ) -> Result<KernelSet> {
@@ -248,6 +249,7 @@ impl KernelSet {
         let path = |vec8, act| variant::GemmPath {
             vec8,
             hopper,
+            wgmma_ws,
             clusters: dev.traits.compute_capability.0 >= 9,
             lora: with_lora,
             act,

@@ -82,6 +82,8 @@ pub struct CudaLayer {
     gemm2_vec8: bool,
     /// GEMM tiles of wgmma's shape take the wgmma main loop (sm_90a, option cuda.wgmma).
     hopper: bool,
+    /// Those wgmma tiles take the warp-specialised main loop (option cuda.wgmma_ws).
+    wgmma_ws: bool,
     /// f16/bf16 GEMM1s apply the activation in their epilogue (option cuda.fuse_act).
     fuse_act: bool,
     /// The decode prefetches of w13 and w2 into L2 (options cuda.prefetch_*).
@@ -119,6 +121,7 @@ impl CudaLayer {
             key.tile,
             vec8,
             self.hopper,
+            self.wgmma_ws,
             key.lora,
             self.fuse_act,
         )?);
@@ -245,6 +248,7 @@ impl Backend for CudaBackend {
             gemm1_vec8: d.hidden % 8 == 0 && aligned(&weights.w13),
             gemm2_vec8: d.inter % 8 == 0 && aligned(&weights.w2),
             hopper: dev.arch == "sm_90a" && options.int("cuda.wgmma") != Some(0),
+            wgmma_ws: options.int("cuda.wgmma_ws") == Some(1),
             fuse_act: options.int("cuda.fuse_act") != Some(0),
             prefetch: prefetch::Prefetch::new(options, &dev)?,
             kernels: Mutex::new(HashMap::new()),

@@ -152,6 +152,10 @@ pub struct GemmPath {
     /// The device runs sm_90a code and the layer allows it, so a tile of wgmma's shape
     /// (wgmma_layout) takes the wgmma main loop.
     pub hopper: bool,
+    /// With `hopper`, a tile of wgmma's shape takes the warp-specialised wgmma main loop
+    /// (kernels/moe_gemm_wgmma_ws.cuh: a producer warpgroup beside the tile's; option
+    /// cuda.wgmma_ws).
+    pub wgmma_ws: bool,
     /// The device has thread-block clusters (sm_90), which a split-K GEMM needs.
     pub clusters: bool,
     /// The moe_run_lora variant, whose epilogue adds the LoRA delta (kernels/lora.cuh).
@@ -261,6 +265,11 @@ fn main_loop(
         if let Some(layout) = wgmma_layout(bm, bn, bk, warps, stages) {
             // the row table, 1024 bytes to align the first stage, the swizzled stages
             let shared_bytes = rows_bytes + 1024 + stages as usize * (bm + bn) as usize * 128;
+            if path.wgmma_ws {
+                // and a full and an empty mbarrier (8 bytes each) per stage after them
+                let barriers = 2 * stages as usize * 8;
+                return Ok((layout, MainLoop::WgmmaWs, shared_bytes + barriers));
+            }
             return Ok((layout, MainLoop::Wgmma, shared_bytes));
         }
     }
@@ -292,6 +301,8 @@ enum MainLoop {
     Simt,
     MmaSync { vec8: bool },
     Wgmma,
+    // with a producer warpgroup (FM_WGMMA 2): 128 threads beside the tile's warps
+    WgmmaWs,
 }
 
 fn gemm_variant(
@@ -312,6 +323,7 @@ fn gemm_variant(
         MainLoop::Simt => (0, 0, 1),
         MainLoop::MmaSync { vec8 } => (1, 0, if vec8 { 8 } else { 1 }),
         MainLoop::Wgmma => (1, 1, 8),
+        MainLoop::WgmmaWs => (1, 2, 8),
     };
     let act = fused.map_or(String::new(), |a| {
         format!(
@@ -325,7 +337,11 @@ fn gemm_variant(
     let name = format!(
         "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}{}{}{}{act}",
         dtype.name(),
-        if wgmma == 1 { "_wgmma" } else { "" },
+        match wgmma {
+            1 => "_wgmma",
+            2 => "_wgmma_ws",
+            _ => "",
+        },
         if split > 1 {
             format!("_sk{split}")
         } else {
@@ -360,7 +376,7 @@ fn gemm_variant(
         defines,
         name,
         shared_bytes,
-        threads: wm * wn * 32,
+        threads: wm * wn * 32 + if wgmma == 2 { 128 } else { 0 },
     }
 }
 
@@ -381,15 +397,13 @@ pub fn wgmma_layout(bm: u32, bn: u32, bk: u32, warps: u32, stages: u32) -> Optio
 }
 
 impl Variant {
-    /// Whether this variant compiles for sm_90a only (the wgmma main loop, or a split-K
+    /// Whether this variant compiles for sm_90a only (a wgmma main loop, or a split-K
     /// GEMM's cluster).
     #[cfg(test)]
     pub fn needs_sm90a(&self) -> bool {
-        self.defines.contains(&("FM_WGMMA", 1))
-            || self
-                .defines
-                .iter()
-                .any(|&(k, v)| k == "FM_SPLIT_K" && v > 1)
+        self.defines
+            .iter()
+            .any(|&(k, v)| (k == "FM_WGMMA" && v > 0) || (k == "FM_SPLIT_K" && v > 1))
     }
 }
 
@@ -580,6 +594,7 @@ pub fn ci_set() -> Vec<Variant> {
                 let path = GemmPath {
                     vec8,
                     hopper,
+                    wgmma_ws: false,
                     clusters: hopper,
                     lora: false,
                     act: None,
@@ -629,6 +644,7 @@ pub fn ci_set() -> Vec<Variant> {
                     let path = GemmPath {
                         vec8: true,
                         hopper,
+                        wgmma_ws: false,
                         clusters: hopper,
                         lora: false,
                         act: fused,
@@ -660,11 +676,40 @@ pub fn ci_set() -> Vec<Variant> {
                 let path = GemmPath {
                     vec8: true,
                     hopper: true,
+                    wgmma_ws: false,
                     clusters: true,
                     lora,
                     act,
                 };
                 let g = gemm(dtype, mode, split, path).expect("a CI tile");
+                if !all.contains(&g) {
+                    all.push(g);
+                }
+            }
+        }
+        // the warp-specialised wgmma loop (sm_90a): its three widths per warpgroup for both
+        // GEMMs, GEMM1 with the activation at the widest, LoRA at 128×128
+        if fuses_act(dtype) {
+            let silu = Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves));
+            let ws_cases = wgmma_tiles
+                .iter()
+                .flat_map(|&t| [(t, 1, false, None), (t, 2, false, None)])
+                .chain([
+                    (wgmma_tiles[2], 1, false, silu),
+                    (tiles[2], 1, true, silu),
+                    (tiles[2], 2, true, None),
+                ]);
+            for (tile, mode, lora, act) in ws_cases {
+                let path = GemmPath {
+                    vec8: true,
+                    hopper: true,
+                    wgmma_ws: true,
+                    clusters: true,
+                    lora,
+                    act,
+                };
+                let g = gemm(dtype, mode, tile, path).expect("a CI tile");
+                assert!(g.name.contains("_wgmma_ws"), "{}", g.name);
                 if !all.contains(&g) {
                     all.push(g);
                 }
@@ -680,6 +725,7 @@ pub fn ci_set() -> Vec<Variant> {
                 let path = GemmPath {
                     vec8: true,
                     hopper,
+                    wgmma_ws: false,
                     clusters: hopper,
                     lora: true,
                     act: Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves)),
@@ -741,6 +787,7 @@ mod tests {
         let path = |vec8, hopper| GemmPath {
             vec8,
             hopper,
+            wgmma_ws: false,
             clusters: hopper,
             lora: false,
             act: None,
@@ -762,6 +809,62 @@ mod tests {
     }
 
     #[test]
+    fn a_wgmma_ws_variant_adds_a_producer_warpgroup_and_its_barriers() {
+        let tile = TileConfig {
+            block_m: 128,
+            block_n: 256,
+            block_k: 64,
+            group_m: 8,
+            num_warps: 8,
+            num_stages: 4,
+            flags: 0,
+        };
+        let path = GemmPath {
+            vec8: true,
+            hopper: true,
+            wgmma_ws: false,
+            clusters: true,
+            lora: false,
+            act: None,
+        };
+        let plain = gemm(DType::BF16, 1, tile, path).unwrap();
+        let ws = gemm(
+            DType::BF16,
+            1,
+            tile,
+            GemmPath {
+                wgmma_ws: true,
+                ..path
+            },
+        )
+        .unwrap();
+        assert!(
+            ws.name.ends_with("_wgmma_ws") && ws.needs_sm90a(),
+            "{}",
+            ws.name
+        );
+        assert!(ws.defines.contains(&("FM_WGMMA", 2)));
+        assert_eq!((plain.threads, ws.threads), (256, 384));
+        assert_eq!(ws.shared_bytes, plain.shared_bytes + 2 * 4 * 8);
+        // without sm_90a, or for a tile of another shape, the option changes nothing
+        let k32 = TileConfig {
+            block_k: 32,
+            ..tile
+        };
+        for (t, hopper) in [(tile, false), (k32, true)] {
+            let off = GemmPath { hopper, ..path };
+            let on = GemmPath {
+                wgmma_ws: true,
+                ..off
+            };
+            assert_eq!(
+                gemm(DType::BF16, 1, t, on).unwrap(),
+                gemm(DType::BF16, 1, t, off).unwrap()
+            );
+        }
+    }
+
+    #[test]
     fn a_split_k_gemm_is_an_sm90_mma_sync_variant_with_room_for_its_partials() {
         let thin = TileConfig {
             block_m: 16,
@@ -775,6 +878,7 @@ mod tests {
         let hopper = GemmPath {
             vec8: true,
             hopper: true,
+            wgmma_ws: false,
             clusters: true,
             lora: false,
             act: None,
