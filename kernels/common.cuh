@@ -73,23 +73,6 @@ __device__ __forceinline__ void fm_cp_async16(void* smem, const void* gmem, bool
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
                  "r"(src_bytes));
 }
-// The same with an L2 eviction policy (fm_l2_policy) for the lines it brings in.
-__device__ __forceinline__ void fm_cp_async16_hint(void* smem, const void* gmem, bool valid,
-                                                   fm_u64 policy) {
-    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
-    const int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(dst),
-                 "l"(gmem), "r"(src_bytes), "l"(policy));
-}
-// An L2 policy: evict_first for lines read once (streamed weights), else evict_normal.
-__device__ __forceinline__ fm_u64 fm_l2_policy(bool evict_first) {
-    fm_u64 policy;
-    if (evict_first)
-        asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-    else
-        asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
-    return policy;
-}
 __device__ __forceinline__ void fm_cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::);
 }
@@ -132,24 +115,3 @@ __device__ __forceinline__ void fm_mma(float (&c)[4], const unsigned (&a)[4], un
 #endif
 }
 #endif
-
-// ---------------------------------------------------------------- L2 prefetch (sm_90)
-// Asks L2 for the bytes [begin, end) of global memory, shared by `count` threads (this one is
-// `index`), in 64 KB bulk prefetches; the range is narrowed to 16-byte boundaries, as the bulk
-// copy engine needs. A hint: nothing waits for it, and where it does not pay it costs the DRAM
-// time of its bytes. Below sm_90 there is no bulk prefetch and it does nothing (the host
-// refuses the options that ask for it there).
-__device__ __forceinline__ void fm_prefetch_l2(const void* begin, const void* end, int index,
-                                               int count) {
-#if __CUDA_ARCH__ >= 900
-    constexpr unsigned long long CHUNK = 64 * 1024;
-    const unsigned long long lo = ((unsigned long long)begin + 15) & ~15ull;
-    const unsigned long long hi = (unsigned long long)end & ~15ull;
-    if (hi <= lo) return;
-    for (unsigned long long at = lo + (unsigned long long)index * CHUNK; at < hi;
-         at += (unsigned long long)count * CHUNK) {
-        const unsigned bytes = (unsigned)min(CHUNK, hi - at);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(at), "r"(bytes) : "memory");
-    }
-#endif
-}

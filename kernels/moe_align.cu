@@ -100,36 +100,6 @@ __device__ void fm_scan_experts(const int* totals, int* padded_start, int expert
     }
 }
 
-// The decode prefetch of moe_align (FmPrefetchUp.bytes > 0): each route asks L2 for the
-// first `bytes` of its expert's w13 (two equal ranges, from the gate and the up half, where
-// GEMM1 reads its tile columns from both halves), so that DRAM streams GEMM1's weights while
-// this kernel and GEMM1's launch run instead of idling (at decode they are a fifth of the
-// layer's time). Routes of one expert ask for the same lines; L2 merges them. The host sizes
-// `bytes` so that the experts a batch can hit fit its budget (kernels.rs).
-struct FmPrefetchUp {
-    const char* w13;     // [E, N1, H]
-    fm_i64 expert_bytes;  // one expert's w13
-    fm_i64 second;        // offset of the second range within an expert, 0: one range
-    fm_i64 bytes;         // per expert, over its ranges; 0: no prefetch
-};
-
-template <typename Id>
-__device__ void fm_prefetch_up(const FmPrefetchUp& w, const Id* __restrict__ topk_ids, int numel,
-                               int experts) {
-    constexpr fm_i64 CHUNK = 64 * 1024;
-    const int ranges = w.second > 0 ? 2 : 1;
-    const fm_i64 range_bytes = w.bytes / ranges;
-    const int chunks = (int)((range_bytes + CHUNK - 1) / CHUNK);
-    const int per_route = ranges * chunks;
-    for (fm_i64 i = threadIdx.x; i < (fm_i64)numel * per_route; i += blockDim.x) {
-        const long long e = (long long)topk_ids[i / per_route];
-        if (e < 0 || e >= experts) continue;
-        const int range = (int)(i % per_route) / chunks, c = (int)(i % per_route) % chunks;
-        const char* base = w.w13 + e * w.expert_bytes + range * w.second;
-        fm_prefetch_l2(base + c * CHUNK, base + min((c + 1) * CHUNK, range_bytes), 0, 1);
-    }
-}
-
 template <typename Id>
 __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [-1, E)
                           int numel, int experts, int block_m, int capacity, int max_blocks,
@@ -139,9 +109,7 @@ __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [
                           int* __restrict__ num_padded,        // [1]
                           int* __restrict__ expert_offsets,    // [E + 1]: kept routes before e
                           int* __restrict__ route_slot,        // [numel]: padded position, -1 dropped
-                          unsigned* __restrict__ bad_ids,      // [1]: ids outside [-1, E), counted
-                          const FmPrefetchUp& prefetch) {
-    if (prefetch.bytes > 0) fm_prefetch_up(prefetch, topk_ids, numel, experts);
+                          unsigned* __restrict__ bad_ids) {    // [1]: ids outside [-1, E), counted
     extern __shared__ int shared[];
     int* piece_counts = shared;                               // [segments][E]
     int* padded_start = shared + segments * experts;          // [E + 1]
@@ -185,11 +153,10 @@ __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [
     extern "C" __global__ void __launch_bounds__(1024) name(                                  \
         const Id* topk_ids, int numel, int experts, int block_m, int capacity, int max_blocks, \
         int segments, int* sorted_route_ids, int* block_expert, int* num_padded,              \
-        int* expert_offsets, int* route_slot, unsigned* bad_ids,                               \
-        const __grid_constant__ FmPrefetchUp prefetch) {                                       \
+        int* expert_offsets, int* route_slot, unsigned* bad_ids) {                             \
         moe_align<Id>(topk_ids, numel, experts, block_m, capacity, max_blocks, segments,       \
                       sorted_route_ids, block_expert, num_padded, expert_offsets, route_slot,  \
-                      bad_ids, prefetch);                                                      \
+                      bad_ids);                                                                \
     }
 
 FM_ALIGN_ENTRY(moe_align__i32, int)

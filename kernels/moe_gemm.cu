@@ -46,9 +46,6 @@ struct FmGemmParams {
     const int* sorted_route_ids;  // [capacity]
     const int* block_expert;      // [max_blocks]
     const int* num_padded;        // [1]
-    const void* next_w;           // GEMM1 prefetching w2 [E, H, I] into L2; else null
-    fm_i64 next_w_bytes;          // one expert's w2 bytes
-    fm_i64 prefetch_budget;       // L2 bytes that prefetch may fill, over all experts
     int n, kdim, numel, top_k;
     int bias_kind;                // 0 f32, else the layer dtype's kind
     int router_kind;
@@ -58,8 +55,6 @@ struct FmGemmParams {
     int m_blocks;                 // the grid's m-blocks (max_blocks)
     int inter;                    // I: the activation's columns (FM_FUSED_ACT)
     float alpha, limit;           // the activation's parameters (FM_FUSED_ACT)
-    int prefetch_at;              // next_w's prefetch: 1 at the CTA's start, 2 after its k loop
-    int evict_first;              // W's lines leave L2 first (mma.sync loop): read once here
 };
 
 #ifdef FM_GEMM_PARAMS_BYTES
@@ -136,29 +131,6 @@ __device__ __forceinline__ bool fm_block(const FmGemmParams& p, FmBlock& b) {
     if (b.slot0 >= *p.num_padded) return false;
     b.expert = p.block_expert[m_block];
     return b.expert >= 0;
-}
-
-// ---------------------------------------------------------------- decode prefetch (sm_90)
-// A GEMM1 given next_w asks L2 for w2's rows of its expert, so that GEMM2 finds its weights
-// there instead of waiting on DRAM after a launch gap: at decode the three dependent launches
-// each start only when the previous drains, and DRAM idles in between (ncu, Qwen3 M = 1:
-// GEMM1 at 60 % of DRAM bandwidth, GEMM2 at 50 %). Each expert's first m-block shares the
-// expert's w2 among its n-tiles (and split-K ranks); the bytes per expert are capped so that
-// all the experts in use together take at most prefetch_budget, read from num_padded on the
-// device (graph-safe): a prefix of each expert's w2 when they do not all fit.
-// `index` of `count` threads share the prefetch (FM_WGMMA 2: the producer warpgroup's).
-__device__ __forceinline__ void fm_prefetch_next(const FmGemmParams& p, const FmBlock& b,
-                                                 int index = threadIdx.x,
-                                                 int count = FM_THREADS) {
-    if (p.next_w == nullptr) return;
-    const int m_block = b.slot0 / FM_BM;
-    if (m_block > 0 && p.block_expert[m_block - 1] == b.expert) return;
-    const fm_i64 blocks_used = max(*p.num_padded / FM_BM, 1);
-    const fm_i64 bytes = min(p.next_w_bytes, p.prefetch_budget / blocks_used);
-    const fm_i64 shares = (fm_i64)p.n_tiles * gridDim.y;
-    const fm_i64 share = (fm_i64)(b.n0 / FM_BN) * gridDim.y + blockIdx.y;
-    const char* w = (const char*)p.next_w + (fm_i64)b.expert * p.next_w_bytes;
-    fm_prefetch_l2(w + bytes * share / shares, w + bytes * (share + 1) / shares, index, count);
 }
 
 // The shared-memory tiles start after the row table, 128-byte aligned.
@@ -339,7 +311,7 @@ static_assert(FM_SPLIT_K == 1, "split-K takes the mma.sync main loop");
 // Loads the k-slice [k0, k0 + BK) of the A rows and W rows into one stage.
 __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& rows,
                                               const FmGemmParams& p, const fm_t* w_expert,
-                                              int n0, int k0, fm_u64 w_policy) {
+                                              int n0, int k0) {
     const fm_t* a = (const fm_t*)p.a;
     constexpr int chunks_per_row = FM_BK / 8;
     constexpr int chunks = (FM_BM + FM_BN) * chunks_per_row;
@@ -370,10 +342,7 @@ __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& 
 #if FM_VEC == 8
         // kdim is a multiple of 8 here, so a chunk is wholly inside or wholly past the end
         const bool valid = row_valid && k < p.kdim;
-        if (row < FM_BM)
-            fm_cp_async16(dst, valid ? (const void*)src : p.w, valid);
-        else
-            fm_cp_async16_hint(dst, valid ? (const void*)src : p.w, valid, w_policy);
+        fm_cp_async16(dst, valid ? (const void*)src : p.w, valid);
 #else
 #pragma unroll
         for (int j = 0; j < 8; ++j)
@@ -397,8 +366,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     __syncthreads();
 
     const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)expert * p.n * p.kdim;
-    const fm_u64 w_policy = fm_l2_policy(p.evict_first);
-    if (p.prefetch_at == 1) fm_prefetch_next(p, b);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = warp / FM_WARPS_N, wn = warp % FM_WARPS_N;
     float acc[FM_MI][FM_NI][4];
@@ -419,15 +386,14 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     for (int s = 0; s < FM_STAGES - 1; ++s) {
         if (s < k_tiles)
             fm_load_stage(stages + s * stage_elems, stages + s * stage_elems + FM_BM * FM_LDS,
-                          rows, p, w_expert, n0, (kt0 + s) * FM_BK, w_policy);
+                          rows, p, w_expert, n0, (kt0 + s) * FM_BK);
         fm_cp_async_commit();
     }
     for (int kt = 0; kt < k_tiles; ++kt) {
         const int next = kt + FM_STAGES - 1;
         if (next < k_tiles) {
             fm_t* st = stages + (next % FM_STAGES) * stage_elems;
-            fm_load_stage(st, st + FM_BM * FM_LDS, rows, p, w_expert, n0, (kt0 + next) * FM_BK,
-                          w_policy);
+            fm_load_stage(st, st + FM_BM * FM_LDS, rows, p, w_expert, n0, (kt0 + next) * FM_BK);
         }
         fm_cp_async_commit();
         fm_cp_async_wait<FM_STAGES - 1>();
@@ -471,7 +437,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
         __syncthreads();
     }
     fm_cp_async_wait<0>();
-    if (p.prefetch_at == 2) fm_prefetch_next(p, b);
 #if FM_SPLIT_K > 1
     __syncthreads();  // no thread's cp.async still lands in the stages the partials reuse
     if (!fm_split_reduce<FM_MI * FM_NI * 4>(&acc[0][0][0], (float*)stages)) return;

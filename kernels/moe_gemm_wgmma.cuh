@@ -246,7 +246,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
     __syncthreads();
 
     const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)expert * p.n * p.kdim;
-    if (p.prefetch_at == 1) fm_prefetch_next(p, b);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wg = warp / 4, wg_m = wg / FM_WG_N, wg_n = wg % FM_WG_N;
     // This warpgroup's A slab and B columns, as offsets into a stage.
@@ -291,7 +290,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
 #pragma unroll
     for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
     fm_cp_async_wait<0>();
-    if (p.prefetch_at == 2) fm_prefetch_next(p, b);
 
     // The accumulator fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4
     // (and 8 further down); per 8 columns j, registers 4j, 4j+1 sit at columns 8j + 2(lane%4)

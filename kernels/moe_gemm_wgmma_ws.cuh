@@ -133,9 +133,6 @@ __device__ __forceinline__ void fm_ws_produce(const FmRows& rows, const FmGemmPa
         fm_mbar_arrive(full0 + 8 * ready_slot);
         if (++ready_slot == FM_STAGES) ready_slot = 0;
     }
-    // With one CTA per SM, this warpgroup idles from here; GEMM1's decode prefetch of w2
-    // after the k loop is its work (FM_WGMMA 1 does it after the loop too).
-    if (p.prefetch_at == 2) fm_prefetch_next(p, b, tid, FM_WS_PRODUCERS);
 }
 
 extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
@@ -176,7 +173,6 @@ extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
 #if FM_WS_SETMAXNREG
         fm_setmaxnreg_inc<FM_WS_CONSUMER_REGS>();
 #endif
-        if (p.prefetch_at == 1) fm_prefetch_next(p, b);  // while the first stage loads
         const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
         const int wg = warp / 4, wg_m = wg / FM_WG_N, wg_n = wg % FM_WG_N;
         // This warpgroup's A slab and B columns, as offsets into a stage.

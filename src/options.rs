@@ -138,46 +138,6 @@ const KEYS: &[Key] = &[
         doc: "1 (default): f16/bf16 layers apply the activation in GEMM1's epilogue; 0: a kernel of its own",
     },
     Key {
-        name: "cuda.prefetch_up",
-        rule: Rule::Int {
-            min: 0,
-            max: 1,
-            pow2: false,
-        },
-        device: Some(DeviceKind::Cuda),
-        doc: "1: at decode (cuda.prefetch_tokens), moe_prepare's align step asks L2 for the routed experts' w13 (within cuda.prefetch_mib; batches under 4096 routes); 0: none. Needs compute capability 9.0",
-    },
-    Key {
-        name: "cuda.prefetch_down",
-        rule: Rule::Int {
-            min: 0,
-            max: 3,
-            pow2: false,
-        },
-        device: Some(DeviceKind::Cuda),
-        doc: "at decode (cuda.prefetch_tokens), GEMM1 asks L2 for the experts' w2 (within cuda.prefetch_mib): 1 as each CTA starts, 2 after its k loop, 3 as 2 with GEMM1's weight lines marked evict-first (mma.sync loop); 0: none. Needs compute capability 9.0",
-    },
-    Key {
-        name: "cuda.prefetch_tokens",
-        rule: Rule::Int {
-            min: 0,
-            max: 4096,
-            pow2: false,
-        },
-        device: Some(DeviceKind::Cuda),
-        doc: "the decode prefetches (cuda.prefetch_up, cuda.prefetch_down) apply to batches of at most this many tokens",
-    },
-    Key {
-        name: "cuda.prefetch_mib",
-        rule: Rule::Int {
-            min: 1,
-            max: 4096,
-            pow2: false,
-        },
-        device: Some(DeviceKind::Cuda),
-        doc: "MiB of L2 each decode prefetch may fill (default: 70 % of the GPU's L2)",
-    },
-    Key {
         name: "cpu.num_threads",
         rule: Rule::Int {
             min: 1,

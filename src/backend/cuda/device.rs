@@ -20,8 +20,6 @@ pub struct DeviceState {
     pub name: String,
     /// Compute capability and multiprocessor count: what a sibling GPU's tile table must share.
     pub traits: GpuTraits,
-    /// L2 bytes: what the decode prefetches may fill by default (prefetch.rs).
-    pub l2_bytes: usize,
     max_shared_optin: usize,
     nvrtc: (i32, i32),
     functions: Mutex<HashMap<String, CudaFunction>>,
@@ -68,9 +66,6 @@ pub fn device(ordinal: usize) -> Result<Arc<DeviceState>> {
     let sm_count = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(|e| driver_error(&what, e))? as u32;
-    let l2_bytes = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
-        .map_err(|e| driver_error(&what, e))? as usize;
     let traits = GpuTraits {
         compute_capability: (major as u32, minor as u32),
         sm_count,
@@ -83,7 +78,6 @@ pub fn device(ordinal: usize) -> Result<Arc<DeviceState>> {
         arch,
         name,
         traits,
-        l2_bytes,
         max_shared_optin,
         nvrtc,
         functions: Mutex::new(HashMap::new()),

@@ -128,18 +128,6 @@ pub struct AlignArgs<'a> {
     pub experts: usize,
     pub block_m: usize,
     pub bad_ids: u64,
-    pub prefetch_up: PrefetchUp,
-}
-
-/// moe_align's decode prefetch of w13 (kernels/moe_align.cu, FmPrefetchUp; prefetch.rs).
-#[repr(C)]
-pub struct PrefetchUp {
-    pub w13: u64,
-    pub expert_bytes: i64,
-    /// Byte offset of the second range in an expert's w13 (its up half), 0: one range.
-    pub second: i64,
-    /// Bytes per expert; 0: none.
-    pub bytes: i64,
 }
 
 pub struct ScratchPtrs {
@@ -158,10 +146,6 @@ struct GemmParams {
     sorted_route_ids: u64,
     block_expert: u64,
     num_padded: u64,
-    /// GEMM1 prefetching w2 into L2 (prefetch.rs): w2, one expert's bytes, the budget
-    next_w: u64,
-    next_w_bytes: i64,
-    prefetch_budget: i64,
     n: i32,
     kdim: i32,
     numel: i32,
@@ -177,10 +161,6 @@ struct GemmParams {
     inter: i32,
     alpha: f32,
     limit: f32,
-    /// 1: at the CTA's start, 2: after its k loop; 0: no prefetch
-    prefetch_at: i32,
-    /// W's lines evict-first in L2 (mma.sync loop)
-    evict_first: i32,
 }
 
 /// The size moe_gemm.cu checks FmGemmParams against (FM_GEMM_PARAMS_BYTES).
@@ -216,7 +196,6 @@ struct ZeroParams {
 }
 
 unsafe impl DeviceRepr for GemmParams {}
-unsafe impl DeviceRepr for PrefetchUp {}
 unsafe impl DeviceRepr for ActParams {}
 unsafe impl DeviceRepr for CombineParams {}
 unsafe impl DeviceRepr for ZeroParams {}
@@ -328,8 +307,7 @@ impl KernelSet {
                 .arg(&padded)
                 .arg(&offsets)
                 .arg(&slots)
-                .arg(&a.bad_ids)
-                .arg(&a.prefetch_up);
+                .arg(&a.bad_ids);
             return unsafe { b.launch(launch(f, 1, shared_bytes)) }
                 .map(|_| ())
                 .map_err(fail(f));
@@ -389,7 +367,6 @@ impl KernelSet {
         io: &RunIo,
         s: ScratchPtrs,
         lora: Option<&lora::Run>,
-        down: super::prefetch::DownPrefetch,
     ) -> Result<()> {
         let v = &layer.v;
         let d = v.dims;
@@ -446,9 +423,6 @@ impl KernelSet {
                 sorted_route_ids: sorted,
                 block_expert: blocks,
                 num_padded: padded,
-                next_w: if down.at != 0 { layer.weights.w2.data as u64 } else { 0 },
-                next_w_bytes: (d.hidden * d.inter * v.dtype.size()) as i64,
-                prefetch_budget: down.budget as i64,
                 n: d.n1 as i32,
                 kdim: d.hidden as i32,
                 numel: p.numel as i32,
@@ -462,8 +436,6 @@ impl KernelSet {
                 inter: d.inter as i32,
                 alpha,
                 limit,
-                prefetch_at: down.at,
-                evict_first: down.evict_first as i32,
             },
             lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
         )?;
@@ -506,9 +478,6 @@ impl KernelSet {
                 sorted_route_ids: sorted,
                 block_expert: blocks,
                 num_padded: padded,
-                next_w: 0,
-                next_w_bytes: 0,
-                prefetch_budget: 0,
                 n: d.hidden as i32,
                 kdim: d.inter as i32,
                 numel: p.numel as i32,
@@ -522,8 +491,6 @@ impl KernelSet {
                 inter: d.inter as i32,
                 alpha,
                 limit,
-                prefetch_at: 0,
-                evict_first: 0,
             },
             lora.map(|(run, _)| run.expand_down()).as_ref(),
         )?;

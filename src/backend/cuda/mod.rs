@@ -10,7 +10,6 @@ pub mod dispatch;
 mod kernels;
 mod lora;
 mod mapped;
-mod prefetch;
 pub mod probe;
 pub mod variant;
 
@@ -86,8 +85,6 @@ pub struct CudaLayer {
     wgmma_ws: bool,
     /// f16/bf16 GEMM1s apply the activation in their epilogue (option cuda.fuse_act).
     fuse_act: bool,
-    /// The decode prefetches of w13 and w2 into L2 (options cuda.prefetch_*).
-    prefetch: prefetch::Prefetch,
     kernels: Mutex<HashMap<SetKey, Arc<KernelSet>>>,
     /// Made when the first LoRA wrapper over the layer is: the LoRA map kernel's error
     /// counters. While it exists, moe_warmup also loads the LoRA kernel sets.
@@ -223,8 +220,7 @@ fn run_stages(
         act: base + s.act as u64,
         y: base + s.y as u64,
     };
-    let down = c.prefetch.down(p.num_tokens);
-    k.run(&stream, layer, p, io, ptrs, run.as_ref(), down)
+    k.run(&stream, layer, p, io, ptrs, run.as_ref())
 }
 
 impl Backend for CudaBackend {
@@ -250,7 +246,6 @@ impl Backend for CudaBackend {
             hopper: dev.arch == "sm_90a" && options.int("cuda.wgmma") != Some(0),
             wgmma_ws: options.int("cuda.wgmma_ws") == Some(1),
             fuse_act: options.int("cuda.fuse_act") != Some(0),
-            prefetch: prefetch::Prefetch::new(options, &dev)?,
             kernels: Mutex::new(HashMap::new()),
             lora: once_cell::sync::OnceCell::new(),
             dev,
@@ -327,20 +322,6 @@ impl Backend for CudaBackend {
         let stream = unsafe { c.dev.ctx.wrap_borrowed_stream(stream as _) };
         let k = c.launch_kernel_set(&layer.v, key, &stream)?;
         let ids_i64 = ids.elem == crate::dtype::ElemType::I64;
-        let d = layer.v.dims;
-        let routes = layout.route_slot.len;
-        let (expert_bytes, esize) = (d.n1 * d.hidden * layer.v.dtype.size(), layer.v.dtype.size());
-        let prefetch_up = kernels::PrefetchUp {
-            w13: layer.weights.w13.data as u64,
-            expert_bytes: expert_bytes as i64,
-            // GEMM1 reads a halves-layout w13's tile columns from both halves at once
-            second: match layer.v.gated && layer.v.layout == crate::activation::GateUpLayout::Halves {
-                true => (d.inter * d.hidden * esize) as i64,
-                false => 0,
-            },
-            bytes: c.prefetch.up_bytes(routes / d.top_k.max(1), routes, d.experts, expert_bytes)
-                as i64,
-        };
         k.align(
             &stream,
             ids_i64,
@@ -351,7 +332,6 @@ impl Backend for CudaBackend {
                 experts: layer.v.dims.experts,
                 block_m: tile.block_m as usize,
                 bad_ids: c.bad_ids.device_ptr(),
-                prefetch_up,
             },
         )?;
         Ok(0)
