@@ -46,9 +46,6 @@ struct FmGemmParams {
     const int* sorted_route_ids;  // [capacity]
     const int* block_expert;      // [max_blocks]
     const int* num_padded;        // [1]
-    int* counters;                // the combine in GEMM2 (below): [tokens, n_tiles of GEMM2]
-    const int* route_slot;        // [numel]: -1 where the route was dropped (GEMM2's combine)
-    void* combined;               // GEMM2's combine: out [tokens, n]
     int n, kdim, numel, top_k;
     int bias_kind;                // 0 f32, else the layer dtype's kind
     int router_kind;
@@ -58,8 +55,6 @@ struct FmGemmParams {
     int m_blocks;                 // the grid's m-blocks (max_blocks)
     int inter;                    // I: the activation's columns (FM_FUSED_ACT)
     float alpha, limit;           // the activation's parameters (FM_FUSED_ACT)
-    int n_counters;               // GEMM1 zeroes counters[0, n_counters)
-    float rsf;                    // GEMM2's combine: the routed scaling factor
 };
 
 #ifdef FM_GEMM_PARAMS_BYTES
@@ -137,102 +132,6 @@ __device__ __forceinline__ bool fm_block(const FmGemmParams& p, FmBlock& b) {
     b.expert = p.block_expert[m_block];
     return b.expert >= 0;
 }
-
-// ---------------------------------------------------------------- the combine in GEMM2
-// Where the host sets p.counters (small batches: cuda.fuse_combine, kernels.rs), GEMM2 also
-// does moe_combine's work, so the combine's launch goes, and with it the wait for GEMM2's
-// last CTA before any token's sum can start: at decode that launch was a tenth of the layer
-// (ncu on the H200, Qwen3 M = 1: combine 3.3 µs). After storing its y rows, a CTA counts
-// them per (token, its n-tile); the CTA whose count completes a token's kept routes sums the
-// token's columns of that n-tile over k, in k order, exactly as moe_combine does (one f32 sum
-// from 0, times rsf, one rounding), so results are the same bits. GEMM1, the launch before
-// on the stream, zeroes the counters; GEMM2's first CTA writes the zero rows of tokens that
-// kept no route (no count completes for them).
-
-// The kept routes of `token`.
-__device__ __forceinline__ int fm_kept_routes(const FmGemmParams& p, int token) {
-    int kept = 0;
-    for (int k = 0; k < p.top_k; ++k) kept += p.route_slot[(fm_i64)token * p.top_k + k] >= 0;
-    return kept;
-}
-
-// The most tokens a batch has when the host asks for the combine in GEMM2 (kernels.rs).
-#ifndef FM_COMBINE_MAX_TOKENS
-#define FM_COMBINE_MAX_TOKENS 256
-#endif
-
-// Every launch of moe_gemm calls this first, before any CTA leaves (fm_block) and before
-// anything is in shared memory, which GEMM2's first CTA borrows for its list.
-__device__ __forceinline__ void fm_gemm_prelude(const FmGemmParams& p, unsigned char* smem) {
-    if (p.counters == nullptr) return;
-#if FM_GEMM_MODE == 1
-    const fm_i64 stride = (fm_i64)gridDim.x * gridDim.y * blockDim.x;
-    for (fm_i64 i = ((fm_i64)blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
-         i < p.n_counters; i += stride)
-        p.counters[i] = 0;
-#else
-    if (blockIdx.x != 0 || blockIdx.y != 0) return;
-    int* n_empty = (int*)smem;  // then the tokens that kept no route
-    int* empty = n_empty + 1;
-    if (threadIdx.x == 0) *n_empty = 0;
-    __syncthreads();
-    const int tokens = min(p.numel / p.top_k, FM_COMBINE_MAX_TOKENS);
-    for (int t = threadIdx.x; t < tokens; t += blockDim.x)
-        if (fm_kept_routes(p, t) == 0) empty[atomicAdd(n_empty, 1)] = t;
-    __syncthreads();
-    for (fm_i64 i = threadIdx.x; i < (fm_i64)*n_empty * p.n; i += blockDim.x)
-        ((fm_t*)p.combined)[(fm_i64)empty[i / p.n] * p.n + i % p.n] = fm_store(0.0f);
-    __syncthreads();  // the list is read before the row table overwrites it
-#endif
-}
-
-#if FM_GEMM_MODE == 2
-// An element another CTA stored, read from L2 (this SM's L1 may hold an older line).
-__device__ __forceinline__ fm_t fm_load_cg(const fm_t* p) {
-    unsigned short v;
-    asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
-    return *(fm_t*)&v;
-}
-
-// After the epilogue, by every thread of the CTA (the one that ran it, for split-K). `free`:
-// shared memory past the row table that the main loop is done with.
-__device__ __forceinline__ void fm_combine_tail(const FmGemmParams& p, const FmRows& rows,
-                                                const FmBlock& b, int* free) {
-    if (p.counters == nullptr) return;
-    int* n_done = free;  // then the tokens whose sums this CTA does
-    int* done = free + 1;
-    __threadfence();  // this thread's y stores reach L2 before the CTA's counts
-    __syncthreads();  // and every warp is past its last read of the stages
-    if (threadIdx.x == 0) *n_done = 0;
-    __syncthreads();
-    const int n_tile = b.n0 / FM_BN;
-    for (int i = threadIdx.x; i < FM_BM; i += blockDim.x) {
-        const int route = rows.route[i];
-        if (route < 0) continue;
-        const int token = route / p.top_k;
-        if (atomicAdd(p.counters + (fm_i64)token * p.n_tiles + n_tile, 1) ==
-            fm_kept_routes(p, token) - 1)
-            done[atomicAdd(n_done, 1)] = token;
-    }
-    __syncthreads();
-    const int count = *n_done;
-    if (count == 0) return;
-    __threadfence();  // the other CTAs' y rows, stored before the counts ours followed
-    const int cols = min(FM_BN, p.n - b.n0);
-    for (int i = threadIdx.x; i < count * cols; i += blockDim.x) {
-        const int token = done[i / cols], col = b.n0 + i % cols;
-        const fm_t* y = (const fm_t*)p.out + (fm_i64)token * p.top_k * p.n + col;
-        float sum = 0.0f;
-        for (int k = 0; k < p.top_k; ++k)
-            if (p.route_slot[(fm_i64)token * p.top_k + k] >= 0)
-                sum += fm_load(fm_load_cg(y + (fm_i64)k * p.n));
-        ((fm_t*)p.combined)[(fm_i64)token * p.n + col] = fm_store(p.rsf * sum);
-    }
-}
-#define FM_COMBINE_TAIL(p, rows, b, free) fm_combine_tail(p, rows, b, free)
-#else
-#define FM_COMBINE_TAIL(p, rows, b, free)
-#endif
 
 // The shared-memory tiles start after the row table, 128-byte aligned.
 __device__ __forceinline__ fm_t* fm_tiles(unsigned char* smem) {
@@ -455,12 +354,11 @@ __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& 
 // A split-K cluster's CTAs share their tile (blockIdx.x), so they all exit here together.
 extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
-    extern __shared__ __align__(16) unsigned char fm_smem[];
-    fm_gemm_prelude(p, fm_smem);
     FmBlock b;
     if (!fm_block(p, b)) return;
     const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
 
+    extern __shared__ __align__(16) unsigned char fm_smem[];
     FmRows& rows = *(FmRows*)fm_smem;
     fm_t* stages = fm_tiles(fm_smem);
     constexpr int stage_elems = (FM_BM + FM_BN) * FM_LDS;
@@ -560,7 +458,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
         fm_store_row<FM_NI, 0>(rows, p, expert, slot0, row, col0, &acc[i][0][0]);
         fm_store_row<FM_NI, 2>(rows, p, expert, slot0, row + 8, col0, &acc[i][0][0]);
     }
-    FM_COMBINE_TAIL(p, rows, b, (int*)stages);
 }
 
 #else
@@ -573,12 +470,11 @@ static_assert(FM_SPLIT_K == 1, "split-K takes the tensor-core path");
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
-    extern __shared__ __align__(16) unsigned char fm_smem[];
-    fm_gemm_prelude(p, fm_smem);
     FmBlock b;
     if (!fm_block(p, b)) return;
     const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
 
+    extern __shared__ __align__(16) unsigned char fm_smem[];
     FmRows& rows = *(FmRows*)fm_smem;
     fm_t* sa = fm_tiles(fm_smem);
     fm_t* sb = sa + FM_BM * FM_LDS;
@@ -624,6 +520,5 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS)
             fm_epilogue(rows, p, expert, slot0, idx / FM_BN, n0 + idx % FM_BN, acc[q]
                         FM_LORA_PASS);
     }
-    FM_COMBINE_TAIL(p, rows, b, (int*)sa);
 }
 #endif

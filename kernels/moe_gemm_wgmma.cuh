@@ -232,12 +232,11 @@ struct FmWgLoader {
 #define FM_MIN_CTAS (FM_WG_COLS <= 128 && FM_THREADS <= 256 ? 2 : 1)
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
-    extern __shared__ __align__(16) unsigned char fm_smem[];
-    fm_gemm_prelude(p, fm_smem);
     FmBlock b;
     if (!fm_block(p, b)) return;
     const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
 
+    extern __shared__ __align__(16) unsigned char fm_smem[];
     FmRows& rows = *(FmRows*)fm_smem;
     // The stages start at the first 1024-byte boundary past the row table (the launch asks
     // for 1024 bytes of slack).
@@ -303,6 +302,5 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
 #endif
     fm_store_row<FM_WG_COLS / 8, 0>(rows, p, expert, slot0, row0, col0, acc);
     fm_store_row<FM_WG_COLS / 8, 2>(rows, p, expert, slot0, row0 + 8, col0, acc);
-    FM_COMBINE_TAIL(p, rows, b, (int*)fm_tiles(fm_smem));
 }
 #endif  // FM_WGMMA == 1

@@ -137,14 +137,11 @@ __device__ __forceinline__ void fm_ws_produce(const FmRows& rows, const FmGemmPa
 
 extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
-    extern __shared__ __align__(16) unsigned char fm_smem[];
-    // GEMM1's zeroing of the combine's counters (the host never asks this loop for GEMM2's
-    // combine: its roles part before the epilogue)
-    fm_gemm_prelude(p, fm_smem);
     FmBlock b;
     if (!fm_block(p, b)) return;  // the whole CTA, before any barrier exists
     const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
 
+    extern __shared__ __align__(16) unsigned char fm_smem[];
     FmRows& rows = *(FmRows*)fm_smem;
     // The stages start at the first 1024-byte boundary past the row table (the launch asks
     // for 1024 bytes of slack), the barriers right after them: full[STAGES], empty[STAGES].

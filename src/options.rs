@@ -138,16 +138,6 @@ const KEYS: &[Key] = &[
         doc: "1 (default): f16/bf16 layers apply the activation in GEMM1's epilogue; 0: a kernel of its own",
     },
     Key {
-        name: "cuda.fuse_combine",
-        rule: Rule::Int {
-            min: 0,
-            max: 256,
-            pow2: false,
-        },
-        device: Some(DeviceKind::Cuda),
-        doc: "batches of at most this many tokens have GEMM2 add each token's routes itself (the last CTA to finish a token's columns sums them in k order, the same bits as the combine kernel), instead of a combine launch; 0: never",
-    },
-    Key {
         name: "cpu.num_threads",
         rule: Rule::Int {
             min: 1,

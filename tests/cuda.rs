@@ -512,84 +512,6 @@ fn split_k_tiles_match_the_cpu() {
     );
 }
 
-/// GEMM2 doing the combine (cuda.fuse_combine): every dtype (f32 on the SIMT loop), the
-/// mma.sync, split-K and wgmma loops, many tokens of one n-tile finishing in one CTA (M up to
-/// the 256 the counters cover), dropped routes and tokens that keep none (their rows are
-/// zeros), rsf, the router weight on either side, biases, inplace, and H that is not a
-/// multiple of the tile (the last n-tile's columns).
-#[test]
-fn gemm2_with_the_combine_matches_the_cpu() {
-    let Some(ctx) = gpu("gemm2_with_the_combine_matches_the_cpu") else {
-        return;
-    };
-    let split = has_clusters(&ctx);
-    // (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split of GEMM2)
-    let mut tiles = vec![(16, 32, 128, 4, 3, 1), (64, 128, 64, 4, 4, 1)];
-    if split {
-        tiles.push((16, 64, 64, 4, 3, 4));
-    }
-    let mut cases = Vec::new();
-    for (n, (bm, bn, bk, warps, stages, s2)) in tiles.into_iter().enumerate() {
-        let mut pairs = vec![
-            ("tile.block_m", bm),
-            ("tile.block_n", bn),
-            ("tile.block_k", bk),
-            ("tile.num_warps", warps),
-            ("tile.num_stages", stages),
-            ("cuda.fuse_combine", 256),
-        ];
-        if s2 > 1 {
-            pairs.push(("tile.split_k_down", s2));
-        }
-        let options = number_options(&pairs);
-        let seed = 5100 + 10 * n as u64;
-        // split-K takes the tensor-core path: f16/bf16 only
-        for (i, dt) in DTYPES.into_iter().enumerate().filter(|&(_, dt)| s2 == 1 || dt != Dt::F32) {
-            cases.push(Case {
-                tokens: 1,
-                experts: 8,
-                top_k: 2,
-                hidden: 1030,
-                inter: 72,
-                b2: true,
-                rsf: 2.5,
-                options: options.clone(),
-                ..base(dt, seed + i as u64)
-            });
-        }
-        cases.push(Case {
-            tokens: 37,
-            experts: 16,
-            top_k: 4,
-            hidden: 200,
-            inter: 64,
-            on_input: true,
-            drop: 0.6,
-            inplace: true,
-            options: options.clone(),
-            ..base(Dt::Bf16, seed + 5)
-        });
-        cases.push(Case {
-            tokens: 256,
-            experts: 4,
-            top_k: 3,
-            hidden: 512,
-            inter: 320,
-            keep_weight: true,
-            drop: 0.3,
-            b13: true,
-            b2: true,
-            options,
-            ..base(Dt::F16, seed + 6)
-        });
-    }
-    run_cases(
-        "GEMM2 with the combine",
-        &ctx,
-        &select(cases, |c| c.tokens == 37 || c.tokens == 1 && c.dt == Dt::Bf16),
-    );
-}
-
 /// With the same BLOCK_M, the CUDA align step gives the CPU's plan (SPEC §4 fixes the order).
 #[test]
 fn cuda_plan_arrays_equal_the_cpu_plan() {
@@ -815,16 +737,6 @@ fn a_captured_graph_replays_new_batches_and_fewer_tokens() {
             ..base(Dt::F32, 6003)
         });
     }
-    // GEMM2 with the combine (its counters zeroed by GEMM1 at each replay; the padding
-    // tokens' zero rows written by GEMM2's first CTA)
-    cases.push(Case {
-        tokens: 64,
-        b2: true,
-        drop: 0.1,
-        rsf: 1.5,
-        options: number_options(&[("cuda.fuse_combine", 64)]),
-        ..base(Dt::Bf16, 6004)
-    });
     for c in cases {
         graph_case(&ctx, &c).unwrap_or_else(|e| panic!("graph capture: {c:?}\n    {e}"));
     }

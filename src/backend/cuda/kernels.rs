@@ -134,8 +134,6 @@ pub struct ScratchPtrs {
     pub g1: u64,
     pub act: u64,
     pub y: u64,
-    /// GEMM2's combine counters ([tokens, ceil(H / 16)] i32), where the batch fuses it.
-    pub counters: Option<u64>,
 }
 
 #[repr(C)]
@@ -148,11 +146,6 @@ struct GemmParams {
     sorted_route_ids: u64,
     block_expert: u64,
     num_padded: u64,
-    /// GEMM2's combine (moe_gemm.cu): the counters GEMM1 zeroes and GEMM2 counts in, null
-    /// where the combine has its own launch; route_slot and the layer's out for GEMM2
-    counters: u64,
-    route_slot: u64,
-    combined: u64,
     n: i32,
     kdim: i32,
     numel: i32,
@@ -168,9 +161,6 @@ struct GemmParams {
     inter: i32,
     alpha: f32,
     limit: f32,
-    /// GEMM1 zeroes counters[0, n_counters)
-    n_counters: i32,
-    rsf: f32,
 }
 
 /// The size moe_gemm.cu checks FmGemmParams against (FM_GEMM_PARAMS_BYTES).
@@ -419,15 +409,6 @@ impl KernelSet {
         };
         let (b13, b13_kind) = bias_parts(&layer.b13);
         let n_tiles1 = d.n1.div_ceil(bn);
-        let n_tiles2 = d.hidden.div_ceil(bn);
-        // GEMM2 does the combine itself (moe_gemm.cu, fm_combine_tail) where the scratch
-        // has its counters, unless its main loop is the warp-specialised one, whose roles
-        // part before the epilogue
-        let counters = match s.counters {
-            Some(c) if !v.no_combine && self.gemm2.v.define("FM_WGMMA") != Some(2) => c,
-            _ => 0,
-        };
-        let n_counters = if counters != 0 { p.num_tokens * n_tiles2 } else { 0 };
         // grid y: the CTAs of a split-K cluster (moe_gemm.cu, FM_SPLIT_K)
         self.gemm1.launch_with(
             stream,
@@ -442,9 +423,6 @@ impl KernelSet {
                 sorted_route_ids: sorted,
                 block_expert: blocks,
                 num_padded: padded,
-                counters,
-                route_slot: slots,
-                combined: 0,
                 n: d.n1 as i32,
                 kdim: d.hidden as i32,
                 numel: p.numel as i32,
@@ -458,8 +436,6 @@ impl KernelSet {
                 inter: d.inter as i32,
                 alpha,
                 limit,
-                n_counters: n_counters as i32,
-                rsf: v.rsf,
             },
             lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
         )?;
@@ -484,7 +460,7 @@ impl KernelSet {
             k.shrink(stream, &run.shrink_down(&align, s.act))?;
         }
         let (b2, b2_kind) = bias_parts(&layer.b2);
-
+        let n_tiles2 = d.hidden.div_ceil(bn);
         let y = if v.no_combine {
             io.out.data as u64
         } else {
@@ -502,9 +478,6 @@ impl KernelSet {
                 sorted_route_ids: sorted,
                 block_expert: blocks,
                 num_padded: padded,
-                counters,
-                route_slot: slots,
-                combined: io.out.data as u64,
                 n: d.hidden as i32,
                 kdim: d.inter as i32,
                 numel: p.numel as i32,
@@ -518,14 +491,10 @@ impl KernelSet {
                 inter: d.inter as i32,
                 alpha,
                 limit,
-                n_counters: n_counters as i32,
-                rsf: v.rsf,
             },
             lora.map(|(run, _)| run.expand_down()).as_ref(),
         )?;
-        if counters != 0 {
-            Ok(())
-        } else if v.no_combine {
+        if v.no_combine {
             self.finish.launch_rows(
                 stream,
                 p.numel,

@@ -31,9 +31,6 @@ pub struct CudaBackend;
 
 static BACKEND: CudaBackend = CudaBackend;
 
-/// cuda.fuse_combine's default.
-const DEFAULT_FUSE_COMBINE_TOKENS: usize = 0;
-
 /// The most experts the one-block align kernel takes (its counts live in shared memory).
 const MAX_EXPERTS: usize = 4096;
 
@@ -88,9 +85,6 @@ pub struct CudaLayer {
     wgmma_ws: bool,
     /// f16/bf16 GEMM1s apply the activation in their epilogue (option cuda.fuse_act).
     fuse_act: bool,
-    /// Batches of at most this many tokens have GEMM2 do the combine (option
-    /// cuda.fuse_combine).
-    fuse_combine_tokens: usize,
     kernels: Mutex<HashMap<SetKey, Arc<KernelSet>>>,
     /// Made when the first LoRA wrapper over the layer is: the LoRA map kernel's error
     /// counters. While it exists, moe_warmup also loads the LoRA kernel sets.
@@ -169,21 +163,11 @@ impl CudaLayer {
     }
 }
 
-/// The most tokens a batch may have for GEMM2 to do the combine itself (option
-/// cuda.fuse_combine; the scratch holds its counters for batches up to this size).
-pub(crate) const FUSE_COMBINE_MAX_TOKENS: usize = 256;
-/// The narrowest GEMM tile (tile.block_n's least): the counters cover GEMM2's n-tiles of it.
-const MIN_BLOCK_N: usize = 16;
-
-/// Where GEMM1's output, the activation, GEMM2's route rows and the combine's counters sit in
-/// the scratch section.
+/// Where GEMM1's output, the activation and GEMM2's route rows sit in the scratch section.
 struct Scratch {
     g1: usize,
     act: usize,
     y: usize,
-    /// GEMM2's combine counters ([tokens, ceil(H / MIN_BLOCK_N)] i32), for batches of at
-    /// most FUSE_COMBINE_MAX_TOKENS tokens.
-    counters: Option<usize>,
     total: usize,
 }
 
@@ -194,21 +178,12 @@ fn scratch(v: &Validated, numel: usize, capacity: usize) -> Scratch {
     let g1 = 0;
     let act = up(g1 + capacity * d.n1 * e);
     let y = up(act + capacity * d.inter * e);
-    if v.no_combine {
-        return Scratch { g1, act, y, counters: None, total: y };
-    }
-    let counters = up(y + numel * d.hidden * e);
-    let tokens = numel / d.top_k.max(1);
-    // sized for min(tokens, the most) so that the scratch grows with the batch: a workspace
-    // for max_tokens serves every smaller batch (moe_workspace_size)
-    let counted = tokens.min(FUSE_COMBINE_MAX_TOKENS);
-    Scratch {
-        g1,
-        act,
-        y,
-        counters: (tokens <= FUSE_COMBINE_MAX_TOKENS).then_some(counters),
-        total: up(counters + counted * d.hidden.div_ceil(MIN_BLOCK_N) * 4),
-    }
+    let total = if v.no_combine {
+        y
+    } else {
+        up(y + numel * d.hidden * e)
+    };
+    Scratch { g1, act, y, total }
 }
 
 /// moe_run, or moe_run_lora with `lora`: every stage launched on the host's stream.
@@ -240,12 +215,10 @@ fn run_stages(
     };
     let s = scratch(&layer.v, p.numel, p.layout.sorted_route_ids.len);
     let base = p.workspace as u64 + p.layout.scratch.offset as u64;
-    let fuse_combine = p.num_tokens <= c.fuse_combine_tokens;
     let ptrs = kernels::ScratchPtrs {
         g1: base + s.g1 as u64,
         act: base + s.act as u64,
         y: base + s.y as u64,
-        counters: s.counters.filter(|_| fuse_combine).map(|at| base + at as u64),
     };
     k.run(&stream, layer, p, io, ptrs, run.as_ref())
 }
@@ -273,9 +246,6 @@ impl Backend for CudaBackend {
             hopper: dev.arch == "sm_90a" && options.int("cuda.wgmma") != Some(0),
             wgmma_ws: options.int("cuda.wgmma_ws") == Some(1),
             fuse_act: options.int("cuda.fuse_act") != Some(0),
-            fuse_combine_tokens: options
-                .int("cuda.fuse_combine")
-                .map_or(DEFAULT_FUSE_COMBINE_TOKENS, |t| t as usize),
             kernels: Mutex::new(HashMap::new()),
             lora: once_cell::sync::OnceCell::new(),
             dev,

@@ -25,11 +25,6 @@ pub struct Variant {
 }
 
 impl Variant {
-    /// The value of one of its -D defines.
-    pub fn define(&self, key: &str) -> Option<i64> {
-        self.defines.iter().find(|(k, _)| *k == key).map(|&(_, v)| v)
-    }
-
     pub fn source(&self) -> &'static Source {
         [
             &KERNEL_ALIGN,
@@ -368,7 +363,6 @@ fn gemm_variant(
         ("FM_WGMMA", wgmma),
         ("FM_SPLIT_K", split as i64),
         ("FM_GEMM_PARAMS_BYTES", super::kernels::GEMM_PARAMS_BYTES as i64),
-        ("FM_COMBINE_MAX_TOKENS", super::FUSE_COMBINE_MAX_TOKENS as i64),
     ];
     if path.lora {
         defines.extend(lora::expand_defines());
