@@ -225,6 +225,40 @@ struct FmWgLoader {
     }
 };
 
+// A warpgroup's wgmmas of the k-tile in the stage at shared address `stage`, then the wait
+// that leaves them in flight and the previous k-tile's done (both Hopper main loops).
+__device__ __forceinline__ void fm_wg_mma_ktile(float (&acc)[FM_WG_COLS / 2], unsigned stage,
+                                                unsigned a_off, unsigned b_off) {
+#pragma unroll
+    for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
+    fm_wg_fence();
+#pragma unroll
+    for (int ks = 0; ks < FM_BK / 16; ++ks)  // 16 elements = 32 bytes along the row
+        FM_WGMMA_TILE(acc, fm_wg_desc(stage + a_off + ks * 32), fm_wg_desc(stage + b_off + ks * 32));
+    fm_wg_commit();
+    fm_wg_wait<1>();  // this warpgroup's wgmma of the k-tile before is done
+#pragma unroll
+    for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
+}
+
+// A warpgroup's epilogue, after its last wgmma: the LoRA delta (FM_LORA), then the stores.
+// The accumulator fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (and
+// 8 further down); per 8 columns j, registers 4j, 4j+1 sit at columns 8j + 2(lane%4) + {0, 1}
+// of the first row, 4j+2, 4j+3 at the same columns of the second.
+__device__ __forceinline__ void fm_wg_epilogue(const FmRows& rows, const FmGemmParams& p,
+                                               const FmBlock& b, int wg_m, int wg_n,
+                                               float* acc FM_LORA_ARG) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row0 = wg_m * 64 + (warp % 4) * 16 + lane / 4;
+    const int col0 = b.n0 + wg_n * FM_WG_COLS + (lane % 4) * 2;
+#if FM_LORA
+    fm_lora_expand_frags<FM_WG_COLS / 8, FM_PAIRED_HALVES>(
+        lora, rows.route[row0], rows.route[row0 + 8], b.expert, b.n0 + wg_n * FM_WG_COLS, acc);
+#endif
+    fm_store_row<FM_WG_COLS / 8, 0>(rows, p, b.expert, b.slot0, row0, col0, acc);
+    fm_store_row<FM_WG_COLS / 8, 2>(rows, p, b.expert, b.slot0, row0 + 8, col0, acc);
+}
+
 #if FM_WGMMA == 1
 // Two CTAs per SM where the accumulators allow (64 per thread fit the 128 registers that
 // leaves, without spills): one CTA's epilogue and pipeline fill then overlap the other's
@@ -246,8 +280,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
     __syncthreads();
 
     const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)expert * p.n * p.kdim;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int wg = warp / 4, wg_m = wg / FM_WG_N, wg_n = wg % FM_WG_N;
+    const int wg = threadIdx.x / 128, wg_m = wg / FM_WG_N, wg_n = wg % FM_WG_N;
     // This warpgroup's A slab and B columns, as offsets into a stage.
     const unsigned a_off = wg_m * 64 * FM_ROW_BYTES;
     const unsigned b_off = (FM_BM + wg_n * FM_WG_COLS) * FM_ROW_BYTES;
@@ -268,19 +301,9 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
         fm_fence_proxy_async();
         __syncthreads();  // k-tile kt is in shared memory, every thread's part of it
 
-        const unsigned stage = tiles0 + (kt % FM_STAGES) * FM_STAGE_BYTES;
-#pragma unroll
-        for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
-        fm_wg_fence();
-#pragma unroll
-        for (int ks = 0; ks < FM_BK / 16; ++ks)  // 16 elements = 32 bytes along the row
-            FM_WGMMA_TILE(acc, fm_wg_desc(stage + a_off + ks * 32),
-                          fm_wg_desc(stage + b_off + ks * 32));
-        fm_wg_commit();
-        fm_wg_wait<1>();  // this warpgroup's wgmma of k-tile kt - 1 is done
-#pragma unroll
-        for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
-        __syncthreads();  // every warpgroup's is: its slot takes k-tile kt + STAGES - 1
+        fm_wg_mma_ktile(acc, tiles0 + (kt % FM_STAGES) * FM_STAGE_BYTES, a_off, b_off);
+        __syncthreads();  // every warpgroup's wgmma of kt - 1 is done: its slot takes k-tile
+                          // kt + STAGES - 1
 
         const int next = kt + FM_STAGES - 1;
         if (next < k_tiles) loader.load_next(tiles0 + (next % FM_STAGES) * FM_STAGE_BYTES, p);
@@ -290,17 +313,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
 #pragma unroll
     for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
     fm_cp_async_wait<0>();
-
-    // The accumulator fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4
-    // (and 8 further down); per 8 columns j, registers 4j, 4j+1 sit at columns 8j + 2(lane%4)
-    // + {0, 1} of the first row, 4j+2, 4j+3 at the same columns of the second.
-    const int row0 = wg_m * 64 + (warp % 4) * 16 + lane / 4;
-    const int col0 = n0 + wg_n * FM_WG_COLS + (lane % 4) * 2;
-#if FM_LORA
-    fm_lora_expand_frags<FM_WG_COLS / 8, FM_PAIRED_HALVES>(
-        lora, rows.route[row0], rows.route[row0 + 8], expert, n0 + wg_n * FM_WG_COLS, acc);
-#endif
-    fm_store_row<FM_WG_COLS / 8, 0>(rows, p, expert, slot0, row0, col0, acc);
-    fm_store_row<FM_WG_COLS / 8, 2>(rows, p, expert, slot0, row0 + 8, col0, acc);
+    fm_wg_epilogue(rows, p, b, wg_m, wg_n, acc FM_LORA_PASS);
 }
 #endif  // FM_WGMMA == 1

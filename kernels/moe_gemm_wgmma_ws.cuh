@@ -139,7 +139,7 @@ extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
     FmBlock b;
     if (!fm_block(p, b)) return;  // the whole CTA, before any barrier exists
-    const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
+    const int slot0 = b.slot0, expert = b.expert;
 
     extern __shared__ __align__(16) unsigned char fm_smem[];
     FmRows& rows = *(FmRows*)fm_smem;
@@ -173,8 +173,7 @@ extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
 #if FM_WS_SETMAXNREG
         fm_setmaxnreg_inc<FM_WS_CONSUMER_REGS>();
 #endif
-        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-        const int wg = warp / 4, wg_m = wg / FM_WG_N, wg_n = wg % FM_WG_N;
+        const int wg = threadIdx.x / 128, wg_m = wg / FM_WG_N, wg_n = wg % FM_WG_N;
         // This warpgroup's A slab and B columns, as offsets into a stage.
         const unsigned a_off = wg_m * 64 * FM_ROW_BYTES;
         const unsigned b_off = (FM_BM + wg_n * FM_WG_COLS) * FM_ROW_BYTES;
@@ -187,18 +186,7 @@ extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
         unsigned use = 0;                 // kt's use of the slot, parity
         for (int kt = 0; kt < k_tiles; ++kt) {
             fm_mbar_wait(full0 + 8 * s, use);  // k-tile kt is in shared memory
-            const unsigned stage = tiles0 + s * FM_STAGE_BYTES;
-#pragma unroll
-            for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
-            fm_wg_fence();
-#pragma unroll
-            for (int ks = 0; ks < FM_BK / 16; ++ks)  // 16 elements = 32 bytes along the row
-                FM_WGMMA_TILE(acc, fm_wg_desc(stage + a_off + ks * 32),
-                              fm_wg_desc(stage + b_off + ks * 32));
-            fm_wg_commit();
-            fm_wg_wait<1>();  // this warpgroup's wgmma of k-tile kt - 1 is done
-#pragma unroll
-            for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
+            fm_wg_mma_ktile(acc, tiles0 + s * FM_STAGE_BYTES, a_off, b_off);
             if (kt > 0) fm_mbar_arrive(empty0 + 8 * prev);  // its slot may be refilled
             prev = s;
             if (++s == FM_STAGES) {
@@ -210,14 +198,6 @@ extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
 #pragma unroll
         for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
 
-        // The epilogue of FM_WGMMA 1 (the same fragment layout, see there).
-        const int row0 = wg_m * 64 + (warp % 4) * 16 + lane / 4;
-        const int col0 = n0 + wg_n * FM_WG_COLS + (lane % 4) * 2;
-#if FM_LORA
-        fm_lora_expand_frags<FM_WG_COLS / 8, FM_PAIRED_HALVES>(
-            lora, rows.route[row0], rows.route[row0 + 8], expert, n0 + wg_n * FM_WG_COLS, acc);
-#endif
-        fm_store_row<FM_WG_COLS / 8, 0>(rows, p, expert, slot0, row0, col0, acc);
-        fm_store_row<FM_WG_COLS / 8, 2>(rows, p, expert, slot0, row0 + 8, col0, acc);
+        fm_wg_epilogue(rows, p, b, wg_m, wg_n, acc FM_LORA_PASS);
     }
 }

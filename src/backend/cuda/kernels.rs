@@ -213,8 +213,7 @@ impl KernelSet {
         v: &Validated,
         tile: TileConfig,
         (gemm1_vec8, gemm2_vec8): (bool, bool),
-        hopper: bool,
-        wgmma_ws: bool,
+        (hopper, wgmma_ws): (bool, bool),
         with_lora: bool,
         fuse_act: bool,
     ) -> Result<KernelSet> {

@@ -117,8 +117,7 @@ impl CudaLayer {
             v,
             key.tile,
             vec8,
-            self.hopper,
-            self.wgmma_ws,
+            (self.hopper, self.wgmma_ws),
             key.lora,
             self.fuse_act,
         )?);

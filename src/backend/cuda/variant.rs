@@ -808,6 +808,18 @@ mod tests {
         }
     }
 
+    /// 16-byte loads on an sm_90a GPU with clusters, no LoRA, no fused activation.
+    fn hopper_path() -> GemmPath {
+        GemmPath {
+            vec8: true,
+            hopper: true,
+            wgmma_ws: false,
+            clusters: true,
+            lora: false,
+            act: None,
+        }
+    }
+
     #[test]
     fn a_wgmma_ws_variant_adds_a_producer_warpgroup_and_its_barriers() {
         let tile = TileConfig {
@@ -819,14 +831,7 @@ mod tests {
             num_stages: 4,
             flags: 0,
         };
-        let path = GemmPath {
-            vec8: true,
-            hopper: true,
-            wgmma_ws: false,
-            clusters: true,
-            lora: false,
-            act: None,
-        };
+        let path = hopper_path();
         let plain = gemm(DType::BF16, 1, tile, path).unwrap();
         let ws = gemm(
             DType::BF16,
@@ -875,14 +880,7 @@ mod tests {
             num_stages: 1,
             flags: 0,
         };
-        let hopper = GemmPath {
-            vec8: true,
-            hopper: true,
-            wgmma_ws: false,
-            clusters: true,
-            lora: false,
-            act: None,
-        };
+        let hopper = hopper_path();
         let split = thin.with_split_k(1, 4);
         assert_eq!((split.split_k(1), split.split_k(2)), (4, 1));
         let g1 = gemm(DType::BF16, 1, split, hopper).unwrap();
