@@ -362,7 +362,10 @@ fn gemm_variant(
         ("FM_MMA", mma),
         ("FM_WGMMA", wgmma),
         ("FM_SPLIT_K", split as i64),
-        ("FM_GEMM_PARAMS_BYTES", super::kernels::GEMM_PARAMS_BYTES as i64),
+        (
+            "FM_GEMM_PARAMS_BYTES",
+            super::kernels::GEMM_PARAMS_BYTES as i64,
+        ),
     ];
     if path.lora {
         defines.extend(lora::expand_defines());
