@@ -3,10 +3,12 @@
 #   .device/libfusedmoe.so     the library (the Python host loads it through FUSEDMOE_LIB)
 #   .device/tests/<name>       every test binary of `cargo test --release` (lib = unit tests)
 #   .device/demo               the demo example
+#   .device/bench, .device/tune the benchmark and the tile tuner (BENCHMARKS.md)
 #   .device/python/            examples/python/*.py and pytest.ini
 #   .device/check.sh           tests/gpu/check.sh
 # Binaries lose their debug info (symbols stay, for backtraces); the whole must stay under
-# 64 MiB. Then, on the GPU machine, from the repository root: bash tests/gpu/check.sh
+# 64 MiB. It empties .device/ first: keep device scripts in the repository (tests/gpu/), not
+# there. Then, on the GPU machine, from the repository root: bash tests/gpu/check.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -45,18 +47,18 @@ print("test binaries:", " ".join(sorted(seen)))
 EOF
 
 cp target/release/libfusedmoe.so* "$DEST/"
-cp target/release/examples/demo "$DEST/"
+cp target/release/examples/demo target/release/examples/bench target/release/examples/tune "$DEST/"
 cp examples/python/*.py examples/python/pytest.ini "$DEST/python/"
 cp tests/gpu/check.sh "$DEST/"
 
 if command -v strip >/dev/null 2>&1; then
-  strip --strip-debug "$DEST"/tests/* "$DEST/demo" "$DEST/libfusedmoe.so"
+  strip --strip-debug "$DEST"/tests/* "$DEST/demo" "$DEST/bench" "$DEST/tune" "$DEST/libfusedmoe.so"
 else
   echo "warning: no strip here; the binaries keep their debug info" >&2
 fi
 
 total=$(du -sb "$DEST" | cut -f1)
-du -sh "$DEST"/libfusedmoe.so "$DEST"/demo "$DEST"/tests/* | sed 's/^/  /'
+du -sh "$DEST"/libfusedmoe.so "$DEST"/demo "$DEST"/bench "$DEST"/tune "$DEST"/tests/* | sed 's/^/  /'
 echo "total: $total bytes ($((total / 1024 / 1024)) MiB) in $DEST"
 if [ "$total" -gt "$LIMIT" ]; then
   echo "error: $DEST is over 64 MiB, the most a run carries" >&2
