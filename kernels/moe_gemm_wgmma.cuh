@@ -225,16 +225,31 @@ struct FmWgLoader {
     }
 };
 
+// This thread's warpgroup in the tile (threads [0, FM_THREADS), 128 a warpgroup): its 64-row
+// slab along M, its FM_WG_COLS columns along N, and their byte offsets into a stage.
+struct FmWarpgroup {
+    int m, n;
+    unsigned a_off, b_off;
+    __device__ __forceinline__ FmWarpgroup() {
+        const int wg = threadIdx.x / 128;
+        m = wg / FM_WG_N;
+        n = wg % FM_WG_N;
+        a_off = m * 64 * FM_ROW_BYTES;
+        b_off = (FM_BM + n * FM_WG_COLS) * FM_ROW_BYTES;
+    }
+};
+
 // A warpgroup's wgmmas of the k-tile in the stage at shared address `stage`, then the wait
 // that leaves them in flight and the previous k-tile's done (both Hopper main loops).
 __device__ __forceinline__ void fm_wg_mma_ktile(float (&acc)[FM_WG_COLS / 2], unsigned stage,
-                                                unsigned a_off, unsigned b_off) {
+                                                const FmWarpgroup& g) {
 #pragma unroll
     for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
     fm_wg_fence();
 #pragma unroll
     for (int ks = 0; ks < FM_BK / 16; ++ks)  // 16 elements = 32 bytes along the row
-        FM_WGMMA_TILE(acc, fm_wg_desc(stage + a_off + ks * 32), fm_wg_desc(stage + b_off + ks * 32));
+        FM_WGMMA_TILE(acc, fm_wg_desc(stage + g.a_off + ks * 32),
+                      fm_wg_desc(stage + g.b_off + ks * 32));
     fm_wg_commit();
     fm_wg_wait<1>();  // this warpgroup's wgmma of the k-tile before is done
 #pragma unroll
@@ -246,14 +261,14 @@ __device__ __forceinline__ void fm_wg_mma_ktile(float (&acc)[FM_WG_COLS / 2], un
 // 8 further down); per 8 columns j, registers 4j, 4j+1 sit at columns 8j + 2(lane%4) + {0, 1}
 // of the first row, 4j+2, 4j+3 at the same columns of the second.
 __device__ __forceinline__ void fm_wg_epilogue(const FmRows& rows, const FmGemmParams& p,
-                                               const FmBlock& b, int wg_m, int wg_n,
+                                               const FmBlock& b, const FmWarpgroup& g,
                                                float* acc FM_LORA_ARG) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row0 = wg_m * 64 + (warp % 4) * 16 + lane / 4;
-    const int col0 = b.n0 + wg_n * FM_WG_COLS + (lane % 4) * 2;
+    const int row0 = g.m * 64 + (warp % 4) * 16 + lane / 4;
+    const int col0 = b.n0 + g.n * FM_WG_COLS + (lane % 4) * 2;
 #if FM_LORA
     fm_lora_expand_frags<FM_WG_COLS / 8, FM_PAIRED_HALVES>(
-        lora, rows.route[row0], rows.route[row0 + 8], b.expert, b.n0 + wg_n * FM_WG_COLS, acc);
+        lora, rows.route[row0], rows.route[row0 + 8], b.expert, b.n0 + g.n * FM_WG_COLS, acc);
 #endif
     fm_store_row<FM_WG_COLS / 8, 0>(rows, p, b.expert, b.slot0, row0, col0, acc);
     fm_store_row<FM_WG_COLS / 8, 2>(rows, p, b.expert, b.slot0, row0 + 8, col0, acc);
@@ -280,10 +295,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
     __syncthreads();
 
     const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)expert * p.n * p.kdim;
-    const int wg = threadIdx.x / 128, wg_m = wg / FM_WG_N, wg_n = wg % FM_WG_N;
-    // This warpgroup's A slab and B columns, as offsets into a stage.
-    const unsigned a_off = wg_m * 64 * FM_ROW_BYTES;
-    const unsigned b_off = (FM_BM + wg_n * FM_WG_COLS) * FM_ROW_BYTES;
+    const FmWarpgroup g;
 
     float acc[FM_WG_COLS / 2];
 #pragma unroll
@@ -301,7 +313,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
         fm_fence_proxy_async();
         __syncthreads();  // k-tile kt is in shared memory, every thread's part of it
 
-        fm_wg_mma_ktile(acc, tiles0 + (kt % FM_STAGES) * FM_STAGE_BYTES, a_off, b_off);
+        fm_wg_mma_ktile(acc, tiles0 + (kt % FM_STAGES) * FM_STAGE_BYTES, g);
         __syncthreads();  // every warpgroup's wgmma of kt - 1 is done: its slot takes k-tile
                           // kt + STAGES - 1
 
@@ -313,6 +325,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
 #pragma unroll
     for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
     fm_cp_async_wait<0>();
-    fm_wg_epilogue(rows, p, b, wg_m, wg_n, acc FM_LORA_PASS);
+    fm_wg_epilogue(rows, p, b, g, acc FM_LORA_PASS);
 }
 #endif  // FM_WGMMA == 1

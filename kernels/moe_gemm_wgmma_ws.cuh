@@ -173,10 +173,7 @@ extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
 #if FM_WS_SETMAXNREG
         fm_setmaxnreg_inc<FM_WS_CONSUMER_REGS>();
 #endif
-        const int wg = threadIdx.x / 128, wg_m = wg / FM_WG_N, wg_n = wg % FM_WG_N;
-        // This warpgroup's A slab and B columns, as offsets into a stage.
-        const unsigned a_off = wg_m * 64 * FM_ROW_BYTES;
-        const unsigned b_off = (FM_BM + wg_n * FM_WG_COLS) * FM_ROW_BYTES;
+        const FmWarpgroup g;
 
         float acc[FM_WG_COLS / 2];
 #pragma unroll
@@ -186,7 +183,7 @@ extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
         unsigned use = 0;                 // kt's use of the slot, parity
         for (int kt = 0; kt < k_tiles; ++kt) {
             fm_mbar_wait(full0 + 8 * s, use);  // k-tile kt is in shared memory
-            fm_wg_mma_ktile(acc, tiles0 + s * FM_STAGE_BYTES, a_off, b_off);
+            fm_wg_mma_ktile(acc, tiles0 + s * FM_STAGE_BYTES, g);
             if (kt > 0) fm_mbar_arrive(empty0 + 8 * prev);  // its slot may be refilled
             prev = s;
             if (++s == FM_STAGES) {
@@ -198,6 +195,6 @@ extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
 #pragma unroll
         for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
 
-        fm_wg_epilogue(rows, p, b, wg_m, wg_n, acc FM_LORA_PASS);
+        fm_wg_epilogue(rows, p, b, g, acc FM_LORA_PASS);
     }
 }

@@ -301,9 +301,12 @@ enum MainLoop {
     Simt,
     MmaSync { vec8: bool },
     Wgmma,
-    // with a producer warpgroup (FM_WGMMA 2): 128 threads beside the tile's warps
+    // with a producer warpgroup (FM_WGMMA 2): WS_PRODUCER_THREADS beside the tile's warps
     WgmmaWs,
 }
+
+/// The warp-specialised loop's producer warpgroup (FM_WS_PRODUCERS in moe_gemm_wgmma_ws.cuh).
+const WS_PRODUCER_THREADS: u32 = 128;
 
 fn gemm_variant(
     dtype: DType,
@@ -379,7 +382,7 @@ fn gemm_variant(
         defines,
         name,
         shared_bytes,
-        threads: wm * wn * 32 + if wgmma == 2 { 128 } else { 0 },
+        threads: wm * wn * 32 + if wgmma == 2 { WS_PRODUCER_THREADS } else { 0 },
     }
 }
 
