@@ -125,7 +125,7 @@ const KEYS: &[Key] = &[
             pow2: false,
         },
         device: Some(DeviceKind::Cuda),
-        doc: "1: GEMM tiles that take wgmma (cuda.wgmma) use its warp-specialised main loop, a producer warpgroup issuing the loads beside the tile's warpgroups; 0 (default): every warp loads and multiplies",
+        doc: "1: GEMM tiles that take wgmma (cuda.wgmma) use its warp-specialised main loop, a producer warpgroup issuing the loads beside the tile's warpgroups (refused where the wgmma loop does not run); 0 (default): every warp loads and multiplies",
     },
     Key {
         name: "cuda.fuse_act",

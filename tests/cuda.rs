@@ -435,6 +435,32 @@ fn wgmma_tile_cases(extra: &[(&str, u32)]) -> Vec<Case> {
     cases
 }
 
+/// cuda.wgmma_ws where the wgmma loop does not run (cuda.wgmma=0, or a GPU without sm_90a) is
+/// refused at layer creation, naming the option, instead of running the mma.sync loop.
+#[test]
+fn wgmma_ws_without_the_wgmma_loop_is_refused_by_name() {
+    let Some(ctx) = gpu("wgmma_ws_without_the_wgmma_loop_is_refused_by_name") else {
+        return;
+    };
+    let mut options = vec![("cuda.wgmma_ws", 1)];
+    if has_clusters(&ctx) {
+        options.push(("cuda.wgmma", 0)); // on sm_90a, only turning wgmma off leaves it alone
+    }
+    let case = Case {
+        options: number_options(&options),
+        ..base(Dt::Bf16, 6100)
+    };
+    let s = Setup::new(&case);
+    let stream = ctx.new_stream().unwrap();
+    match CudaLayer::new(&s, &stream) {
+        Ok(_) => panic!("a layer with {options:?} was created"),
+        Err(e) => assert!(
+            e.contains("MOE_ERR_UNSUPPORTED") && e.contains("cuda.wgmma_ws"),
+            "{e}"
+        ),
+    }
+}
+
 /// Split-K (sm_90 clusters; elsewhere refused by name): each GEMM's k loop over 2..8 CTAs
 /// whose partial tiles meet in the first one. k-tiles that do not divide by the split
 /// (H 1030 in tiles of 64: 17), fewer k-tiles than CTAs (H 100: 2 tiles for 4), tails of K

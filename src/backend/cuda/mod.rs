@@ -237,13 +237,22 @@ impl Backend for CudaBackend {
             ));
         }
         let dev = device::device(v.device.id as usize)?;
+        let hopper = dev.arch == "sm_90a" && options.int("cuda.wgmma") != Some(0);
+        let wgmma_ws = options.int("cuda.wgmma_ws") == Some(1);
+        if wgmma_ws && !hopper {
+            return Err(crate::error::unsupported!(
+                "option \"cuda.wgmma_ws\": the warp-specialised loop is a form of the wgmma one, which {} ({}) does not run",
+                dev.name,
+                if dev.arch == "sm_90a" { "cuda.wgmma is 0" } else { "compute capability 9.0 only" }
+            ));
+        }
         let aligned = |t: &Tensor| t.data as usize % 16 == 0;
         Ok(LayerState::Cuda(CudaLayer {
             bad_ids: mapped::Counter::new(&dev, 1)?,
             gemm1_vec8: d.hidden % 8 == 0 && aligned(&weights.w13),
             gemm2_vec8: d.inter % 8 == 0 && aligned(&weights.w2),
-            hopper: dev.arch == "sm_90a" && options.int("cuda.wgmma") != Some(0),
-            wgmma_ws: options.int("cuda.wgmma_ws") == Some(1),
+            hopper,
+            wgmma_ws,
             fuse_act: options.int("cuda.fuse_act") != Some(0),
             kernels: Mutex::new(HashMap::new()),
             lora: once_cell::sync::OnceCell::new(),
