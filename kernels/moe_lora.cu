@@ -12,10 +12,11 @@
 //   rounded to the layer dtype and kept in f32 (as src/backend/cpu/lora.rs rounds). x is
 //   the route's hidden row (GEMM1) or its activation row (GEMM2). Grid: x = the align step's
 //   blocks (as the GEMMs: past num_padded they exit). f16/bf16 with 16-byte aligned rows take
-//   tensor cores: a block per FM_SHRINK_MMA_ROWS rows of A (y) walks the slots its routes use
-//   and streams each slot's A once through shared memory, all its routes against it. Otherwise
-//   (f32, odd kdim) a SIMT path: y = groups of rows of A times chunks of the block's routes,
-//   a warp per FM_SHRINK_ROWS rows and FM_SHRINK_ROUTES routes, A found in L1/L2.
+//   tensor cores: a block per FM_SHRINK_MMA_ROWS rows of A and slot (y) takes its routes of
+//   that slot, compacted, and streams the slot's A once through shared memory, all those
+//   routes against it. Otherwise (f32, odd kdim) a SIMT path: y = groups of rows of A times
+//   chunks of the block's routes, a warp per FM_SHRINK_ROWS rows and FM_SHRINK_ROUTES routes,
+//   A found in L1/L2.
 //
 // Compile-time variant: FM_DTYPE, FM_SHRINK_* (moe_lora_shrink only, src/backend/cuda/lora.rs),
 // FM_LORA_SLOTS, FM_LORA_MAP_BYTES and FM_LORA_SHRINK_BYTES (the mirrored structs' sizes,
@@ -210,48 +211,45 @@ __device__ __forceinline__ void fm_shrink_simt(const FmLoraShrinkParams& p, int 
 }
 
 // ---------------------------------------------------------------- tensor-core path
-// Grid y: FM_SHRINK_MMA_ROWS rows of A per block. The block walks units (slot a, pass): a
-// pass is up to FM_SHRINK_PASS of the block's routes (an m16 tile per warp; with fewer routes
-// the warps split the n8 tiles), and a unit exists only where a route of the pass uses slot a.
-// Per unit, k-chunks of the block's rows of A[a, e] and of the x rows of a's routes (the other
-// rows zero-filled, nothing read) go through a cp.async pipeline that runs on across units, so
-// A[a, e] leaves L2 once per (block, slot, pass) and each x row once per block. Rows of other
-// slots give products that are never stored.
+// Grid y: FM_SHRINK_MMA_ROWS rows of A times the slots: a block takes one slot a (slot 0 where
+// slot_groups <= 1, as then no token has another: the map and the host's slot_groups come from
+// the same active mask). Its routes of slot a are compacted, in their order, to the front of a
+// shared list; passes of up to FM_SHRINK_PASS of them (an m16 tile per warp; with fewer the
+// warps split the n8 tiles) run over k-chunks of those x rows and the block's rows of A[a, e]
+// in a cp.async pipeline that runs on across passes. So the MMAs cover ceil(kept / 16) row
+// tiles instead of BLOCK_M rows (4 adapters: a quarter), and a pass of 16 rows leaves room in
+// a stage for twice the k. Each t[route, q] is its own row's dot product, in k order, whatever
+// rows share its pass, so the values are those of the full-block passes this replaced.
 #if FM_DTYPE != 0
 
 #define FM_SHRINK_PASS (FM_SHRINK_WARPS * 16)
-#define FM_SHRINK_PASSES (FM_SHRINK_MAX_BLOCK_M / FM_SHRINK_PASS)
 static_assert(FM_SHRINK_MMA_ROWS % 8 == 0 && FM_SHRINK_MMA_ROWS <= 32,
               "a warp keeps at most 4 n8 tiles of accumulators");
 static_assert((FM_SHRINK_PASS + FM_SHRINK_MMA_ROWS) * 64 <= FM_SHRINK_STAGE_ELEMS,
               "a stage holds a pass of x rows and the block's rows of A at k 64");
-static_assert(FM_SHRINK_MAX_BLOCK_M % FM_SHRINK_PASS == 0, "whole passes");
-static_assert(FM_LORA_SLOTS <= 64, "a pass's slots are a 64-bit mask");
 
-// What a block learns of its routes before the pipeline starts.
+// The block's routes of its slot, in their order within the align block.
 struct FmShrinkShared {
-    int route[FM_SHRINK_MAX_BLOCK_M];  // route id (>= numel: padding)
-    int xrow[FM_SHRINK_MAX_BLOCK_M];   // the route's row of x
-    signed char slot[FM_SHRINK_MAX_BLOCK_M];  // its active slot with a weight, -1 for none
-    unsigned present[FM_SHRINK_PASSES][2];  // per pass: bit a where a route uses slot a
-    unsigned short unit[FM_LORA_SLOTS * FM_SHRINK_PASSES];  // a · FM_SHRINK_PASSES + pass
-    int units;
+    int route[FM_SHRINK_MAX_BLOCK_M];  // route id
+    int xrow[FM_SHRINK_MAX_BLOCK_M];   // its row of x
+    int count[FM_SHRINK_WARPS];        // the compaction: each warp's kept routes of a round
 };
 
 // The block's share of the work, the same in every thread.
 struct FmShrinkTile {
-    int bmp;        // routes per pass: min(block_m, FM_SHRINK_PASS)
+    int kept;       // the block's routes of its slot (the list's length)
+    int bmp;        // rows per pass: kept rounded up to 16, at most FM_SHRINK_PASS
+    int passes;     // ceil(kept / bmp)
     int n0, nrows;  // the block's rows of A: [n0, n0 + nrows)
     int np8;        // nrows rounded up to 8: the rows of A a stage holds after bmp rows of x
     int bk, lg;     // k per stage (a power of two >= 64) and log2 of its 16-byte chunks
-    int nk;         // stages per unit
-    int only;       // the one slot this block takes (-1: every slot of its routes)
+    int nk;         // stages per pass
 };
 
-// A warp's part of a unit: m16 tile mt of the pass, n8 tiles [nt0, nt0 + nn) of the rows.
+// A warp's part of a pass: m16 tile mt of the pass, n8 tiles [nt0, nt0 + nn) of the rows.
 struct FmShrinkWarp {
     int mt, nt0, nn;
-    bool live;  // a route of the tile uses the unit's slot, and nn > 0
+    bool live;  // the tile holds a kept route, and nn > 0
 };
 
 // Element offset of 16-byte chunk c of row r in a stage of rows of bk elements. The chunk
@@ -260,16 +258,51 @@ __device__ __forceinline__ int fm_shrink_at(int r, int c, int bk) {
     return r * bk + ((c ^ (r & 7)) << 3);
 }
 
-__device__ __forceinline__ FmShrinkTile fm_shrink_tile(const FmLoraShrinkParams& p) {
+// The block's routes of slot a (its token's active slot), compacted in order into sh.route
+// and sh.xrow by ballots and the warps' counts (no atomics: the same routing gives the same
+// list); returns how many. Padding (the sentinel numel) and other slots' routes are skipped,
+// and nothing is written for them here or later.
+__device__ int fm_shrink_gather(const FmLoraShrinkParams& p, FmShrinkShared& sh, int a,
+                                int slot0) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int kept = 0;
+    for (int i0 = 0; i0 < p.block_m; i0 += FM_SHRINK_THREADS) {
+        const int i = i0 + threadIdx.x;
+        const int route = i < p.block_m ? p.sorted_route_ids[slot0 + i] : p.numel;
+        const int m = route < p.numel ? route / p.top_k : 0;
+        const bool keep = route < p.numel && p.token_slot[m] == a;
+        const unsigned ballot = __ballot_sync(FM_FULL_MASK, keep);
+        if (lane == 0) sh.count[warp] = __popc(ballot);
+        __syncthreads();
+        int at = kept + __popc(ballot & ((1u << lane) - 1u)), round = 0;
+#pragma unroll
+        for (int w = 0; w < FM_SHRINK_WARPS; ++w) {
+            const int c = sh.count[w];
+            if (w < warp) at += c;
+            round += c;
+        }
+        if (keep) {
+            sh.route[at] = route;
+            sh.xrow[at] = p.x_by_slot ? slot0 + i : m;
+        }
+        kept += round;
+        // the counts are read before the next round writes them, the list is whole after it
+        __syncthreads();
+    }
+    return kept;
+}
+
+__device__ __forceinline__ FmShrinkTile fm_shrink_tile(const FmLoraShrinkParams& p, int n0,
+                                                       int kept) {
     FmShrinkTile g;
-    g.bmp = min(p.block_m, FM_SHRINK_PASS);
-    const int row_blocks = (p.rows + FM_SHRINK_MMA_ROWS - 1) / FM_SHRINK_MMA_ROWS;
-    g.n0 = blockIdx.y % row_blocks * FM_SHRINK_MMA_ROWS;
-    g.only = p.slot_groups > 1 ? (int)(blockIdx.y / row_blocks) : -1;
-    g.nrows = min(FM_SHRINK_MMA_ROWS, p.rows - g.n0);
+    g.kept = kept;
+    g.bmp = min((kept + 15) & ~15, FM_SHRINK_PASS);
+    g.passes = (kept + g.bmp - 1) / g.bmp;
+    g.n0 = n0;
+    g.nrows = min(FM_SHRINK_MMA_ROWS, p.rows - n0);
     g.np8 = (g.nrows + 7) & ~7;
-    // the longest k a stage holds (fewer routes per pass: longer stages, more bytes of A in
-    // flight), no longer than kdim needs
+    // the longest k a stage holds (fewer rows per pass: longer stages, fewer barriers, more
+    // bytes of A in flight), no longer than kdim needs
     g.bk = 512;
     while (g.bk > 64 && ((g.bmp + g.np8) * g.bk > FM_SHRINK_STAGE_ELEMS || g.bk / 2 >= p.kdim))
         g.bk /= 2;
@@ -278,58 +311,12 @@ __device__ __forceinline__ FmShrinkTile fm_shrink_tile(const FmLoraShrinkParams&
     return g;
 }
 
-__device__ __forceinline__ unsigned long long fm_shrink_present(const FmShrinkShared& sh, int q) {
-    return (unsigned long long)sh.present[q][1] << 32 | sh.present[q][0];
-}
-
-// The block's routes, their slots and x rows, and the units in slot order (a slot's passes
-// follow each other, so its A is read again from L2 while it is fresh).
-__device__ void fm_shrink_gather(const FmLoraShrinkParams& p, FmShrinkShared& sh, int bmp,
-                                 int only, int slot0) {
-    if (threadIdx.x < 2 * FM_SHRINK_PASSES) sh.present[threadIdx.x / 2][threadIdx.x % 2] = 0;
-    __syncthreads();
-    for (int i = threadIdx.x; i < p.block_m; i += FM_SHRINK_THREADS) {
-        const int route = p.sorted_route_ids[slot0 + i];
-        int a = -1, m = 0;
-        if (route < p.numel) {
-            m = route / p.top_k;
-            a = p.token_slot[m];
-            if (a >= 0 && p.a.slot[a].w == nullptr) a = -1;
-        }
-        sh.route[i] = route;
-        sh.xrow[i] = p.x_by_slot ? slot0 + i : m;
-        sh.slot[i] = (signed char)a;
-        // 32-bit words: a shared 64-bit atomicOr is a compare-and-swap loop
-        if (a >= 0) atomicOr(&sh.present[i / bmp][a / 32], 1u << (a % 32));
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int passes = p.block_m / bmp;
-        unsigned long long all = 0;
-        for (int q = 0; q < passes; ++q) all |= fm_shrink_present(sh, q);
-        if (only >= 0) all &= 1ull << only;
-        int n = 0;
-        while (all != 0) {
-            const int a = __ffsll((long long)all) - 1;
-            all &= all - 1;
-            for (int q = 0; q < passes; ++q)
-                if ((fm_shrink_present(sh, q) >> a) & 1ull)
-                    sh.unit[n++] = (unsigned short)(a * FM_SHRINK_PASSES + q);
-        }
-        sh.units = n;
-    }
-    __syncthreads();
-}
-
-// Stage k-chunk kc of unit u: the pass's x rows of slot a (others and k >= kdim zero), then
-// the block's rows of A[a, e] (rows past nrows zero).
+// Stage k-chunk kc of pass q: its x rows (past kept, and k >= kdim, zero), then the block's
+// rows of A[a, e] at w (rows past nrows zero).
 __device__ __forceinline__ void fm_shrink_load(const FmLoraShrinkParams& p,
                                                const FmShrinkShared& sh, const FmShrinkTile& g,
-                                               int expert, int u, int kc, fm_t* stage) {
-    const int a = sh.unit[u] / FM_SHRINK_PASSES, base = sh.unit[u] % FM_SHRINK_PASSES * g.bmp;
-    const FmLoraSlot& s = p.a.slot[a];
-    const fm_t* w =
-        (const fm_t*)s.w + ((fm_i64)(s.shared_outer ? 0 : expert) * p.rows + g.n0) * p.kdim;
+                                               const fm_t* w, int q, int kc, fm_t* stage) {
+    const int base = q * g.bmp;
     const fm_t* x = (const fm_t*)p.x;
     const int k0 = kc * g.bk, chunks = (g.bmp + g.np8) << g.lg;
     for (int idx = threadIdx.x; idx < chunks; idx += FM_SHRINK_THREADS) {
@@ -337,8 +324,8 @@ __device__ __forceinline__ void fm_shrink_load(const FmLoraShrinkParams& p,
         bool valid = k < p.kdim;
         const fm_t* src;
         if (r < g.bmp) {
-            valid = valid && sh.slot[base + r] == a;
-            src = x + (fm_i64)sh.xrow[base + r] * p.kdim + k;
+            valid = valid && base + r < g.kept;
+            src = x + (fm_i64)sh.xrow[min(base + r, g.kept - 1)] * p.kdim + k;
         } else {
             valid = valid && r - g.bmp < g.nrows;
             src = w + (fm_i64)(r - g.bmp) * p.kdim + k;
@@ -347,25 +334,25 @@ __device__ __forceinline__ void fm_shrink_load(const FmLoraShrinkParams& p,
     }
 }
 
-__device__ __forceinline__ void fm_shrink_next(int& u, int& kc, int nk) {
+__device__ __forceinline__ void fm_shrink_next(int& q, int& kc, int nk) {
     if (++kc == nk) {
         kc = 0;
-        ++u;
+        ++q;
     }
 }
 
-// This warp's tiles in a unit of slot a whose pass starts at route `base`.
-__device__ __forceinline__ FmShrinkWarp fm_shrink_warp(const FmShrinkShared& sh,
-                                                       const FmShrinkTile& g, int a, int base) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int per_mt = FM_SHRINK_WARPS / (g.bmp / 16);  // warps per m16 tile
+// This warp's tiles in the pass that starts at list entry `base`. With 3 m16 tiles the
+// fourth warp has none.
+__device__ __forceinline__ FmShrinkWarp fm_shrink_warp(const FmShrinkTile& g, int base) {
+    const int warp = threadIdx.x / 32;
+    const int mtiles = g.bmp / 16;
+    const int per_mt = FM_SHRINK_WARPS / mtiles;  // warps per m16 tile
     const int ntiles = g.np8 / 8, nper = (ntiles + per_mt - 1) / per_mt;
     FmShrinkWarp wp;
     wp.mt = warp / per_mt;
     wp.nt0 = warp % per_mt * nper;
     wp.nn = max(0, min(nper, ntiles - wp.nt0));
-    const bool mine = lane < 16 && sh.slot[base + wp.mt * 16 + lane] == a;
-    wp.live = __any_sync(FM_FULL_MASK, mine) && wp.nn > 0;
+    wp.live = wp.mt < mtiles && base + wp.mt * 16 < g.kept && wp.nn > 0;
     return wp;
 }
 
@@ -389,17 +376,17 @@ __device__ __forceinline__ void fm_shrink_mma_stage(const fm_t* stage, const FmS
     }
 }
 
-// t[route, n0 + q] for the warp's routes of slot a; acc[j] holds rows lane/4 (+ 8) and
-// columns 2·(lane % 4) (+ 1) of n8 tile nt0 + j.
+// t[route, n0 + q] for the warp's kept routes of the pass at `base`; acc[j] holds rows
+// lane/4 (+ 8) and columns 2·(lane % 4) (+ 1) of n8 tile nt0 + j.
 __device__ __forceinline__ void fm_shrink_store(const FmLoraShrinkParams& p,
                                                 const FmShrinkShared& sh, const FmShrinkTile& g,
-                                                const FmShrinkWarp& wp, int a, int base,
+                                                const FmShrinkWarp& wp, int base,
                                                 const float (&acc)[4][4]) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int i = base + wp.mt * 16 + lane / 4 + 8 * h;
-        if (sh.slot[i] != a) continue;
+        if (i >= g.kept) continue;
         float* t = p.t + (fm_i64)sh.route[i] * p.rows + g.n0;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -416,45 +403,52 @@ __device__ void fm_shrink_mma(const FmLoraShrinkParams& p, int expert, int slot0
     __shared__ FmShrinkShared sh;
     extern __shared__ __align__(16) unsigned char fm_smem[];  // FM_SHRINK_STAGES stages
     fm_t* stages = (fm_t*)fm_smem;
-    const FmShrinkTile g = fm_shrink_tile(p);
-    if (g.nrows <= 0) return;
-    fm_shrink_gather(p, sh, g.bmp, g.only, slot0);
-    const int units = sh.units, total = units * g.nk;
-    int lu = 0, lk = 0;  // the next chunk to load
-    for (int s = 0; s < FM_SHRINK_STAGES - 1; ++s) {
-        if (lu < units) {
-            fm_shrink_load(p, sh, g, expert, lu, lk, stages + s * FM_SHRINK_STAGE_ELEMS);
-            fm_shrink_next(lu, lk, g.nk);
+    const int row_blocks = (p.rows + FM_SHRINK_MMA_ROWS - 1) / FM_SHRINK_MMA_ROWS;
+    const int n0 = blockIdx.y % row_blocks * FM_SHRINK_MMA_ROWS;
+    const int a = p.slot_groups > 1 ? (int)(blockIdx.y / row_blocks) : 0;
+    const FmLoraSlot& s = p.a.slot[a];
+    if (n0 >= p.rows || s.w == nullptr) return;  // the whole block
+    const int kept = fm_shrink_gather(p, sh, a, slot0);
+    if (kept == 0) return;  // the whole block: kept comes from shared memory
+    const FmShrinkTile g = fm_shrink_tile(p, n0, kept);
+    const fm_t* w =
+        (const fm_t*)s.w + ((fm_i64)(s.shared_outer ? 0 : expert) * p.rows + g.n0) * p.kdim;
+    const int total = g.passes * g.nk;
+    int lq = 0, lk = 0;  // the next chunk to load
+    for (int st = 0; st < FM_SHRINK_STAGES - 1; ++st) {
+        if (lq < g.passes) {
+            fm_shrink_load(p, sh, g, w, lq, lk, stages + st * FM_SHRINK_STAGE_ELEMS);
+            fm_shrink_next(lq, lk, g.nk);
         }
         fm_cp_async_commit();  // empty groups too: the wait below counts groups
     }
     float acc[4][4] = {};
     FmShrinkWarp wp = {};
-    int cu = 0, ck = 0;  // the chunk to multiply
+    int cq = 0, ck = 0;  // the chunk to multiply
     for (int it = 0; it < total; ++it) {
         fm_cp_async_wait<FM_SHRINK_STAGES - 2>();
         // chunk `it` is in, and every warp is done with the stage the next load overwrites
         __syncthreads();
-        if (lu < units) {
-            const int s = (it + FM_SHRINK_STAGES - 1) % FM_SHRINK_STAGES;
-            fm_shrink_load(p, sh, g, expert, lu, lk, stages + s * FM_SHRINK_STAGE_ELEMS);
-            fm_shrink_next(lu, lk, g.nk);
+        if (lq < g.passes) {
+            const int st = (it + FM_SHRINK_STAGES - 1) % FM_SHRINK_STAGES;
+            fm_shrink_load(p, sh, g, w, lq, lk, stages + st * FM_SHRINK_STAGE_ELEMS);
+            fm_shrink_next(lq, lk, g.nk);
         }
         fm_cp_async_commit();
-        const int a = sh.unit[cu] / FM_SHRINK_PASSES, base = sh.unit[cu] % FM_SHRINK_PASSES * g.bmp;
-        if (ck == 0) wp = fm_shrink_warp(sh, g, a, base);
+        const int base = cq * g.bmp;
+        if (ck == 0) wp = fm_shrink_warp(g, base);
         if (wp.live) {
             const fm_t* stage = stages + it % FM_SHRINK_STAGES * FM_SHRINK_STAGE_ELEMS;
             fm_shrink_mma_stage(stage, g, wp, min(g.bk, p.kdim - ck * g.bk), acc);
         }
         if (ck == g.nk - 1) {
-            if (wp.live) fm_shrink_store(p, sh, g, wp, a, base, acc);
+            if (wp.live) fm_shrink_store(p, sh, g, wp, base, acc);
 #pragma unroll
             for (int j = 0; j < 4; ++j)
 #pragma unroll
                 for (int v = 0; v < 4; ++v) acc[j][v] = 0.0f;
         }
-        fm_shrink_next(cu, ck, g.nk);
+        fm_shrink_next(cq, ck, g.nk);
     }
 }
 

@@ -177,8 +177,13 @@ fn compare_lora(ls: &mut LoraSetup, got: &[f64]) -> Result<String, String> {
 
 /// One LoRA case on CUDA against the CPU and float64 (M = 0: nothing written).
 fn check_lora_case(ctx: &Arc<CudaContext>, lc: &LoraCase) -> Result<String, String> {
-    let c = &lc.base;
-    let mut ls = LoraSetup::new(lc);
+    check_lora_setup(ctx, LoraSetup::new(lc))
+}
+
+/// `check_lora_case` for a setup whose adapters the caller may have set.
+fn check_lora_setup(ctx: &Arc<CudaContext>, mut ls: LoraSetup) -> Result<String, String> {
+    let base = ls.lc.base.clone();
+    let c = &base;
     let stream = stream_for(ctx, c.seed);
     let mut g = CudaLora::new(&ls, &stream)?;
     g.launch(c)?;
@@ -409,6 +414,64 @@ fn token_counts_0_1_37_and_512_match_the_cpu() {
         }
     }
     run_lora_cases("token counts", &ctx, cases);
+}
+
+/// The tensor-core shrink takes, per block and slot, only the block's routes of that slot,
+/// compacted in order: at BLOCK_M 64, 128 and 256 (the last compacts in two rounds of 128),
+/// an expert's first block holds up to 3 m16 tiles (BLOCK_M 64) or more than a pass of 64
+/// (128, 256) of slot 0's routes, slot 1's routes only at its end (their tokens come last),
+/// and −1, disabled and cleared slots between them; E 4, K 2.
+#[test]
+fn shrink_blocks_with_many_or_late_routes_of_a_slot_match_the_cpu() {
+    let Some(ctx) = gpu("shrink_blocks_with_many_or_late_routes_of_a_slot_match_the_cpu") else {
+        return;
+    };
+    // (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, M): an expert gets about M / 2 routes, so
+    // its first block ends about 2 · BLOCK_M tokens in
+    let tiles = [
+        (64, 64, 64, 4, 3, 160),
+        (128, 64, 64, 8, 5, 300),
+        (256, 64, 32, 8, 3, 600),
+    ];
+    let mut cases = Vec::new();
+    for (n, dt) in [Dt::Bf16, Dt::F16].into_iter().enumerate() {
+        for (t, (bm, bn, bk, warps, stages, tokens)) in tiles.into_iter().enumerate() {
+            let base = Case {
+                tokens,
+                experts: 4,
+                top_k: 2,
+                drop: 0.05,
+                options: number_options(&[
+                    ("tile.block_m", bm),
+                    ("tile.block_n", bn),
+                    ("tile.block_k", bk),
+                    ("tile.num_warps", warps),
+                    ("tile.num_stages", stages),
+                ]),
+                ..base(dt, 1400 + (10 * n + t) as u64)
+            };
+            let segments = (n + t) % 2 == 1;
+            cases.push(lora_case(base, 16, four_slots_cleared(16), segments));
+        }
+    }
+    run_each("shrink compaction", &cases, |lc| {
+        let tokens = lc.base.tokens;
+        let mut ls = LoraSetup::new(lc);
+        // slot 0 (with −1 and the disabled slot 2) over the first 70 % of the tokens, slot 1
+        // (with 0, −1 and the cleared slot 3) after them
+        let late = tokens * 7 / 10;
+        let adapters: Vec<i32> = (0..tokens)
+            .map(|m| {
+                if m < late {
+                    [0, 0, 0, -1, 0, 2, 0][m % 7]
+                } else {
+                    [1, 1, 0, -1, 1, 3][m % 6]
+                }
+            })
+            .collect();
+        ls.set_token_adapters(&adapters);
+        check_lora_setup(&ctx, ls)
+    });
 }
 
 /// Tokens mapped to −1, a disabled and a cleared slot only: moe_run_lora gives what moe_run

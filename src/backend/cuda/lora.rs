@@ -42,9 +42,10 @@ const SHRINK_ROUTES: usize = 2;
 /// Its tensor-core path (f16/bf16): rows of A per block (the grid's y), cp.async stages of
 /// A and x chunks, elements per stage, and the largest BLOCK_M it takes. Per (block, slot) the
 /// block streams A[a, e] once instead of once per pair of routes (the SIMT path read 1 GB from
-/// L2 per GEMM1 shrink at Qwen3 M = 1024); a stage of 24 KB holds 128 (BLOCK_M 64) to 256
-/// (BLOCK_M 16) of k, so two stages of A stay in flight per block, and three stages (72 KB)
-/// leave room for three blocks per H100 SM and fit the 99 KB of sm_86/sm_89.
+/// L2 per GEMM1 shrink at Qwen3 M = 1024); a stage of 24 KB holds 128 (a pass of 64 routes)
+/// to 256 (16 routes: a block's routes of its slot at BLOCK_M 64 and 4 adapters) of k, so two
+/// stages of A stay in flight per block, and three stages (72 KB) leave room for three blocks
+/// per H100 SM and fit the 99 KB of sm_86/sm_89.
 const SHRINK_MMA_ROWS: usize = 32;
 const SHRINK_STAGES: usize = 3;
 const SHRINK_STAGE_ELEMS: usize = 12288;
@@ -106,9 +107,11 @@ pub struct ShrinkParams {
     block_m: i32,
     x_by_slot: i32,
     mma: i32,
-    /// tensor-core path: a block per (align block, rows, slot) where > 1 (the highest active
-    /// slot + 1): one block walking every slot of its routes in turn left the shrink
-    /// latency-bound (ncu at Qwen3 M = 64, 4 slots: 111 µs, 6 % of warps active)
+    /// tensor-core path: a block per (align block, rows, slot) for the slots [0, this) (the
+    /// highest active slot + 1; slot 0 alone where <= 1, as the map then gives no other): one
+    /// block walking every slot of its routes in turn left the shrink latency-bound (ncu at
+    /// Qwen3 M = 64, 4 slots: 111 µs, 6 % of warps active). Each block keeps only its slot's
+    /// routes, compacted, so its MMAs cover those rows and not the whole BLOCK_M.
     slot_groups: i32,
 }
 
@@ -488,8 +491,8 @@ mod tests {
         }
     }
 
-    /// The tensor-core shrink's stages and its static shared memory (under 4 KB: routes,
-    /// slots and units of one block) fit the 99 KB a block may take on sm_86/sm_89.
+    /// The tensor-core shrink's stages and its static shared memory (under 4 KB: one block's
+    /// routes of its slot and their x rows) fit the 99 KB a block may take on sm_86/sm_89.
     #[test]
     fn shrink_shared_memory_fits_every_arch() {
         assert_eq!(shrink_shared_bytes(DType::F32), 0);
