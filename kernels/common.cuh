@@ -115,3 +115,22 @@ __device__ __forceinline__ void fm_mma(float (&c)[4], const unsigned (&a)[4], un
 #endif
 }
 #endif
+
+// ---------------------------------------------------------------- programmatic dependent launch
+// The host may launch a kernel as a programmatic dependent of the one before it in the stream
+// (sm_90, option cuda.pdl): it can then start while that one still runs. fm_pdl_wait()
+// returns once the kernels before it have finished and their writes are visible, so it comes
+// before the first read of anything they write; what comes before it may read only what was
+// complete before this launch (the layer's weights, and the align step's arrays, which the
+// first dependent waits for before it lets the next start). fm_pdl_launch_dependents() lets
+// the next dependent start. In a kernel not launched so, or before sm_90, both do nothing.
+__device__ __forceinline__ void fm_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void fm_pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}

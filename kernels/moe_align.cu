@@ -154,6 +154,7 @@ __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [
         const Id* topk_ids, int numel, int experts, int block_m, int capacity, int max_blocks, \
         int segments, int* sorted_route_ids, int* block_expert, int* num_padded,              \
         int* expert_offsets, int* route_slot, unsigned* bad_ids) {                             \
+        fm_pdl_launch_dependents(); /* GEMM1 (cuda.pdl) may be scheduled; it waits for us */  \
         moe_align<Id>(topk_ids, numel, experts, block_m, capacity, max_blocks, segments,       \
                       sorted_route_ids, block_expert, num_padded, expert_offsets, route_slot,  \
                       bad_ids);                                                                \
@@ -286,6 +287,7 @@ __device__ void moe_align_scatter(const Id* __restrict__ topk_ids, int numel, in
     extern "C" __global__ void __launch_bounds__(1024) moe_align_scatter__##suffix(           \
         const Id* topk_ids, int numel, int experts, int chunk_len, const int* chunk_counts,    \
         int* sorted_route_ids, int* route_slot) {                                              \
+        fm_pdl_launch_dependents(); /* as moe_align's */                                       \
         moe_align_scatter<Id>(topk_ids, numel, experts, chunk_len, chunk_counts,               \
                               sorted_route_ids, route_slot);                                   \
     }

@@ -308,7 +308,14 @@ static_assert(FM_SPLIT_K == 1, "split-K takes the mma.sync main loop");
 #define FM_MI (FM_WTM / 16)
 #define FM_NI (FM_WTN / 8)
 
-// Loads the k-slice [k0, k0 + BK) of the A rows and W rows into one stage.
+// Which rows fm_load_stage loads: both, or only the A or only the W rows (GEMM2 issues its
+// first stages' W rows before it waits for GEMM1; see the prologue).
+#define FM_LOAD_ALL 0
+#define FM_LOAD_A 1
+#define FM_LOAD_W 2
+
+// Loads the k-slice [k0, k0 + BK) of the A rows and W rows (PART) into one stage.
+template <int PART = FM_LOAD_ALL>
 __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& rows,
                                               const FmGemmParams& p, const fm_t* w_expert,
                                               int n0, int k0) {
@@ -325,6 +332,7 @@ __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& 
         const int c = threadIdx.x + i * FM_THREADS;
         if (chunks % FM_THREADS != 0 && c >= chunks) break;
         const int row = c / chunks_per_row, kk = (c % chunks_per_row) * 8, k = k0 + kk;
+        if ((PART == FM_LOAD_A && row >= FM_BM) || (PART == FM_LOAD_W && row < FM_BM)) continue;
         const fm_t* src;
         fm_t* dst;
         bool row_valid;
@@ -354,6 +362,12 @@ __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& 
 // A split-K cluster's CTAs share their tile (blockIdx.x), so they all exit here together.
 extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
+#if FM_GEMM_MODE == 1
+    // GEMM1 needs the align step's arrays first thing; once they are there GEMM2 may start
+    // (cuda.pdl) and load its first weight stages beside this kernel's tail
+    fm_pdl_wait();
+    fm_pdl_launch_dependents();
+#endif
     FmBlock b;
     if (!fm_block(p, b)) return;
     const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
@@ -382,11 +396,27 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
 #if FM_SPLIT_K > 1
     fm_split_range(all_k_tiles, kt0, k_tiles);
 #endif
+#if FM_GEMM_MODE == 2
+    // The first stages' W rows depend on nothing GEMM1 writes: as a programmatic dependent
+    // (cuda.pdl) this CTA streams them while GEMM1 finishes, then waits for the activation
+    // rows. They join stage 0's copy group, which the first k-step waits for anyway.
+#pragma unroll
+    for (int s = 0; s < FM_STAGES - 1; ++s)
+        if (s < k_tiles)
+            fm_load_stage<FM_LOAD_W>(stages + s * stage_elems,
+                                     stages + s * stage_elems + FM_BM * FM_LDS, rows, p, w_expert,
+                                     n0, (kt0 + s) * FM_BK);
+    fm_pdl_wait();
+    constexpr int first_part = FM_LOAD_A;
+#else
+    constexpr int first_part = FM_LOAD_ALL;
+#endif
 #pragma unroll
     for (int s = 0; s < FM_STAGES - 1; ++s) {
         if (s < k_tiles)
-            fm_load_stage(stages + s * stage_elems, stages + s * stage_elems + FM_BM * FM_LDS,
-                          rows, p, w_expert, n0, (kt0 + s) * FM_BK);
+            fm_load_stage<first_part>(stages + s * stage_elems,
+                                      stages + s * stage_elems + FM_BM * FM_LDS, rows, p,
+                                      w_expert, n0, (kt0 + s) * FM_BK);
         fm_cp_async_commit();
     }
     for (int kt = 0; kt < k_tiles; ++kt) {
@@ -437,6 +467,9 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
         __syncthreads();
     }
     fm_cp_async_wait<0>();
+#if FM_GEMM_MODE == 2
+    fm_pdl_launch_dependents();  // the combine's blocks may be scheduled for the epilogue's end
+#endif
 #if FM_SPLIT_K > 1
     __syncthreads();  // no thread's cp.async still lands in the stages the partials reuse
     if (!fm_split_reduce<FM_MI * FM_NI * 4>(&acc[0][0][0], (float*)stages)) return;
@@ -470,6 +503,8 @@ static_assert(FM_SPLIT_K == 1, "split-K takes the tensor-core path");
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
+    fm_pdl_wait();  // (cuda.pdl) the stage before this one
+    fm_pdl_launch_dependents();
     FmBlock b;
     if (!fm_block(p, b)) return;
     const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;

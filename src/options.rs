@@ -138,6 +138,16 @@ const KEYS: &[Key] = &[
         doc: "1 (default): f16/bf16 layers apply the activation in GEMM1's epilogue; 0: a kernel of its own",
     },
     Key {
+        name: "cuda.pdl",
+        rule: Rule::Int {
+            min: 0,
+            max: 1 << 24,
+            pow2: false,
+        },
+        device: Some(DeviceKind::Cuda),
+        doc: "batches of at most this many tokens launch moe_run's kernels as programmatic dependents (sm_90: each may start before the one before it ends; GEMM2 loads its first weight stages while GEMM1 ends); 0: never. Default: see BENCHMARKS.md; LoRA runs always launch in order; refused above 0 on GPUs before compute capability 9.0",
+    },
+    Key {
         name: "cpu.num_threads",
         rule: Rule::Int {
             min: 1,

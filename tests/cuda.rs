@@ -538,6 +538,110 @@ fn split_k_tiles_match_the_cpu() {
     );
 }
 
+/// Programmatic dependent launches (cuda.pdl, sm_90): every kernel after the align step may
+/// start before the one before it ends, and GEMM2 loads its first weight stages before it
+/// waits for GEMM1. Each path whose kernels wait differently: mma.sync with split-K, the
+/// activation as a kernel of its own, the SIMT loop (f32), no_combine's zeroing, the wgmma
+/// loop; then graph capture and replay with them.
+#[test]
+fn programmatic_dependent_launches_match_the_cpu() {
+    let Some(ctx) = gpu("programmatic_dependent_launches_match_the_cpu") else {
+        return;
+    };
+    if !has_clusters(&ctx) {
+        println!("SKIPPED: programmatic dependent launch needs compute capability 9.0");
+        return;
+    }
+    let pdl = |extra: &[(&str, u32)]| {
+        let mut o = number_options(extra);
+        o.push(("cuda.pdl".into(), (1u32 << 24).to_string()));
+        o
+    };
+    let split_k = [
+        ("tile.block_m", 16),
+        ("tile.block_n", 32),
+        ("tile.block_k", 128),
+        ("tile.num_warps", 4),
+        ("tile.num_stages", 3),
+        ("tile.split_k", 3),
+        ("tile.split_k_down", 2),
+    ];
+    let wgmma = [
+        ("tile.block_m", 64),
+        ("tile.block_n", 128),
+        ("tile.block_k", 64),
+        ("tile.num_warps", 4),
+        ("tile.num_stages", 4),
+    ];
+    let cases = vec![
+        Case {
+            tokens: 1,
+            hidden: 1030,
+            inter: 520,
+            b13: true,
+            b2: true,
+            options: pdl(&split_k),
+            ..base(Dt::Bf16, 7001)
+        },
+        Case {
+            tokens: 4,
+            experts: 128,
+            top_k: 8,
+            hidden: 256,
+            inter: 96,
+            options: pdl(&[]),
+            ..base(Dt::Bf16, 7002)
+        },
+        Case {
+            tokens: 37,
+            experts: 16,
+            top_k: 4,
+            on_input: true,
+            drop: 0.1,
+            options: pdl(&[("cuda.fuse_act", 0)]),
+            ..base(Dt::F16, 7003)
+        },
+        Case {
+            tokens: 5,
+            b2: true,
+            options: pdl(&[]),
+            ..base(Dt::F32, 7004)
+        },
+        Case {
+            tokens: 300,
+            experts: 4,
+            hidden: 512,
+            inter: 320,
+            layout: MOE_GATE_UP_INTERLEAVED,
+            no_combine: true,
+            keep_weight: true,
+            drop: 0.2,
+            options: pdl(&[]),
+            ..base(Dt::Bf16, 7005)
+        }
+        .with_activation(MOE_ACTIVATION_SWIGLU_OAI),
+        Case {
+            tokens: 256,
+            experts: 8,
+            hidden: 512,
+            inter: 256,
+            b13: true,
+            options: pdl(&wgmma),
+            ..base(Dt::Bf16, 7006)
+        },
+    ];
+    run_cases("programmatic dependent launches", &ctx, &cases);
+    let graph = Case {
+        tokens: 64,
+        b13: true,
+        b2: true,
+        drop: 0.1,
+        options: pdl(&[]),
+        ..base(Dt::Bf16, 7007)
+    };
+    graph_case(&ctx, &graph).unwrap_or_else(|e| panic!("graph capture: {graph:?}\n    {e}"));
+}
+
 /// With the same BLOCK_M, the CUDA align step gives the CPU's plan (SPEC §4 fixes the order).
 #[test]
 fn cuda_plan_arrays_equal_the_cpu_plan() {

@@ -10,7 +10,10 @@ use crate::layer::{Bias, Layer};
 use crate::plan::{Prepared, RunIo};
 use crate::tiles::TileConfig;
 use crate::workspace::Layout;
-use cudarc::driver::{CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    sys, CudaFunction, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg,
+};
+use std::ffi::c_void;
 use std::sync::Arc;
 
 pub(super) struct Loaded {
@@ -33,8 +36,9 @@ impl Loaded {
         rows: usize,
         cols: usize,
         params: &P,
+        start: Start,
     ) -> Result<()> {
-        self.launch_2d(stream, (rows, variant::row_chunks(cols)), params)
+        self.launch_with::<P, P>(stream, (rows, variant::row_chunks(cols)), params, None, start)
     }
 
     pub(super) fn launch_2d<P: DeviceRepr>(
@@ -43,7 +47,7 @@ impl Loaded {
         grid: (usize, usize),
         params: &P,
     ) -> Result<()> {
-        self.launch_with::<P, P>(stream, grid, params, None)
+        self.launch_with::<P, P>(stream, grid, params, None, Start::AfterPrevious)
     }
 
     /// A launch with a second by-value parameter struct where `extra` is given (the LoRA
@@ -54,6 +58,7 @@ impl Loaded {
         (x, y): (usize, usize),
         params: &P,
         extra: Option<&Q>,
+        start: Start,
     ) -> Result<()> {
         if x == 0 || y == 0 {
             return Ok(());
@@ -76,15 +81,71 @@ impl Loaded {
             block_dim: (self.v.threads, 1, 1),
             shared_mem_bytes: self.v.shared_bytes as u32,
         };
+        let fail = |e| driver_error(&format!("kernel {}", self.v.name), e);
+        if start == Start::Programmatic {
+            // by value, as the kernel's parameters: a pointer to each
+            let mut args = vec![params as *const P as *mut c_void];
+            if let Some(extra) = extra {
+                args.push(extra as *const Q as *mut c_void);
+            }
+            return unsafe { launch_programmatic(stream, &self.f, cfg, &mut args) }.map_err(fail);
+        }
         let mut b = stream.launch_builder(&self.f);
         b.arg(params);
         if let Some(extra) = extra {
             b.arg(extra);
         }
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| driver_error(&format!("kernel {}", self.v.name), e))
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(fail)
     }
+}
+
+/// How a launch orders after the stream's previous kernel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Start {
+    /// When it has finished (an ordinary launch).
+    AfterPrevious,
+    /// As a programmatic dependent (sm_90, cuda.pdl): the kernel may start once every block
+    /// of the previous one has called griddepcontrol.launch_dependents (or exited), and waits
+    /// in griddepcontrol.wait before it reads what that one writes (kernels/common.cuh,
+    /// fm_pdl_wait). The launch gap goes, and GEMM2 streams its first weight stages while
+    /// GEMM1 ends.
+    Programmatic,
+}
+
+/// cuLaunchKernelEx with programmatic stream serialization allowed; `args` point at the
+/// kernel's parameters, which must outlive the call (the driver copies them).
+unsafe fn launch_programmatic(
+    stream: &Arc<CudaStream>,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &mut [*mut c_void],
+) -> std::result::Result<(), DriverError> {
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: std::mem::zeroed(),
+    };
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    stream.context().bind_to_thread()?;
+    sys::cuLaunchKernelEx(
+        &config,
+        f.cu_function(),
+        args.as_mut_ptr(),
+        std::ptr::null_mut(),
+    )
+    .result()
 }
 
 /// The align kernels for one id type (int32, int64): the one-block kernel, and the count and
@@ -366,6 +427,7 @@ impl KernelSet {
         io: &RunIo,
         s: ScratchPtrs,
         lora: Option<&lora::Run>,
+        start: Start,
     ) -> Result<()> {
         let v = &layer.v;
         let d = v.dims;
@@ -437,6 +499,7 @@ impl KernelSet {
                 limit,
             },
             lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
+            start,
         )?;
         if let Some(act) = &self.act {
             act.launch_rows(
@@ -453,6 +516,7 @@ impl KernelSet {
                     alpha,
                     limit,
                 },
+                start,
             )?;
         }
         if let Some((run, k)) = lora {
@@ -492,6 +556,7 @@ impl KernelSet {
                 limit,
             },
             lora.map(|(run, _)| run.expand_down()).as_ref(),
+            start,
         )?;
         if v.no_combine {
             self.finish.launch_rows(
@@ -503,6 +568,7 @@ impl KernelSet {
                     out: io.out.data as u64,
                     hidden: d.hidden as i32,
                 },
+                start,
             )
         } else {
             self.finish.launch_rows(
@@ -517,6 +583,7 @@ impl KernelSet {
                     hidden: d.hidden as i32,
                     rsf: v.rsf,
                 },
+                start,
             )
         }
     }

@@ -34,6 +34,9 @@ static BACKEND: CudaBackend = CudaBackend;
 /// The most experts the one-block align kernel takes (its counts live in shared memory).
 const MAX_EXPERTS: usize = 4096;
 
+/// cuda.pdl's default: the largest batch whose kernels launch as programmatic dependents.
+const DEFAULT_PDL_TOKENS: usize = 0;
+
 /// Whether this machine can run CUDA layers: the libraries, a device, and compute
 /// capability 8.0 or newer on device 0. Computed once.
 pub fn available() -> bool {
@@ -85,6 +88,9 @@ pub struct CudaLayer {
     wgmma_ws: bool,
     /// f16/bf16 GEMM1s apply the activation in their epilogue (option cuda.fuse_act).
     fuse_act: bool,
+    /// Batches of at most this many tokens launch as programmatic dependents (option
+    /// cuda.pdl; 0 before sm_90).
+    pdl_tokens: usize,
     kernels: Mutex<HashMap<SetKey, Arc<KernelSet>>>,
     /// Made when the first LoRA wrapper over the layer is: the LoRA map kernel's error
     /// counters. While it exists, moe_warmup also loads the LoRA kernel sets.
@@ -219,7 +225,13 @@ fn run_stages(
         act: base + s.act as u64,
         y: base + s.y as u64,
     };
-    k.run(&stream, layer, p, io, ptrs, run.as_ref())
+    // LoRA's map and shrinks launch in order between the GEMMs: no programmatic edges there
+    let start = if lora.is_none() && p.num_tokens <= c.pdl_tokens {
+        kernels::Start::Programmatic
+    } else {
+        kernels::Start::AfterPrevious
+    };
+    k.run(&stream, layer, p, io, ptrs, run.as_ref(), start)
 }
 
 impl Backend for CudaBackend {
@@ -246,6 +258,20 @@ impl Backend for CudaBackend {
                 if dev.arch == "sm_90a" { "cuda.wgmma is 0" } else { "compute capability 9.0 only" }
             ));
         }
+        let pdl_capable = dev.traits.compute_capability.0 >= 9;
+        let pdl_tokens = match options.int("cuda.pdl") {
+            Some(t) if t > 0 && !pdl_capable => {
+                return Err(crate::error::unsupported!(
+                    "option \"cuda.pdl\": programmatic dependent launch needs compute capability 9.0 or newer; {} has {}.{}",
+                    dev.name,
+                    dev.traits.compute_capability.0,
+                    dev.traits.compute_capability.1
+                ))
+            }
+            Some(t) => t as usize,
+            None if pdl_capable => DEFAULT_PDL_TOKENS,
+            None => 0,
+        };
         let aligned = |t: &Tensor| t.data as usize % 16 == 0;
         Ok(LayerState::Cuda(CudaLayer {
             bad_ids: mapped::Counter::new(&dev, 1)?,
@@ -254,6 +280,7 @@ impl Backend for CudaBackend {
             hopper,
             wgmma_ws,
             fuse_act: options.int("cuda.fuse_act") != Some(0),
+            pdl_tokens,
             kernels: Mutex::new(HashMap::new()),
             lora: once_cell::sync::OnceCell::new(),
             dev,
