@@ -38,7 +38,13 @@ impl Loaded {
         params: &P,
         start: Start,
     ) -> Result<()> {
-        self.launch_with::<P, P>(stream, (rows, variant::row_chunks(cols)), params, None, start)
+        self.launch_with::<P, P>(
+            stream,
+            (rows, variant::row_chunks(cols)),
+            params,
+            None,
+            start,
+        )
     }
 
     pub(super) fn launch_2d<P: DeviceRepr>(
@@ -101,7 +107,7 @@ impl Loaded {
 
 /// How a launch orders after the stream's previous kernel.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Start {
+pub enum Start {
     /// When it has finished (an ordinary launch).
     AfterPrevious,
     /// As a programmatic dependent (sm_90, cuda.pdl): the kernel may start once every block
@@ -110,6 +116,13 @@ pub(super) enum Start {
     /// fm_pdl_wait). The launch gap goes, and GEMM2 streams its first weight stages while
     /// GEMM1 ends.
     Programmatic,
+}
+
+/// What moe_run launches: the base layer's stages, or LoRA's, whose map and shrinks launch in
+/// order between the GEMMs (no programmatic edges there).
+pub enum Stages<'a> {
+    Base(Start),
+    Lora(&'a lora::Run),
 }
 
 /// cuLaunchKernelEx with programmatic stream serialization allowed; `args` point at the
@@ -426,9 +439,12 @@ impl KernelSet {
         p: &Prepared,
         io: &RunIo,
         s: ScratchPtrs,
-        lora: Option<&lora::Run>,
-        start: Start,
+        stages: Stages,
     ) -> Result<()> {
+        let (lora, start) = match stages {
+            Stages::Base(start) => (None, start),
+            Stages::Lora(run) => (Some(run), Start::AfterPrevious),
+        };
         let v = &layer.v;
         let d = v.dims;
         let l = &p.layout;

@@ -225,13 +225,12 @@ fn run_stages(
         act: base + s.act as u64,
         y: base + s.y as u64,
     };
-    // LoRA's map and shrinks launch in order between the GEMMs: no programmatic edges there
-    let start = if lora.is_none() && p.num_tokens <= c.pdl_tokens {
-        kernels::Start::Programmatic
-    } else {
-        kernels::Start::AfterPrevious
+    let stages = match &run {
+        Some(run) => kernels::Stages::Lora(run),
+        None if p.num_tokens <= c.pdl_tokens => kernels::Stages::Base(kernels::Start::Programmatic),
+        None => kernels::Stages::Base(kernels::Start::AfterPrevious),
     };
-    k.run(&stream, layer, p, io, ptrs, run.as_ref(), start)
+    k.run(&stream, layer, p, io, ptrs, stages)
 }
 
 impl Backend for CudaBackend {
