@@ -250,6 +250,7 @@ fn tile_json(t: &moe_tile_config) -> Value {
         "block_m": t.block_m, "block_n": t.block_n, "block_k": t.block_k,
         "group_m": t.group_m, "num_warps": t.num_warps, "num_stages": t.num_stages,
         "split_k": split_k, "split_k_down": split_k_down,
+        "pdl": fusedmoe::tiles::TileConfig::from(*t).pdl(),
     })
 }
 
@@ -259,12 +260,18 @@ fn split_k(t: &moe_tile_config) -> (u32, u32) {
     (c.split_k(1), c.split_k(2))
 }
 
-/// "16×64×128", with " split-K 4/1" (GEMM1/GEMM2) where a GEMM splits.
+/// "16×64×128", with " split-K 4/1" (GEMM1/GEMM2) where a GEMM splits and " PDL" where the
+/// config launches its kernels as programmatic dependents (unless --option cuda.pdl says
+/// otherwise).
 fn tile_label(t: &moe_tile_config) -> String {
     let dims = format!("{}×{}×{}", t.block_m, t.block_n, t.block_k);
-    match split_k(t) {
+    let dims = match split_k(t) {
         (1, 1) => dims,
         (g1, g2) => format!("{dims} split-K {g1}/{g2}"),
+    };
+    match fusedmoe::tiles::TileConfig::from(*t).pdl() {
+        true => format!("{dims} PDL"),
+        false => dims,
     }
 }
 

@@ -163,14 +163,18 @@ fn tile_str(c: &TileConfig) -> String {
 }
 
 fn tile_json(c: &TileConfig) -> Value {
-    json!({
+    let mut v = json!({
         "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k,
         "GROUP_M": c.group_m, "num_warps": c.num_warps, "num_stages": c.num_stages,
         "SPLIT_K": c.split_k(1), "SPLIT_K_DOWN": c.split_k(2),
-    })
+    });
+    if c.pdl() {
+        v["PDL"] = json!(1);
+    }
+    v
 }
 
-/// The eight `tile.*` options that pin a layer to `c` at every M.
+/// The eight `tile.*` options and `cuda.pdl` that pin a layer to `c` at every M.
 fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
     vec![
         ("tile.block_m", c.block_m.to_string()),
@@ -181,6 +185,8 @@ fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
         ("tile.num_stages", c.num_stages.to_string()),
         ("tile.split_k", c.split_k(1).to_string()),
         ("tile.split_k_down", c.split_k(2).to_string()),
+        // the launch order too, else the nearest shipped entry's PDL flag would decide it
+        ("cuda.pdl", if c.pdl() { 1 << 24 } else { 0 }.to_string()),
     ]
 }
 

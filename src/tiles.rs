@@ -12,7 +12,10 @@
 //!                              "64": { ... } } } ] }
 //! ```
 //! `N` is the intermediate size I and `K` the hidden size H (SGLang's naming); the keys of
-//! `configs` are token counts M.
+//! `configs` are token counts M. Ours, beyond SGLang's keys, each optional: `SPLIT_K` and
+//! `SPLIT_K_DOWN` (1–8, default 1: CTAs sharing a GEMM1 / GEMM2 tile's k loop) and `PDL`
+//! (0 or 1, default 0: 1 launches the batch's kernels as programmatic dependents on sm_90,
+//! unless option cuda.pdl says otherwise).
 
 use crate::dtype::DType;
 use crate::error::{invalid, Result};
@@ -53,6 +56,25 @@ impl TileConfig {
         let code = if split <= 1 { 0 } else { split };
         TileConfig {
             flags: (self.flags & !(0xF << shift)) | (code << shift),
+            ..self
+        }
+    }
+}
+
+/// The flag of configs whose batches launch moe_run's kernels as programmatic dependents
+/// (table key `PDL`; option cuda.pdl overrides it).
+const PDL_FLAG: u32 = 1 << 8;
+
+impl TileConfig {
+    /// Whether batches of this config launch moe_run's kernels as programmatic dependents
+    /// (sm_90; src/backend/cuda/kernels.rs, Start::Programmatic) where cuda.pdl is not set.
+    pub fn pdl(&self) -> bool {
+        self.flags & PDL_FLAG != 0
+    }
+
+    pub fn with_pdl(self, on: bool) -> TileConfig {
+        TileConfig {
+            flags: (self.flags & !PDL_FLAG) | if on { PDL_FLAG } else { 0 },
             ..self
         }
     }
@@ -143,7 +165,11 @@ fn parse_config(obj: &Value, at: &str) -> Result<TileConfig> {
         flags: 0,
     }
     .with_split_k(1, optional_u32(obj, "SPLIT_K", at, 1, MAX_SPLIT_K)?)
-    .with_split_k(2, optional_u32(obj, "SPLIT_K_DOWN", at, 1, MAX_SPLIT_K)?))
+    .with_split_k(2, optional_u32(obj, "SPLIT_K_DOWN", at, 1, MAX_SPLIT_K)?)
+    .with_pdl(match obj.get("PDL") {
+        None => false,
+        Some(_) => field_u32(obj, "PDL", at, 0, 1, false)? == 1,
+    }))
 }
 
 /// A key tables may leave out (ours, beyond SGLang's configs): 1 when absent.
@@ -607,6 +633,23 @@ mod tests {
             0x53
         );
         assert_eq!(default_config(1, 8).with_split_k(1, 1).flags, 0);
+    }
+
+    #[test]
+    fn pdl_comes_from_the_table_entry_and_is_bit_8() {
+        let with_pdl = ONE.replace(
+            "\"num_stages\": 4}",
+            "\"num_stages\": 4, \"SPLIT_K\": 2, \"PDL\": 1}",
+        );
+        let t = &parse_tables(&with_pdl, "t").unwrap()[0];
+        assert!(t.lookup(1).pdl());
+        assert_eq!(t.lookup(1).flags, 0x102);
+        assert!(!t.lookup(64).pdl());
+        let off = with_pdl.replace("\"PDL\": 1", "\"PDL\": 0");
+        assert!(!parse_tables(&off, "t").unwrap()[0].lookup(1).pdl());
+        let e = parse_tables(&with_pdl.replace("\"PDL\": 1", "\"PDL\": 2"), "f").unwrap_err();
+        assert!(e.message.contains("\"PDL\" = 2"), "{}", e.message);
+        assert_eq!(default_config(1, 8).with_pdl(true).with_pdl(false).flags, 0);
     }
 
     #[test]

@@ -34,9 +34,6 @@ static BACKEND: CudaBackend = CudaBackend;
 /// The most experts the one-block align kernel takes (its counts live in shared memory).
 const MAX_EXPERTS: usize = 4096;
 
-/// cuda.pdl's default: the largest batch whose kernels launch as programmatic dependents.
-const DEFAULT_PDL_TOKENS: usize = 0;
-
 /// Whether this machine can run CUDA layers: the libraries, a device, and compute
 /// capability 8.0 or newer on device 0. Computed once.
 pub fn available() -> bool {
@@ -88,13 +85,21 @@ pub struct CudaLayer {
     wgmma_ws: bool,
     /// f16/bf16 GEMM1s apply the activation in their epilogue (option cuda.fuse_act).
     fuse_act: bool,
-    /// Batches of at most this many tokens launch as programmatic dependents (option
-    /// cuda.pdl; 0 before sm_90).
-    pdl_tokens: usize,
+    /// Which batches launch as programmatic dependents: those whose tile config says so
+    /// (the table's PDL key), or with option cuda.pdl = N those of at most N tokens; none
+    /// before sm_90.
+    pdl: PdlPolicy,
     kernels: Mutex<HashMap<SetKey, Arc<KernelSet>>>,
     /// Made when the first LoRA wrapper over the layer is: the LoRA map kernel's error
     /// counters. While it exists, moe_warmup also loads the LoRA kernel sets.
     lora: once_cell::sync::OnceCell<Box<lora::Errors>>,
+}
+
+#[derive(Clone, Copy)]
+enum PdlPolicy {
+    Never,
+    TileConfig,
+    UpToTokens(usize),
 }
 
 /// Which kernel set: the tile config, GEMM1's 16-byte loads, and LoRA (moe_run_lora) or not.
@@ -227,8 +232,11 @@ fn run_stages(
     };
     let stages = match &run {
         Some(run) => kernels::Stages::Lora(run),
-        None if p.num_tokens <= c.pdl_tokens => kernels::Stages::Base(kernels::Start::Programmatic),
-        None => kernels::Stages::Base(kernels::Start::AfterPrevious),
+        None => kernels::Stages::Base(match c.pdl {
+            PdlPolicy::TileConfig if p.tile.pdl() => kernels::Start::Programmatic,
+            PdlPolicy::UpToTokens(n) if p.num_tokens <= n => kernels::Start::Programmatic,
+            _ => kernels::Start::AfterPrevious,
+        }),
     };
     k.run(&stream, layer, p, io, ptrs, stages)
 }
@@ -258,7 +266,7 @@ impl Backend for CudaBackend {
             ));
         }
         let pdl_capable = dev.traits.compute_capability.0 >= 9;
-        let pdl_tokens = match options.int("cuda.pdl") {
+        let pdl = match options.int("cuda.pdl") {
             Some(t) if t > 0 && !pdl_capable => {
                 return Err(crate::error::unsupported!(
                     "option \"cuda.pdl\": programmatic dependent launch needs compute capability 9.0 or newer; {} has {}.{}",
@@ -267,9 +275,10 @@ impl Backend for CudaBackend {
                     dev.traits.compute_capability.1
                 ))
             }
-            Some(t) => t as usize,
-            None if pdl_capable => DEFAULT_PDL_TOKENS,
-            None => 0,
+            Some(0) => PdlPolicy::Never,
+            Some(t) => PdlPolicy::UpToTokens(t as usize),
+            None if pdl_capable => PdlPolicy::TileConfig,
+            None => PdlPolicy::Never,
         };
         let aligned = |t: &Tensor| t.data as usize % 16 == 0;
         Ok(LayerState::Cuda(CudaLayer {
@@ -279,7 +288,7 @@ impl Backend for CudaBackend {
             hopper,
             wgmma_ws,
             fuse_act: options.int("cuda.fuse_act") != Some(0),
-            pdl_tokens,
+            pdl,
             kernels: Mutex::new(HashMap::new()),
             lora: once_cell::sync::OnceCell::new(),
             dev,
