@@ -250,7 +250,7 @@ fn tile_json(t: &moe_tile_config) -> Value {
         "block_m": t.block_m, "block_n": t.block_n, "block_k": t.block_k,
         "group_m": t.group_m, "num_warps": t.num_warps, "num_stages": t.num_stages,
         "split_k": split_k, "split_k_down": split_k_down,
-        "pdl": fusedmoe::tiles::TileConfig::from(*t).pdl(),
+        "pdl": format!("{:?}", fusedmoe::tiles::TileConfig::from(*t).pdl()),
     })
 }
 
@@ -260,9 +260,9 @@ fn split_k(t: &moe_tile_config) -> (u32, u32) {
     (c.split_k(1), c.split_k(2))
 }
 
-/// "16×64×128", with " split-K 4/1" (GEMM1/GEMM2) where a GEMM splits and " PDL" where the
-/// config launches its kernels as programmatic dependents (unless --option cuda.pdl says
-/// otherwise).
+/// "16×64×128", with " split-K 4/1" (GEMM1/GEMM2) where a GEMM splits and " PDL" (" PDL
+/// early": GEMM2 let in at GEMM1's start) where the config launches its kernels as
+/// programmatic dependents (unless --option cuda.pdl says otherwise).
 fn tile_label(t: &moe_tile_config) -> String {
     let dims = format!("{}×{}×{}", t.block_m, t.block_n, t.block_k);
     let dims = match split_k(t) {
@@ -270,8 +270,9 @@ fn tile_label(t: &moe_tile_config) -> String {
         (g1, g2) => format!("{dims} split-K {g1}/{g2}"),
     };
     match fusedmoe::tiles::TileConfig::from(*t).pdl() {
-        true => format!("{dims} PDL"),
-        false => dims,
+        fusedmoe::tiles::Pdl::Off => dims,
+        fusedmoe::tiles::Pdl::AfterGemm1Loop => format!("{dims} PDL"),
+        fusedmoe::tiles::Pdl::AtGemm1Start => format!("{dims} PDL early"),
     }
 }
 

@@ -53,7 +53,7 @@ mod tile_table;
 use cudarc::driver::CudaGraph;
 use fusedmoe::dtype::DType;
 use fusedmoe::ffi::*;
-use fusedmoe::tiles::{default_config, TableKey, TileConfig, TileTable};
+use fusedmoe::tiles::{default_config, Pdl, TableKey, TileConfig, TileTable};
 use half::bf16;
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -168,8 +168,9 @@ fn tile_json(c: &TileConfig) -> Value {
         "GROUP_M": c.group_m, "num_warps": c.num_warps, "num_stages": c.num_stages,
         "SPLIT_K": c.split_k(1), "SPLIT_K_DOWN": c.split_k(2),
     });
-    if c.pdl() {
-        v["PDL"] = json!(1);
+    let pdl = fusedmoe::tiles::PDL_KEYS.iter().position(|&p| p == c.pdl());
+    if let Some(code @ 1..) = pdl {
+        v["PDL"] = json!(code);
     }
     v
 }
@@ -186,7 +187,10 @@ fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
         ("tile.split_k", c.split_k(1).to_string()),
         ("tile.split_k_down", c.split_k(2).to_string()),
         // the launch order too, else the nearest shipped entry's PDL flag would decide it
-        ("cuda.pdl", if c.pdl() { 1 << 24 } else { 0 }.to_string()),
+        (
+            "cuda.pdl",
+            if c.pdl() == Pdl::Off { 0 } else { 1 << 24 }.to_string(),
+        ),
     ]
 }
 

@@ -55,6 +55,7 @@ struct FmGemmParams {
     int m_blocks;                 // the grid's m-blocks (max_blocks)
     int inter;                    // I: the activation's columns (FM_FUSED_ACT)
     float alpha, limit;           // the activation's parameters (FM_FUSED_ACT)
+    int early_dependents;         // GEMM1 (mma.sync loop) lets GEMM2 start at once (cuda.pdl)
 };
 
 #ifdef FM_GEMM_PARAMS_BYTES
@@ -363,10 +364,12 @@ __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& 
 extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
 #if FM_GEMM_MODE == 1
-    // GEMM1 needs the align step's arrays first thing; once they are there GEMM2 may start
-    // (cuda.pdl) and load its first weight stages beside this kernel's tail
+    // GEMM1 needs the align step's arrays first thing. Once they are there GEMM2 may start
+    // (cuda.pdl) and load its first weight stages: at once (early_dependents), or once every
+    // CTA is past its k loop. At once won at Qwen3 and DeepSeek M = 1 (1.04-1.08x) and lost
+    // at gpt-oss M = 1 (0.85x), where GEMM2's early CTAs got in GEMM1's way (BENCHMARKS.md).
     fm_pdl_wait();
-    fm_pdl_launch_dependents();
+    if (p.early_dependents) fm_pdl_launch_dependents();
 #endif
     FmBlock b;
     if (!fm_block(p, b)) return;
@@ -467,9 +470,8 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
         __syncthreads();
     }
     fm_cp_async_wait<0>();
-#if FM_GEMM_MODE == 2
-    fm_pdl_launch_dependents();  // the combine's blocks may be scheduled for the epilogue's end
-#endif
+    // GEMM1's dependent where not at once; the combine's blocks, for GEMM2's epilogue end
+    if (FM_GEMM_MODE == 2 || !p.early_dependents) fm_pdl_launch_dependents();
 #if FM_SPLIT_K > 1
     __syncthreads();  // no thread's cp.async still lands in the stages the partials reuse
     if (!fm_split_reduce<FM_MI * FM_NI * 4>(&acc[0][0][0], (float*)stages)) return;

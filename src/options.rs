@@ -145,7 +145,7 @@ const KEYS: &[Key] = &[
             pow2: false,
         },
         device: Some(DeviceKind::Cuda),
-        doc: "N: batches of at most N tokens launch moe_run's kernels as programmatic dependents (sm_90: each may start before the one before it ends; GEMM2 loads its first weight stages while GEMM1 ends); 0: never. Unset: where the tile table's entry has PDL 1. LoRA runs always launch in order; refused above 0 on GPUs before compute capability 9.0",
+        doc: "N: batches of at most N tokens launch moe_run's kernels as programmatic dependents (sm_90: each may start before the one before it ends; GEMM2 loads its first weight stages while GEMM1 ends); 0: never. Unset: where the tile table's entry has PDL 1 or 2 (2: GEMM2 let in at GEMM1's start, 1: after its k loops). LoRA runs always launch in order; refused above 0 on GPUs before compute capability 9.0",
     },
     Key {
         name: "cpu.num_threads",

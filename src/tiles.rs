@@ -14,8 +14,9 @@
 //! `N` is the intermediate size I and `K` the hidden size H (SGLang's naming); the keys of
 //! `configs` are token counts M. Ours, beyond SGLang's keys, each optional: `SPLIT_K` and
 //! `SPLIT_K_DOWN` (1–8, default 1: CTAs sharing a GEMM1 / GEMM2 tile's k loop) and `PDL`
-//! (0 or 1, default 0: 1 launches the batch's kernels as programmatic dependents on sm_90,
-//! unless option cuda.pdl says otherwise).
+//! (default 0: in order; 1: the batch's kernels launch as programmatic dependents on sm_90,
+//! GEMM2 let in once GEMM1's CTAs are past their k loops; 2: the same, GEMM2 let in at
+//! GEMM1's start; option cuda.pdl overrides which batches do).
 
 use crate::dtype::DType;
 use crate::error::{invalid, Result};
@@ -61,24 +62,45 @@ impl TileConfig {
     }
 }
 
-/// The flag of configs whose batches launch moe_run's kernels as programmatic dependents
-/// (table key `PDL`; option cuda.pdl overrides it).
+/// How a config's batches launch moe_run's kernels (table key `PDL`: 0, 1, 2; option
+/// cuda.pdl overrides which batches do): in order, or as programmatic dependents (sm_90;
+/// src/backend/cuda/kernels.rs, Start::Programmatic) with GEMM2 let in after GEMM1's k loops
+/// or at GEMM1's start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pdl {
+    Off,
+    AfterGemm1Loop,
+    AtGemm1Start,
+}
+
+/// Bit 8: programmatic dependents; bit 9: GEMM2 let in at GEMM1's start.
 const PDL_FLAG: u32 = 1 << 8;
+const PDL_EARLY_FLAG: u32 = 1 << 9;
 
 impl TileConfig {
-    /// Whether batches of this config launch moe_run's kernels as programmatic dependents
-    /// (sm_90; src/backend/cuda/kernels.rs, Start::Programmatic) where cuda.pdl is not set.
-    pub fn pdl(&self) -> bool {
-        self.flags & PDL_FLAG != 0
+    pub fn pdl(&self) -> Pdl {
+        match (self.flags & PDL_FLAG != 0, self.flags & PDL_EARLY_FLAG != 0) {
+            (false, _) => Pdl::Off,
+            (true, false) => Pdl::AfterGemm1Loop,
+            (true, true) => Pdl::AtGemm1Start,
+        }
     }
 
-    pub fn with_pdl(self, on: bool) -> TileConfig {
+    pub fn with_pdl(self, pdl: Pdl) -> TileConfig {
+        let bits = match pdl {
+            Pdl::Off => 0,
+            Pdl::AfterGemm1Loop => PDL_FLAG,
+            Pdl::AtGemm1Start => PDL_FLAG | PDL_EARLY_FLAG,
+        };
         TileConfig {
-            flags: (self.flags & !PDL_FLAG) | if on { PDL_FLAG } else { 0 },
+            flags: (self.flags & !(PDL_FLAG | PDL_EARLY_FLAG)) | bits,
             ..self
         }
     }
 }
+
+/// The table's `PDL` values, in order.
+pub const PDL_KEYS: [Pdl; 3] = [Pdl::Off, Pdl::AfterGemm1Loop, Pdl::AtGemm1Start];
 
 /// Where GEMM `gemm`'s split-K sits in the flags: bits 0–3 for GEMM1, 4–7 for GEMM2.
 fn split_shift(gemm: u8) -> u32 {
@@ -167,8 +189,8 @@ fn parse_config(obj: &Value, at: &str) -> Result<TileConfig> {
     .with_split_k(1, optional_u32(obj, "SPLIT_K", at, 1, MAX_SPLIT_K)?)
     .with_split_k(2, optional_u32(obj, "SPLIT_K_DOWN", at, 1, MAX_SPLIT_K)?)
     .with_pdl(match obj.get("PDL") {
-        None => false,
-        Some(_) => field_u32(obj, "PDL", at, 0, 1, false)? == 1,
+        None => Pdl::Off,
+        Some(_) => PDL_KEYS[field_u32(obj, "PDL", at, 0, 2, false)? as usize],
     }))
 }
 
@@ -636,20 +658,42 @@ mod tests {
     }
 
     #[test]
-    fn pdl_comes_from_the_table_entry_and_is_bit_8() {
+    fn pdl_comes_from_the_table_entry_in_bits_8_and_9() {
         let with_pdl = ONE.replace(
             "\"num_stages\": 4}",
             "\"num_stages\": 4, \"SPLIT_K\": 2, \"PDL\": 1}",
         );
         let t = &parse_tables(&with_pdl, "t").unwrap()[0];
-        assert!(t.lookup(1).pdl());
+        assert_eq!(t.lookup(1).pdl(), Pdl::AfterGemm1Loop);
         assert_eq!(t.lookup(1).flags, 0x102);
-        assert!(!t.lookup(64).pdl());
+        assert_eq!(t.lookup(64).pdl(), Pdl::Off);
+        let early = with_pdl.replace("\"PDL\": 1", "\"PDL\": 2");
+        let t = &parse_tables(&early, "t").unwrap()[0];
+        assert_eq!(t.lookup(1).pdl(), Pdl::AtGemm1Start);
+        assert_eq!(t.lookup(1).flags, 0x302);
         let off = with_pdl.replace("\"PDL\": 1", "\"PDL\": 0");
-        assert!(!parse_tables(&off, "t").unwrap()[0].lookup(1).pdl());
-        let e = parse_tables(&with_pdl.replace("\"PDL\": 1", "\"PDL\": 2"), "f").unwrap_err();
-        assert!(e.message.contains("\"PDL\" = 2"), "{}", e.message);
-        assert_eq!(default_config(1, 8).with_pdl(true).with_pdl(false).flags, 0);
+        assert_eq!(
+            parse_tables(&off, "t").unwrap()[0].lookup(1).pdl(),
+            Pdl::Off
+        );
+        let e = parse_tables(&with_pdl.replace("\"PDL\": 1", "\"PDL\": 3"), "f").unwrap_err();
+        assert!(e.message.contains("\"PDL\" = 3"), "{}", e.message);
+        for p in PDL_KEYS {
+            assert_eq!(
+                default_config(1, 8)
+                    .with_pdl(Pdl::AtGemm1Start)
+                    .with_pdl(p)
+                    .pdl(),
+                p
+            );
+        }
+        assert_eq!(
+            default_config(1, 8)
+                .with_pdl(Pdl::AtGemm1Start)
+                .with_pdl(Pdl::Off)
+                .flags,
+            0
+        );
     }
 
     #[test]

@@ -542,7 +542,7 @@ fn split_k_tiles_match_the_cpu() {
 /// start before the one before it ends, and GEMM2 loads its first weight stages before it
 /// waits for GEMM1. Each path whose kernels wait differently: mma.sync with split-K, the
 /// activation as a kernel of its own, the SIMT loop (f32), no_combine's zeroing, the wgmma
-/// loop; then graph capture and replay with them.
+/// loop; GEMM2 let in at GEMM1's start (a table's PDL 2); then graph capture and replay.
 #[test]
 fn programmatic_dependent_launches_match_the_cpu() {
     let Some(ctx) = gpu("programmatic_dependent_launches_match_the_cpu") else {
@@ -631,6 +631,60 @@ fn programmatic_dependent_launches_match_the_cpu() {
         },
     ];
     run_cases("programmatic dependent launches", &ctx, &cases);
+
+    // GEMM2 let in at GEMM1's start: a tile table's PDL 2 (no option picks it)
+    let early = Case {
+        tokens: 3,
+        experts: 16,
+        top_k: 4,
+        hidden: 1030,
+        inter: 520,
+        b13: true,
+        b2: true,
+        ..base(Dt::Bf16, 7008)
+    };
+    let table =
+        std::env::temp_dir().join(format!("fusedmoe_pdl_early_{}.json", std::process::id()));
+    std::fs::write(
+        &table,
+        format!(
+            r#"{{"format": "fusedmoe-tiles/1", "tables": [{{"E": {}, "N": {}, "K": {},
+                "dtype": "bf16", "quant": "none", "device": "{}", "configs": {{
+                "1": {{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1,
+                       "num_warps": 4, "num_stages": 3, "SPLIT_K": 2, "PDL": 2}},
+                "64": {{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1,
+                       "num_warps": 4, "num_stages": 4, "PDL": 2}}}}}}]}}"#,
+            early.experts,
+            early.inter,
+            early.hidden,
+            ctx.name().expect("the device's name")
+        ),
+    )
+    .expect("a temporary tile table");
+    let file = ("tile.config_file".to_string(), table.display().to_string());
+    let early_cases = vec![
+        Case {
+            options: vec![file.clone()],
+            ..early.clone()
+        },
+        Case {
+            tokens: 50,
+            options: vec![file.clone()],
+            ..early.clone()
+        },
+        Case {
+            tokens: 50,
+            options: vec![file, ("cuda.pdl".into(), "0".into())],
+            ..early
+        },
+    ];
+    run_cases(
+        "programmatic dependent launches, GEMM2 early",
+        &ctx,
+        &early_cases,
+    );
+    let _ = std::fs::remove_file(&table);
+
     let graph = Case {
         tokens: 64,
         b13: true,

@@ -88,7 +88,7 @@ impl Loaded {
             shared_mem_bytes: self.v.shared_bytes as u32,
         };
         let fail = |e| driver_error(&format!("kernel {}", self.v.name), e);
-        if start == Start::Programmatic {
+        if let Start::Programmatic { .. } = start {
             // by value, as the kernel's parameters: a pointer to each
             let mut args = vec![params as *const P as *mut c_void];
             if let Some(extra) = extra {
@@ -114,8 +114,8 @@ pub enum Start {
     /// of the previous one has called griddepcontrol.launch_dependents (or exited), and waits
     /// in griddepcontrol.wait before it reads what that one writes (kernels/common.cuh,
     /// fm_pdl_wait). The launch gap goes, and GEMM2 streams its first weight stages while
-    /// GEMM1 ends.
-    Programmatic,
+    /// GEMM1 ends; with `early_gemm2` GEMM1 lets it start at once, else after its k loops.
+    Programmatic { early_gemm2: bool },
 }
 
 /// What moe_run launches: the base layer's stages, or LoRA's, whose map and shrinks launch in
@@ -235,6 +235,8 @@ struct GemmParams {
     inter: i32,
     alpha: f32,
     limit: f32,
+    /// GEMM1 (mma.sync loop) lets GEMM2 start at once instead of after its k loop (cuda.pdl)
+    early_dependents: i32,
 }
 
 /// The size moe_gemm.cu checks FmGemmParams against (FM_GEMM_PARAMS_BYTES).
@@ -445,6 +447,7 @@ impl KernelSet {
             Stages::Base(start) => (None, start),
             Stages::Lora(run) => (Some(run), Start::AfterPrevious),
         };
+        let early_gemm2 = matches!(start, Start::Programmatic { early_gemm2: true });
         let v = &layer.v;
         let d = v.dims;
         let l = &p.layout;
@@ -513,6 +516,7 @@ impl KernelSet {
                 inter: d.inter as i32,
                 alpha,
                 limit,
+                early_dependents: early_gemm2 as i32,
             },
             lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
             start,
@@ -570,6 +574,7 @@ impl KernelSet {
                 inter: d.inter as i32,
                 alpha,
                 limit,
+                early_dependents: early_gemm2 as i32,
             },
             lora.map(|(run, _)| run.expand_down()).as_ref(),
             start,

@@ -20,7 +20,7 @@ use crate::layer::{Layer, Weights};
 use crate::lora::LoraBatch;
 use crate::plan::{Prepared, RunIo};
 use crate::tensor::{Device, Tensor};
-use crate::tiles::{GpuTraits, TileConfig};
+use crate::tiles::{GpuTraits, Pdl, TileConfig};
 use crate::workspace::Layout;
 use device::{driver_error, DeviceState};
 use kernels::KernelSet;
@@ -196,6 +196,22 @@ fn scratch(v: &Validated, numel: usize, capacity: usize) -> Scratch {
     Scratch { g1, act, y, total }
 }
 
+/// How a base run's kernels launch: the tile config's PDL, or with cuda.pdl = N
+/// programmatically for batches of at most N tokens (GEMM2 let in where the config says).
+fn start_of(policy: PdlPolicy, p: &Prepared) -> kernels::Start {
+    let programmatic = match policy {
+        PdlPolicy::Never => false,
+        PdlPolicy::TileConfig => p.tile.pdl() != Pdl::Off,
+        PdlPolicy::UpToTokens(n) => p.num_tokens <= n,
+    };
+    match programmatic {
+        true => kernels::Start::Programmatic {
+            early_gemm2: p.tile.pdl() == Pdl::AtGemm1Start,
+        },
+        false => kernels::Start::AfterPrevious,
+    }
+}
+
 /// moe_run, or moe_run_lora with `lora`: every stage launched on the host's stream.
 fn run_stages(
     layer: &Layer,
@@ -232,11 +248,7 @@ fn run_stages(
     };
     let stages = match &run {
         Some(run) => kernels::Stages::Lora(run),
-        None => kernels::Stages::Base(match c.pdl {
-            PdlPolicy::TileConfig if p.tile.pdl() => kernels::Start::Programmatic,
-            PdlPolicy::UpToTokens(n) if p.num_tokens <= n => kernels::Start::Programmatic,
-            _ => kernels::Start::AfterPrevious,
-        }),
+        None => kernels::Stages::Base(start_of(c.pdl, p)),
     };
     k.run(&stream, layer, p, io, ptrs, stages)
 }
