@@ -262,7 +262,7 @@ fn split_k(t: &moe_tile_config) -> (u32, u32) {
 
 /// "16×64×128", with " split-K 4/1" (GEMM1/GEMM2) where a GEMM splits and " PDL" (" PDL
 /// early": GEMM2 let in at GEMM1's start) where the config launches its kernels as
-/// programmatic dependents (unless --option cuda.pdl says otherwise).
+/// programmatic dependents.
 fn tile_label(t: &moe_tile_config) -> String {
     let dims = format!("{}×{}×{}", t.block_m, t.block_n, t.block_k);
     let dims = match split_k(t) {

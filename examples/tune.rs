@@ -31,7 +31,8 @@
 //!    call (refused at creation, warm-up, prepare or run: skipped), then moe_prepare + moe_run
 //!    as CUDA-graph replays (M ≤ 256, one graph per set) or direct calls, CUDA events around.
 //!    Screening: one short timing each; a candidate whose first calls take 2.5× the best
-//!    screening time so far stops there. Every other candidate's output (set 0) must be finite
+//!    screening time so far stops there. On sm_90 at M ≤ 256 the kept ones are screened
+//!    again as programmatic dependents (`tile.pdl` 1 and 2, table key PDL). Every other candidate's output (set 0) must be finite
 //!    and within 1e-2 of the reference: |got − want| ≤ 1e-2·(|want| + rms(want)) (the head and
 //!    tail rows of outputs over 64 MiB; the winner's whole output). The fastest few and the
 //!    default are then timed in interleaved rounds; the lowest median wins.
@@ -53,7 +54,7 @@ mod tile_table;
 use cudarc::driver::CudaGraph;
 use fusedmoe::dtype::DType;
 use fusedmoe::ffi::*;
-use fusedmoe::tiles::{default_config, Pdl, TableKey, TileConfig, TileTable};
+use fusedmoe::tiles::{default_config, Pdl, TableKey, TileConfig, TileTable, PDL_KEYS};
 use half::bf16;
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -145,20 +146,24 @@ fn kernel(c: &TileConfig) -> Kernel {
         c.block_k,
         c.num_warps,
         c.num_stages,
-        c.flags,
+        c.with_pdl(Pdl::Off).flags, // the launch mode compiles nothing of its own
     )
 }
 
 /// "64×128×64 w4 s3": BLOCK_M×BLOCK_N×BLOCK_K, warps, stages; " split-K 4/1" (GEMM1/GEMM2)
-/// where a GEMM splits.
+/// where a GEMM splits; " PDL 2" where it launches as programmatic dependents.
 fn tile_str(c: &TileConfig) -> String {
     let dims = format!(
         "{}×{}×{} w{} s{}",
         c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages
     );
-    match (c.split_k(1), c.split_k(2)) {
+    let dims = match (c.split_k(1), c.split_k(2)) {
         (1, 1) => dims,
         (g1, g2) => format!("{dims} split-K {g1}/{g2}"),
+    };
+    match c.pdl() {
+        Pdl::Off => dims,
+        p => format!("{dims} PDL {}", pdl_key(p)),
     }
 }
 
@@ -168,14 +173,21 @@ fn tile_json(c: &TileConfig) -> Value {
         "GROUP_M": c.group_m, "num_warps": c.num_warps, "num_stages": c.num_stages,
         "SPLIT_K": c.split_k(1), "SPLIT_K_DOWN": c.split_k(2),
     });
-    let pdl = fusedmoe::tiles::PDL_KEYS.iter().position(|&p| p == c.pdl());
-    if let Some(code @ 1..) = pdl {
-        v["PDL"] = json!(code);
+    if c.pdl() != Pdl::Off {
+        v["PDL"] = json!(pdl_key(c.pdl()));
     }
     v
 }
 
-/// The eight `tile.*` options and `cuda.pdl` that pin a layer to `c` at every M.
+/// A launch mode's table key and `tile.pdl` value.
+fn pdl_key(p: Pdl) -> usize {
+    fusedmoe::tiles::PDL_KEYS
+        .iter()
+        .position(|&k| k == p)
+        .unwrap()
+}
+
+/// The nine `tile.*` options that pin a layer to `c` at every M.
 fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
     vec![
         ("tile.block_m", c.block_m.to_string()),
@@ -186,11 +198,8 @@ fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
         ("tile.num_stages", c.num_stages.to_string()),
         ("tile.split_k", c.split_k(1).to_string()),
         ("tile.split_k_down", c.split_k(2).to_string()),
-        // the launch order too, else the nearest shipped entry's PDL flag would decide it
-        (
-            "cuda.pdl",
-            if c.pdl() == Pdl::Off { 0 } else { 1 << 24 }.to_string(),
-        ),
+        // the launch order too, else the nearest shipped entry's PDL would decide it
+        ("tile.pdl", pdl_key(c.pdl()).to_string()),
     ]
 }
 
@@ -795,15 +804,7 @@ fn tune_point(r: &ShapeRun, tokens: usize) -> Point {
             p.refused.push((cfg, why.clone()));
             continue;
         }
-        let made = Layer::with_options(m, r.w, m.experts, &tile_options(&cfg)).and_then(|layer| {
-            attempt(
-                unsafe { moe_warmup(layer.0, tokens as i64, gpu.raw()) },
-                "moe_warmup",
-            )?;
-            let what = format!("{what} {}", tile_str(&cfg));
-            Candidate::new(gpu, &what, layer.0, Some(layer), &batches, r.ws, graph)
-        });
-        let c = match made {
+        let c = match make_candidate(r, &cfg, tokens, &what, &batches, graph) {
             Ok(c) => c,
             Err(why) => {
                 p.refused.push((cfg, why));
@@ -831,6 +832,36 @@ fn tune_point(r: &ShapeRun, tokens: usize) -> Point {
             kept.insert(at, (us, deviation, c));
             kept.truncate(budget.finalists);
         }
+    }
+
+    // The launch modes of the kept ones (tile.pdl 1, 2) where graphs replay, on sm_90: only
+    // theirs, since the mode moved a point by 0.85-1.08x (BENCHMARKS.md), less than tiles do
+    if graph && r.o.split_k {
+        let tiles: Vec<TileConfig> = kept.iter().map(|k| k.2.tile).collect();
+        for cfg in tiles
+            .into_iter()
+            .flat_map(|t| [1, 2].map(|k| t.with_pdl(PDL_KEYS[k])))
+        {
+            let c = match make_candidate(r, &cfg, tokens, &what, &batches, graph) {
+                Ok(c) => c,
+                Err(why) => {
+                    p.refused.push((cfg, why));
+                    continue;
+                }
+            };
+            let (us, _) = bench.screen(&c, budget, f64::INFINITY);
+            p.screened.push((cfg, us, false));
+            p.timed += 1;
+            match reference.check(gpu, &batches[0], false) {
+                Ok(d) => kept.push((us, d, c)),
+                Err(why) => {
+                    eprintln!("  {what} {}: WRONG OUTPUT: {why}", tile_str(&cfg));
+                    p.wrong.push((cfg, why));
+                }
+            }
+        }
+        kept.sort_by(|a, b| a.0.total_cmp(&b.0));
+        kept.truncate(budget.finalists + 2); // a little more room: modes of one tile crowd it
     }
 
     // the final rounds: the default first, then the kept ones
@@ -888,6 +919,25 @@ fn tune_point(r: &ShapeRun, tokens: usize) -> Point {
     gpu.sync();
     p.seconds = t0.elapsed().as_secs_f64();
     p
+}
+
+/// A layer pinned to `cfg` (tile_options), warmed up for `tokens`, as a candidate.
+fn make_candidate(
+    r: &ShapeRun,
+    cfg: &TileConfig,
+    tokens: usize,
+    what: &str,
+    batches: &[Batch],
+    graph: bool,
+) -> Result<Candidate, String> {
+    let (gpu, m) = (r.gpu, r.m);
+    let layer = Layer::with_options(m, r.w, m.experts, &tile_options(cfg))?;
+    attempt(
+        unsafe { moe_warmup(layer.0, tokens as i64, gpu.raw()) },
+        "moe_warmup",
+    )?;
+    let what = format!("{what} {}", tile_str(cfg));
+    Candidate::new(gpu, &what, layer.0, Some(layer), batches, r.ws, graph)
 }
 
 // ---------------------------------------------------------------- one shape

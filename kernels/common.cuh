@@ -118,7 +118,7 @@ __device__ __forceinline__ void fm_mma(float (&c)[4], const unsigned (&a)[4], un
 
 // ---------------------------------------------------------------- programmatic dependent launch
 // The host may launch a kernel as a programmatic dependent of the one before it in the stream
-// (sm_90, option cuda.pdl): it can then start while that one still runs. fm_pdl_wait()
+// (sm_90, option tile.pdl): it can then start while that one still runs. fm_pdl_wait()
 // returns once the kernels before it have finished and their writes are visible, so it comes
 // before the first read of anything they write; what comes before it may read only what was
 // complete before this launch (the layer's weights, and the align step's arrays, which the

@@ -20,7 +20,7 @@ struct FmActParams {
 };
 
 extern "C" __global__ void __launch_bounds__(1024) moe_act(const FmActParams p) {
-    fm_pdl_wait();  // GEMM1's rows (cuda.pdl)
+    fm_pdl_wait();  // GEMM1's rows (tile.pdl)
     fm_pdl_launch_dependents();
     const int slot = blockIdx.x;
     if (slot >= *p.num_padded || p.sorted_route_ids[slot] >= p.numel) return;

@@ -154,7 +154,7 @@ __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [
         const Id* topk_ids, int numel, int experts, int block_m, int capacity, int max_blocks, \
         int segments, int* sorted_route_ids, int* block_expert, int* num_padded,              \
         int* expert_offsets, int* route_slot, unsigned* bad_ids) {                             \
-        fm_pdl_launch_dependents(); /* GEMM1 (cuda.pdl) may be scheduled; it waits for us */  \
+        fm_pdl_launch_dependents(); /* GEMM1 (tile.pdl) may be scheduled; it waits for us */  \
         moe_align<Id>(topk_ids, numel, experts, block_m, capacity, max_blocks, segments,       \
                       sorted_route_ids, block_expert, num_padded, expert_offsets, route_slot,  \
                       bad_ids);                                                                \

@@ -49,7 +49,7 @@ __device__ __forceinline__ FmRowPiece fm_load_piece(const fm_t* src, bool whole,
 }
 
 extern "C" __global__ void __launch_bounds__(1024) moe_combine(const FmCombineParams p) {
-    fm_pdl_wait();  // GEMM2's rows (cuda.pdl)
+    fm_pdl_wait();  // GEMM2's rows (tile.pdl)
     const int m = blockIdx.x;
     const int h0 = (blockIdx.y * blockDim.x + threadIdx.x) * FM_ROW_ITEMS;
     if (h0 >= p.hidden) return;
@@ -100,7 +100,7 @@ struct FmZeroParams {
 };
 
 extern "C" __global__ void __launch_bounds__(1024) moe_zero_dropped(const FmZeroParams p) {
-    fm_pdl_wait();  // the route slots, and GEMM2 before the rows it skipped (cuda.pdl)
+    fm_pdl_wait();  // the route slots, and GEMM2 before the rows it skipped (tile.pdl)
     const int r = blockIdx.x;
     if (p.route_slot[r] >= 0) return;
     fm_t* out = (fm_t*)p.out + (fm_i64)r * p.hidden;

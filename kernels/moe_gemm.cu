@@ -55,7 +55,7 @@ struct FmGemmParams {
     int m_blocks;                 // the grid's m-blocks (max_blocks)
     int inter;                    // I: the activation's columns (FM_FUSED_ACT)
     float alpha, limit;           // the activation's parameters (FM_FUSED_ACT)
-    int early_dependents;         // GEMM1 (mma.sync loop) lets GEMM2 start at once (cuda.pdl)
+    int early_dependents;         // GEMM1 (mma.sync loop) lets GEMM2 start at once (tile.pdl)
 };
 
 #ifdef FM_GEMM_PARAMS_BYTES
@@ -365,7 +365,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
 #if FM_GEMM_MODE == 1
     // GEMM1 needs the align step's arrays first thing. Once they are there GEMM2 may start
-    // (cuda.pdl) and load its first weight stages: at once (early_dependents), or once every
+    // (tile.pdl) and load its first weight stages: at once (early_dependents), or once every
     // CTA is past its k loop. At once won at Qwen3 and DeepSeek M = 1 (1.04-1.08x) and lost
     // at gpt-oss M = 1 (0.85x), where GEMM2's early CTAs got in GEMM1's way (BENCHMARKS.md).
     fm_pdl_wait();
@@ -401,7 +401,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
 #endif
 #if FM_GEMM_MODE == 2
     // The first stages' W rows depend on nothing GEMM1 writes: as a programmatic dependent
-    // (cuda.pdl) this CTA streams them while GEMM1 finishes, then waits for the activation
+    // (tile.pdl) this CTA streams them while GEMM1 finishes, then waits for the activation
     // rows. They join stage 0's copy group, which the first k-step waits for anyway.
 #pragma unroll
     for (int s = 0; s < FM_STAGES - 1; ++s)
@@ -505,7 +505,7 @@ static_assert(FM_SPLIT_K == 1, "split-K takes the tensor-core path");
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS)
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
-    fm_pdl_wait();  // (cuda.pdl) the stage before this one
+    fm_pdl_wait();  // (tile.pdl) the stage before this one
     fm_pdl_launch_dependents();
     FmBlock b;
     if (!fm_block(p, b)) return;

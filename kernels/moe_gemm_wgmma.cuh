@@ -281,7 +281,7 @@ __device__ __forceinline__ void fm_wg_epilogue(const FmRows& rows, const FmGemmP
 #define FM_MIN_CTAS (FM_WG_COLS <= 128 && FM_THREADS <= 256 ? 2 : 1)
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
-    fm_pdl_wait();  // (cuda.pdl) the stage before this one
+    fm_pdl_wait();  // (tile.pdl) the stage before this one
     fm_pdl_launch_dependents();
     FmBlock b;
     if (!fm_block(p, b)) return;

@@ -137,7 +137,7 @@ __device__ __forceinline__ void fm_ws_produce(const FmRows& rows, const FmGemmPa
 
 extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
-    fm_pdl_wait();  // (cuda.pdl) the stage before this one
+    fm_pdl_wait();  // (tile.pdl) the stage before this one
     fm_pdl_launch_dependents();
     FmBlock b;
     if (!fm_block(p, b)) return;  // the whole CTA, before any barrier exists

@@ -102,6 +102,16 @@ const KEYS: &[Key] = &[
         doc: "CUDA: the same for GEMM2 (the down projection)",
     },
     Key {
+        name: "tile.pdl",
+        rule: Rule::Int {
+            min: 0,
+            max: 2,
+            pow2: false,
+        },
+        device: None,
+        doc: "CUDA: how moe_run's kernels launch (a table's PDL): 0 in order; 1 as programmatic dependents (sm_90), each starting before the one before it ends, GEMM2 loading its first weight stages while GEMM1 ends, let in once GEMM1's CTAs are past their k loops; 2 the same, let in at GEMM1's start. LoRA runs launch in order; above 0 refused before compute capability 9.0",
+    },
+    Key {
         name: "tile.config_file",
         rule: Rule::Path,
         device: None,
@@ -136,16 +146,6 @@ const KEYS: &[Key] = &[
         },
         device: Some(DeviceKind::Cuda),
         doc: "1 (default): f16/bf16 layers apply the activation in GEMM1's epilogue; 0: a kernel of its own",
-    },
-    Key {
-        name: "cuda.pdl",
-        rule: Rule::Int {
-            min: 0,
-            max: 1 << 24,
-            pow2: false,
-        },
-        device: Some(DeviceKind::Cuda),
-        doc: "N: batches of at most N tokens launch moe_run's kernels as programmatic dependents (sm_90: each may start before the one before it ends; GEMM2 loads its first weight stages while GEMM1 ends); 0: never. Unset: where the tile table's entry has PDL 1 or 2 (2: GEMM2 let in at GEMM1's start, 1: after its k loops). LoRA runs always launch in order; refused above 0 on GPUs before compute capability 9.0",
     },
     Key {
         name: "cpu.num_threads",

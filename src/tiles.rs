@@ -16,7 +16,7 @@
 //! `SPLIT_K_DOWN` (1–8, default 1: CTAs sharing a GEMM1 / GEMM2 tile's k loop) and `PDL`
 //! (default 0: in order; 1: the batch's kernels launch as programmatic dependents on sm_90,
 //! GEMM2 let in once GEMM1's CTAs are past their k loops; 2: the same, GEMM2 let in at
-//! GEMM1's start; option cuda.pdl overrides which batches do).
+//! GEMM1's start; option tile.pdl overrides it).
 
 use crate::dtype::DType;
 use crate::error::{invalid, Result};
@@ -62,8 +62,8 @@ impl TileConfig {
     }
 }
 
-/// How a config's batches launch moe_run's kernels (table key `PDL`: 0, 1, 2; option
-/// cuda.pdl overrides which batches do): in order, or as programmatic dependents (sm_90;
+/// How a config's batches launch moe_run's kernels (table key `PDL` and option `tile.pdl`:
+/// 0, 1, 2): in order, or as programmatic dependents (sm_90;
 /// src/backend/cuda/kernels.rs, Start::Programmatic) with GEMM2 let in after GEMM1's k loops
 /// or at GEMM1's start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -362,6 +362,7 @@ struct Override {
     num_stages: Option<u32>,
     split_k: Option<u32>,
     split_k_down: Option<u32>,
+    pdl: Option<u32>,
 }
 
 impl Override {
@@ -376,6 +377,7 @@ impl Override {
             num_stages: get("tile.num_stages"),
             split_k: get("tile.split_k"),
             split_k_down: get("tile.split_k_down"),
+            pdl: get("tile.pdl"),
         }
     }
 
@@ -391,6 +393,7 @@ impl Override {
         }
         .with_split_k(1, self.split_k.unwrap_or(c.split_k(1)))
         .with_split_k(2, self.split_k_down.unwrap_or(c.split_k(2)))
+        .with_pdl(self.pdl.map_or(c.pdl(), |p| PDL_KEYS[p as usize]))
     }
 }
 
@@ -694,6 +697,19 @@ mod tests {
                 .flags,
             0
         );
+
+        // option tile.pdl wins over the entry, as the other tile.* options do
+        let mut o = Options::default();
+        o.set("tile.pdl", "2").unwrap();
+        assert!(o.set("tile.pdl", "3").is_err());
+        let c = TileChooser::new(&key(), None, &o).unwrap();
+        assert_eq!(c.choose(1).pdl(), Pdl::AtGemm1Start);
+        o.set("tile.pdl", "0").unwrap();
+        let entry = default_config(1, 8)
+            .with_pdl(Pdl::AfterGemm1Loop)
+            .with_split_k(1, 2);
+        let applied = Override::from_options(&o).apply(entry);
+        assert_eq!((applied.pdl(), applied.split_k(1)), (Pdl::Off, 2));
     }
 
     #[test]

@@ -538,11 +538,11 @@ fn split_k_tiles_match_the_cpu() {
     );
 }
 
-/// Programmatic dependent launches (cuda.pdl, sm_90): every kernel after the align step may
+/// Programmatic dependent launches (tile.pdl, sm_90): every kernel after the align step may
 /// start before the one before it ends, and GEMM2 loads its first weight stages before it
 /// waits for GEMM1. Each path whose kernels wait differently: mma.sync with split-K, the
 /// activation as a kernel of its own, the SIMT loop (f32), no_combine's zeroing, the wgmma
-/// loop; GEMM2 let in at GEMM1's start (a table's PDL 2); then graph capture and replay.
+/// loop; GEMM2 let in at GEMM1's start (tile.pdl 2); then graph capture and replay.
 #[test]
 fn programmatic_dependent_launches_match_the_cpu() {
     let Some(ctx) = gpu("programmatic_dependent_launches_match_the_cpu") else {
@@ -554,7 +554,7 @@ fn programmatic_dependent_launches_match_the_cpu() {
     }
     let pdl = |extra: &[(&str, u32)]| {
         let mut o = number_options(extra);
-        o.push(("cuda.pdl".into(), (1u32 << 24).to_string()));
+        o.push(("tile.pdl".into(), "1".into()));
         o
     };
     let split_k = [
@@ -632,7 +632,7 @@ fn programmatic_dependent_launches_match_the_cpu() {
     ];
     run_cases("programmatic dependent launches", &ctx, &cases);
 
-    // GEMM2 let in at GEMM1's start: a tile table's PDL 2 (no option picks it)
+    // GEMM2 let in at GEMM1's start
     let early = Case {
         tokens: 3,
         experts: 16,
@@ -641,40 +641,21 @@ fn programmatic_dependent_launches_match_the_cpu() {
         inter: 520,
         b13: true,
         b2: true,
+        options: number_options(&[("tile.pdl", 2)]),
         ..base(Dt::Bf16, 7008)
     };
-    let table =
-        std::env::temp_dir().join(format!("fusedmoe_pdl_early_{}.json", std::process::id()));
-    std::fs::write(
-        &table,
-        format!(
-            r#"{{"format": "fusedmoe-tiles/1", "tables": [{{"E": {}, "N": {}, "K": {},
-                "dtype": "bf16", "quant": "none", "device": "{}", "configs": {{
-                "1": {{"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 1,
-                       "num_warps": 4, "num_stages": 3, "SPLIT_K": 2, "PDL": 2}},
-                "64": {{"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 1,
-                       "num_warps": 4, "num_stages": 4, "PDL": 2}}}}}}]}}"#,
-            early.experts,
-            early.inter,
-            early.hidden,
-            ctx.name().expect("the device's name")
-        ),
-    )
-    .expect("a temporary tile table");
-    let file = ("tile.config_file".to_string(), table.display().to_string());
     let early_cases = vec![
         Case {
-            options: vec![file.clone()],
+            options: number_options(&[("tile.pdl", 2), ("tile.split_k", 2)]),
             ..early.clone()
         },
         Case {
             tokens: 50,
-            options: vec![file.clone()],
             ..early.clone()
         },
         Case {
             tokens: 50,
-            options: vec![file, ("cuda.pdl".into(), "0".into())],
+            options: number_options(&[("tile.pdl", 2), ("cuda.fuse_act", 0)]),
             ..early
         },
     ];
@@ -683,14 +664,13 @@ fn programmatic_dependent_launches_match_the_cpu() {
         &ctx,
         &early_cases,
     );
-    let _ = std::fs::remove_file(&table);
 
     let graph = Case {
         tokens: 64,
         b13: true,
         b2: true,
         drop: 0.1,
-        options: pdl(&[]),
+        options: number_options(&[("tile.pdl", 2)]),
         ..base(Dt::Bf16, 7007)
     };
     graph_case(&ctx, &graph).unwrap_or_else(|e| panic!("graph capture: {graph:?}\n    {e}"));

@@ -110,7 +110,7 @@ impl Loaded {
 pub enum Start {
     /// When it has finished (an ordinary launch).
     AfterPrevious,
-    /// As a programmatic dependent (sm_90, cuda.pdl): the kernel may start once every block
+    /// As a programmatic dependent (sm_90, tile.pdl): the kernel may start once every block
     /// of the previous one has called griddepcontrol.launch_dependents (or exited), and waits
     /// in griddepcontrol.wait before it reads what that one writes (kernels/common.cuh,
     /// fm_pdl_wait). The launch gap goes, and GEMM2 streams its first weight stages while
@@ -235,7 +235,7 @@ struct GemmParams {
     inter: i32,
     alpha: f32,
     limit: f32,
-    /// GEMM1 (mma.sync loop) lets GEMM2 start at once instead of after its k loop (cuda.pdl)
+    /// GEMM1 (mma.sync loop) lets GEMM2 start at once instead of after its k loop (tile.pdl)
     early_dependents: i32,
 }
 

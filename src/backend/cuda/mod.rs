@@ -85,21 +85,12 @@ pub struct CudaLayer {
     wgmma_ws: bool,
     /// f16/bf16 GEMM1s apply the activation in their epilogue (option cuda.fuse_act).
     fuse_act: bool,
-    /// Which batches launch as programmatic dependents: those whose tile config says so
-    /// (the table's PDL key), or with option cuda.pdl = N those of at most N tokens; none
-    /// before sm_90.
-    pdl: PdlPolicy,
+    /// Compute capability 9.0 or newer: tile configs with PDL launch programmatically.
+    pdl_capable: bool,
     kernels: Mutex<HashMap<SetKey, Arc<KernelSet>>>,
     /// Made when the first LoRA wrapper over the layer is: the LoRA map kernel's error
     /// counters. While it exists, moe_warmup also loads the LoRA kernel sets.
     lora: once_cell::sync::OnceCell<Box<lora::Errors>>,
-}
-
-#[derive(Clone, Copy)]
-enum PdlPolicy {
-    Never,
-    TileConfig,
-    UpToTokens(usize),
 }
 
 /// Which kernel set: the tile config, GEMM1's 16-byte loads, and LoRA (moe_run_lora) or not.
@@ -196,19 +187,13 @@ fn scratch(v: &Validated, numel: usize, capacity: usize) -> Scratch {
     Scratch { g1, act, y, total }
 }
 
-/// How a base run's kernels launch: the tile config's PDL, or with cuda.pdl = N
-/// programmatically for batches of at most N tokens (GEMM2 let in where the config says).
-fn start_of(policy: PdlPolicy, p: &Prepared) -> kernels::Start {
-    let programmatic = match policy {
-        PdlPolicy::Never => false,
-        PdlPolicy::TileConfig => p.tile.pdl() != Pdl::Off,
-        PdlPolicy::UpToTokens(n) => p.num_tokens <= n,
-    };
-    match programmatic {
-        true => kernels::Start::Programmatic {
-            early_gemm2: p.tile.pdl() == Pdl::AtGemm1Start,
-        },
-        false => kernels::Start::AfterPrevious,
+/// How a base run's kernels launch: as its tile config's PDL says, where the GPU can.
+fn start_of(c: &CudaLayer, p: &Prepared) -> kernels::Start {
+    match p.tile.pdl() {
+        _ if !c.pdl_capable => kernels::Start::AfterPrevious,
+        Pdl::Off => kernels::Start::AfterPrevious,
+        Pdl::AfterGemm1Loop => kernels::Start::Programmatic { early_gemm2: false },
+        Pdl::AtGemm1Start => kernels::Start::Programmatic { early_gemm2: true },
     }
 }
 
@@ -248,7 +233,7 @@ fn run_stages(
     };
     let stages = match &run {
         Some(run) => kernels::Stages::Lora(run),
-        None => kernels::Stages::Base(start_of(c.pdl, p)),
+        None => kernels::Stages::Base(start_of(c, p)),
     };
     k.run(&stream, layer, p, io, ptrs, stages)
 }
@@ -278,20 +263,14 @@ impl Backend for CudaBackend {
             ));
         }
         let pdl_capable = dev.traits.compute_capability.0 >= 9;
-        let pdl = match options.int("cuda.pdl") {
-            Some(t) if t > 0 && !pdl_capable => {
-                return Err(crate::error::unsupported!(
-                    "option \"cuda.pdl\": programmatic dependent launch needs compute capability 9.0 or newer; {} has {}.{}",
-                    dev.name,
-                    dev.traits.compute_capability.0,
-                    dev.traits.compute_capability.1
-                ))
-            }
-            Some(0) => PdlPolicy::Never,
-            Some(t) => PdlPolicy::UpToTokens(t as usize),
-            None if pdl_capable => PdlPolicy::TileConfig,
-            None => PdlPolicy::Never,
-        };
+        if options.int("tile.pdl").unwrap_or(0) > 0 && !pdl_capable {
+            return Err(crate::error::unsupported!(
+                "option \"tile.pdl\": programmatic dependent launch needs compute capability 9.0 or newer; {} has {}.{}",
+                dev.name,
+                dev.traits.compute_capability.0,
+                dev.traits.compute_capability.1
+            ));
+        }
         let aligned = |t: &Tensor| t.data as usize % 16 == 0;
         Ok(LayerState::Cuda(CudaLayer {
             bad_ids: mapped::Counter::new(&dev, 1)?,
@@ -300,7 +279,7 @@ impl Backend for CudaBackend {
             hopper,
             wgmma_ws,
             fuse_act: options.int("cuda.fuse_act") != Some(0),
-            pdl,
+            pdl_capable,
             kernels: Mutex::new(HashMap::new()),
             lora: once_cell::sync::OnceCell::new(),
             dev,
