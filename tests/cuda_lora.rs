@@ -355,6 +355,113 @@ fn split_k_gemms_match_the_cpu() {
     run_lora_cases("split-K", &ctx, cases);
 }
 
+/// LoRA as programmatic dependents (tile.pdl, sm_90): the shrinks and GEMMs start before the
+/// kernel before them ends, and a LoRA GEMM waits for its shrink only before its epilogue.
+/// mma.sync (with split-K), the activation kernel, f32's SIMT GEMMs, the wgmma loop, a graph.
+#[test]
+fn programmatic_lora_launches_match_the_cpu() {
+    let Some(ctx) = gpu("programmatic_lora_launches_match_the_cpu") else {
+        return;
+    };
+    if !clusters_for_split_k(&ctx) {
+        return;
+    }
+    let pdl = |extra: &[(&str, u32)]| {
+        let mut o = number_options(extra);
+        o.push(("tile.pdl".into(), "1".into()));
+        o
+    };
+    let wgmma = [
+        ("tile.block_m", 64),
+        ("tile.block_n", 128),
+        ("tile.block_k", 64),
+        ("tile.num_warps", 4),
+        ("tile.num_stages", 4),
+    ];
+    let split = [
+        ("tile.block_m", 16),
+        ("tile.block_n", 32),
+        ("tile.block_k", 64),
+        ("tile.split_k", 3),
+        ("tile.split_k_down", 2),
+    ];
+    let cases = vec![
+        lora_case(
+            Case {
+                tokens: 37,
+                b13: true,
+                b2: true,
+                drop: 0.1,
+                options: pdl(&[]),
+                ..base(Dt::Bf16, 1400)
+            },
+            16,
+            four_slots_cleared(16),
+            false,
+        ),
+        lora_case(
+            Case {
+                tokens: 5,
+                hidden: 520,
+                layout: MOE_GATE_UP_INTERLEAVED,
+                options: pdl(&split),
+                ..base(Dt::F16, 1401)
+            },
+            8,
+            vec![slot(8), slot(4)],
+            true,
+        ),
+        lora_case(
+            Case {
+                tokens: 37,
+                options: pdl(&[("cuda.fuse_act", 0)]),
+                ..base(Dt::Bf16, 1402)
+            },
+            16,
+            vec![slot(16)],
+            false,
+        ),
+        lora_case(
+            Case {
+                tokens: 37,
+                options: pdl(&[]),
+                ..base(Dt::F32, 1403)
+            },
+            8,
+            four_slots_cleared(8),
+            true,
+        ),
+        lora_case(
+            Case {
+                tokens: 512,
+                hidden: 512,
+                inter: 256,
+                b2: true,
+                options: pdl(&wgmma),
+                ..base(Dt::Bf16, 1404)
+            },
+            16,
+            four_slots_cleared(16),
+            false,
+        ),
+    ];
+    run_lora_cases("programmatic LoRA launches", &ctx, cases);
+    let graph = lora_case(
+        Case {
+            tokens: 64,
+            b13: true,
+            b2: true,
+            drop: 0.1,
+            options: pdl(&[]),
+            ..base(Dt::Bf16, 1405)
+        },
+        16,
+        four_slots_cleared(16),
+        false,
+    );
+    graph_case(&ctx, &graph).unwrap_or_else(|e| panic!("graph capture: {graph:?}\n    {e}"));
+}
+
 /// The flags that move the router weight or a rounding point: on-input, no_combine (with and
 /// without the router weight), inplace, rsf; with biases and dropped routes.
 #[test]

@@ -52,8 +52,9 @@ impl Loaded {
         stream: &Arc<CudaStream>,
         grid: (usize, usize),
         params: &P,
+        start: Start,
     ) -> Result<()> {
-        self.launch_with::<P, P>(stream, grid, params, None, Start::AfterPrevious)
+        self.launch_with::<P, P>(stream, grid, params, None, start)
     }
 
     /// A launch with a second by-value parameter struct where `extra` is given (the LoRA
@@ -118,11 +119,13 @@ pub enum Start {
     Programmatic { early_gemm2: bool },
 }
 
-/// What moe_run launches: the base layer's stages, or LoRA's, whose map and shrinks launch in
-/// order between the GEMMs (no programmatic edges there).
+/// What moe_run launches: the base layer's stages, or LoRA's. LoRA's map launches in order;
+/// as programmatic dependents its shrinks and GEMMs let the next one in once they are past
+/// their waits or k loops (never at GEMM1's start), and an FM_LORA GEMM waits for its shrink
+/// only before its epilogue (kernels/moe_gemm.cu, FM_PDL_WAIT_EPILOGUE).
 pub enum Stages<'a> {
     Base(Start),
-    Lora(&'a lora::Run),
+    Lora(&'a lora::Run, Start),
 }
 
 /// cuLaunchKernelEx with programmatic stream serialization allowed; `args` point at the
@@ -445,7 +448,10 @@ impl KernelSet {
     ) -> Result<()> {
         let (lora, start) = match stages {
             Stages::Base(start) => (None, start),
-            Stages::Lora(run) => (Some(run), Start::AfterPrevious),
+            Stages::Lora(run, Start::AfterPrevious) => (Some(run), Start::AfterPrevious),
+            Stages::Lora(run, Start::Programmatic { .. }) => {
+                (Some(run), Start::Programmatic { early_gemm2: false })
+            }
         };
         let early_gemm2 = matches!(start, Start::Programmatic { early_gemm2: true });
         let v = &layer.v;
@@ -478,7 +484,11 @@ impl KernelSet {
         };
         if let Some((run, k)) = lora {
             k.map(stream, run)?;
-            k.shrink(stream, &run.shrink_gate_up(&align, io.hidden.data as u64))?;
+            k.shrink(
+                stream,
+                &run.shrink_gate_up(&align, io.hidden.data as u64),
+                start,
+            )?;
         }
 
         let (alpha, limit) = match v.act {
@@ -540,7 +550,7 @@ impl KernelSet {
             )?;
         }
         if let Some((run, k)) = lora {
-            k.shrink(stream, &run.shrink_down(&align, s.act))?;
+            k.shrink(stream, &run.shrink_down(&align, s.act), start)?;
         }
         let (b2, b2_kind) = bias_parts(&layer.b2);
         let n_tiles2 = d.hidden.div_ceil(bn);
