@@ -65,19 +65,6 @@ static_assert(sizeof(FmGemmParams) == FM_GEMM_PARAMS_BYTES,
 
 #define FM_THREADS (FM_WARPS_M * FM_WARPS_N * 32)
 
-// Where a GEMM launched as a programmatic dependent (tile.pdl) waits for the kernel before it.
-// With LoRA that kernel is the GEMM's shrink, whose intermediates only the epilogue's expand
-// reads; the rows and weights the main loop reads were complete before the shrink let this
-// GEMM start (the shrink waits for the kernel before it first). So an FM_LORA GEMM waits just
-// before its epilogue, and its shrink runs beside its main loop.
-#if FM_LORA
-#define FM_PDL_WAIT_MAIN()
-#define FM_PDL_WAIT_EPILOGUE() fm_pdl_wait()
-#else
-#define FM_PDL_WAIT_MAIN() fm_pdl_wait()
-#define FM_PDL_WAIT_EPILOGUE()
-#endif
-
 // ---------------------------------------------------------------- fused activation
 // FM_FUSED_ACT (GEMM1 on the tensor-core paths): the epilogue applies the activation (act.cuh;
 // FM_ACT, FM_GATED, FM_INTERLEAVED as moe_act's) and writes the activation rows
@@ -381,7 +368,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     // (tile.pdl) and load its first weight stages: at once (early_dependents), or once every
     // CTA is past its k loop. At once won at Qwen3 and DeepSeek M = 1 (1.04-1.08x) and lost
     // at gpt-oss M = 1 (0.85x), where GEMM2's early CTAs got in GEMM1's way (BENCHMARKS.md).
-    FM_PDL_WAIT_MAIN();
+    fm_pdl_wait();
     if (p.early_dependents) fm_pdl_launch_dependents();
 #endif
     FmBlock b;
@@ -422,7 +409,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
             fm_load_stage<FM_LOAD_W>(stages + s * stage_elems,
                                      stages + s * stage_elems + FM_BM * FM_LDS, rows, p, w_expert,
                                      n0, (kt0 + s) * FM_BK);
-    FM_PDL_WAIT_MAIN();
+    fm_pdl_wait();
     constexpr int first_part = FM_LOAD_A;
 #else
     constexpr int first_part = FM_LOAD_ALL;
@@ -489,7 +476,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     __syncthreads();  // no thread's cp.async still lands in the stages the partials reuse
     if (!fm_split_reduce<FM_MI * FM_NI * 4>(&acc[0][0][0], (float*)stages)) return;
 #endif
-    FM_PDL_WAIT_EPILOGUE();
 
 #if FM_LORA
 #pragma unroll

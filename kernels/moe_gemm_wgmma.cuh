@@ -281,10 +281,8 @@ __device__ __forceinline__ void fm_wg_epilogue(const FmRows& rows, const FmGemmP
 #define FM_MIN_CTAS (FM_WG_COLS <= 128 && FM_THREADS <= 256 ? 2 : 1)
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
-    FM_PDL_WAIT_MAIN();  // (tile.pdl) the stage before this one
-#if !FM_LORA
+    fm_pdl_wait();  // (tile.pdl) the stage before this one
     fm_pdl_launch_dependents();
-#endif
     FmBlock b;
     if (!fm_block(p, b)) return;
     const int slot0 = b.slot0, n0 = b.n0, expert = b.expert;
@@ -329,10 +327,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
 #pragma unroll
     for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
     fm_cp_async_wait<0>();
-#if FM_LORA
-    fm_pdl_launch_dependents();
-#endif
-    FM_PDL_WAIT_EPILOGUE();
     fm_wg_epilogue(rows, p, b, g, acc FM_LORA_PASS);
 }
 #endif  // FM_WGMMA == 1

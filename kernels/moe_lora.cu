@@ -456,10 +456,6 @@ __device__ void fm_shrink_mma(const FmLoraShrinkParams& p, int expert, int slot0
 
 extern "C" __global__ void __launch_bounds__(FM_SHRINK_THREADS)
     moe_lora_shrink(const __grid_constant__ FmLoraShrinkParams p) {
-    // (tile.pdl) the map's slots, or GEMM1's activation rows; then the GEMM after this shrink
-    // may start its main loop, which does not read what the shrink writes
-    fm_pdl_wait();
-    fm_pdl_launch_dependents();
     const int slot0 = blockIdx.x * p.block_m;
     if (slot0 >= *p.num_padded) return;
     const int expert = p.block_expert[blockIdx.x];

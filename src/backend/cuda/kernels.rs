@@ -52,9 +52,8 @@ impl Loaded {
         stream: &Arc<CudaStream>,
         grid: (usize, usize),
         params: &P,
-        start: Start,
     ) -> Result<()> {
-        self.launch_with::<P, P>(stream, grid, params, None, start)
+        self.launch_with::<P, P>(stream, grid, params, None, Start::AfterPrevious)
     }
 
     /// A launch with a second by-value parameter struct where `extra` is given (the LoRA
@@ -119,13 +118,11 @@ pub enum Start {
     Programmatic { early_gemm2: bool },
 }
 
-/// What moe_run launches: the base layer's stages, or LoRA's. LoRA's map launches in order;
-/// as programmatic dependents its shrinks and GEMMs let the next one in once they are past
-/// their waits or k loops (never at GEMM1's start), and an FM_LORA GEMM waits for its shrink
-/// only before its epilogue (kernels/moe_gemm.cu, FM_PDL_WAIT_EPILOGUE).
+/// What moe_run launches: the base layer's stages, or LoRA's, whose map and shrinks launch in
+/// order between the GEMMs (no programmatic edges there).
 pub enum Stages<'a> {
     Base(Start),
-    Lora(&'a lora::Run, Start),
+    Lora(&'a lora::Run),
 }
 
 /// cuLaunchKernelEx with programmatic stream serialization allowed; `args` point at the
@@ -448,10 +445,7 @@ impl KernelSet {
     ) -> Result<()> {
         let (lora, start) = match stages {
             Stages::Base(start) => (None, start),
-            Stages::Lora(run, Start::AfterPrevious) => (Some(run), Start::AfterPrevious),
-            Stages::Lora(run, Start::Programmatic { .. }) => {
-                (Some(run), Start::Programmatic { early_gemm2: false })
-            }
+            Stages::Lora(run) => (Some(run), Start::AfterPrevious),
         };
         let early_gemm2 = matches!(start, Start::Programmatic { early_gemm2: true });
         let v = &layer.v;
@@ -484,11 +478,7 @@ impl KernelSet {
         };
         if let Some((run, k)) = lora {
             k.map(stream, run)?;
-            k.shrink(
-                stream,
-                &run.shrink_gate_up(&align, io.hidden.data as u64),
-                start,
-            )?;
+            k.shrink(stream, &run.shrink_gate_up(&align, io.hidden.data as u64))?;
         }
 
         let (alpha, limit) = match v.act {
@@ -550,7 +540,7 @@ impl KernelSet {
             )?;
         }
         if let Some((run, k)) = lora {
-            k.shrink(stream, &run.shrink_down(&align, s.act), start)?;
+            k.shrink(stream, &run.shrink_down(&align, s.act))?;
         }
         let (b2, b2_kind) = bias_parts(&layer.b2);
         let n_tiles2 = d.hidden.div_ceil(bn);

@@ -456,27 +456,20 @@ impl Kernels {
         let m = &run.map;
         let items = m.tokens.max(m.segments) as usize;
         let blocks = items.div_ceil(MAP_THREADS as usize).clamp(1, MAP_BLOCKS);
-        self.map
-            .launch_2d(stream, (blocks, 1), m, super::kernels::Start::AfterPrevious)
+        self.map.launch_2d(stream, (blocks, 1), m)
     }
 
     /// moe_lora_shrink over the align step's blocks (x) and, along y, the blocks of
     /// SHRINK_MMA_ROWS rows of A (tensor-core path) or the groups of rows of A times the
     /// chunks of each block's routes (SIMT path); kernels/moe_lora.cu splits blockIdx.y so.
-    pub fn shrink(
-        &self,
-        stream: &Arc<CudaStream>,
-        s: &Shrink,
-        start: super::kernels::Start,
-    ) -> Result<()> {
+    pub fn shrink(&self, stream: &Arc<CudaStream>, s: &Shrink) -> Result<()> {
         let (rows, block_m) = (s.params.rows as usize, s.params.block_m as usize);
         let y = if s.params.mma != 0 {
             rows.div_ceil(SHRINK_MMA_ROWS) * s.params.slot_groups.max(1) as usize
         } else {
             rows.div_ceil(SHRINK_WARPS * SHRINK_ROWS) * block_m.div_ceil(SHRINK_ROUTES)
         };
-        self.shrink
-            .launch_2d(stream, (s.blocks, y), &s.params, start)
+        self.shrink.launch_2d(stream, (s.blocks, y), &s.params)
     }
 }
 

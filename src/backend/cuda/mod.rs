@@ -232,7 +232,7 @@ fn run_stages(
         y: base + s.y as u64,
     };
     let stages = match &run {
-        Some(run) => kernels::Stages::Lora(run, start_of(c, p)),
+        Some(run) => kernels::Stages::Lora(run),
         None => kernels::Stages::Base(start_of(c, p)),
     };
     k.run(&stream, layer, p, io, ptrs, stages)
