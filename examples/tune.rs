@@ -31,8 +31,9 @@
 //!    call (refused at creation, warm-up, prepare or run: skipped), then moe_prepare + moe_run
 //!    as CUDA-graph replays (M ≤ 256, one graph per set) or direct calls, CUDA events around.
 //!    Screening: one short timing each; a candidate whose first calls take 2.5× the best
-//!    screening time so far stops there. On sm_90 at M ≤ 256 the kept ones are screened
-//!    again as programmatic dependents (`tile.pdl` 1 and 2, table key PDL). Every other candidate's output (set 0) must be finite
+//!    screening time so far stops there. On sm_90 at M ≤ 256 (graph replays) candidates
+//!    are screened as programmatic dependents with GEMM2 let in at GEMM1's start (`tile.pdl`
+//!    2, table key PDL), and the kept ones again in order (0) and with PDL 1. Every other candidate's output (set 0) must be finite
 //!    and within 1e-2 of the reference: |got − want| ≤ 1e-2·(|want| + rms(want)) (the head and
 //!    tail rows of outputs over 64 MiB; the winner's whole output). The fastest few and the
 //!    default are then timed in interleaved rounds; the lowest median wins.
@@ -181,10 +182,7 @@ fn tile_json(c: &TileConfig) -> Value {
 
 /// A launch mode's table key and `tile.pdl` value.
 fn pdl_key(p: Pdl) -> usize {
-    fusedmoe::tiles::PDL_KEYS
-        .iter()
-        .position(|&k| k == p)
-        .unwrap()
+    PDL_KEYS.iter().position(|&k| k == p).unwrap()
 }
 
 /// The nine `tile.*` options that pin a layer to `c` at every M.
@@ -775,8 +773,19 @@ fn tune_point(r: &ShapeRun, tokens: usize) -> Point {
     let (default_screen, _) = bench.screen(&default, budget, f64::INFINITY);
     let mut best = default_screen;
 
+    // Where graphs replay (decode) on sm_90 every candidate is screened as programmatic
+    // dependents with GEMM2 let in at GEMM1's start (PDL 2, the H100 table's usual pick):
+    // GEMM2's early weight loads can change which stages win. The kept ones are then tried
+    // in order and with PDL 1 too (below).
+    let pdl_modes = graph && r.o.split_k;
+    let screen_pdl = if pdl_modes {
+        Pdl::AtGemm1Start
+    } else {
+        Pdl::Off
+    };
     let space: Vec<TileConfig> = candidates(m, tokens, r.o.quick, r.o.split_k)
         .into_iter()
+        .map(|c| c.with_pdl(screen_pdl))
         .filter(|c| kernel(c) != kernel(&default.tile))
         .collect();
     let mut p = Point {
@@ -834,13 +843,13 @@ fn tune_point(r: &ShapeRun, tokens: usize) -> Point {
         }
     }
 
-    // The launch modes of the kept ones (tile.pdl 1, 2) where graphs replay, on sm_90: only
-    // theirs, since the mode moved a point by 0.85-1.08x (BENCHMARKS.md), less than tiles do
-    if graph && r.o.split_k {
+    // The other launch modes of the kept ones (tile.pdl 0, 1): only theirs, since the mode
+    // moved a point by 0.85-1.08x (BENCHMARKS.md), less than tiles do
+    if pdl_modes {
         let tiles: Vec<TileConfig> = kept.iter().map(|k| k.2.tile).collect();
         for cfg in tiles
             .into_iter()
-            .flat_map(|t| [1, 2].map(|k| t.with_pdl(PDL_KEYS[k])))
+            .flat_map(|t| [Pdl::Off, Pdl::AfterGemm1Loop].map(|p| t.with_pdl(p)))
         {
             let c = match make_candidate(r, &cfg, tokens, &what, &batches, graph) {
                 Ok(c) => c,
