@@ -89,12 +89,15 @@ impl Loaded {
         };
         let fail = |e| driver_error(&format!("kernel {}", self.v.name), e);
         if let Start::Programmatic { .. } = start {
-            // by value, as the kernel's parameters: a pointer to each
-            let mut args = vec![params as *const P as *mut c_void];
-            if let Some(extra) = extra {
-                args.push(extra as *const Q as *mut c_void);
-            }
-            return unsafe { launch_programmatic(stream, &self.f, cfg, &mut args) }.map_err(fail);
+            // by value, as the kernel's parameters: a pointer to each (on the stack: moe_run
+            // does not allocate)
+            let mut args = [
+                params as *const P as *mut c_void,
+                extra.map_or(std::ptr::null_mut(), |q| q as *const Q as *mut c_void),
+            ];
+            let count = 1 + extra.is_some() as usize;
+            return unsafe { launch_programmatic(stream, &self.f, cfg, &mut args[..count]) }
+                .map_err(fail);
         }
         let mut b = stream.launch_builder(&self.f);
         b.arg(params);
