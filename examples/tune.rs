@@ -55,7 +55,7 @@ mod tile_table;
 use cudarc::driver::CudaGraph;
 use fusedmoe::dtype::DType;
 use fusedmoe::ffi::*;
-use fusedmoe::tiles::{default_config, Pdl, TableKey, TileConfig, TileTable, PDL_KEYS};
+use fusedmoe::tiles::{default_config, Pdl, TableKey, TileConfig, TileTable};
 use half::bf16;
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -164,7 +164,7 @@ fn tile_str(c: &TileConfig) -> String {
     };
     match c.pdl() {
         Pdl::Off => dims,
-        p => format!("{dims} PDL {}", pdl_key(p)),
+        p => format!("{dims} PDL {}", p.key()),
     }
 }
 
@@ -175,14 +175,9 @@ fn tile_json(c: &TileConfig) -> Value {
         "SPLIT_K": c.split_k(1), "SPLIT_K_DOWN": c.split_k(2),
     });
     if c.pdl() != Pdl::Off {
-        v["PDL"] = json!(pdl_key(c.pdl()));
+        v["PDL"] = json!(c.pdl().key());
     }
     v
-}
-
-/// A launch mode's table key and `tile.pdl` value.
-fn pdl_key(p: Pdl) -> usize {
-    PDL_KEYS.iter().position(|&k| k == p).unwrap()
 }
 
 /// The nine `tile.*` options that pin a layer to `c` at every M.
@@ -197,7 +192,7 @@ fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
         ("tile.split_k", c.split_k(1).to_string()),
         ("tile.split_k_down", c.split_k(2).to_string()),
         // the launch order too, else the nearest shipped entry's PDL would decide it
-        ("tile.pdl", pdl_key(c.pdl()).to_string()),
+        ("tile.pdl", c.pdl().key().to_string()),
     ]
 }
 

@@ -68,9 +68,21 @@ impl TileConfig {
 /// or at GEMM1's start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pdl {
-    Off,
-    AfterGemm1Loop,
-    AtGemm1Start,
+    Off = 0,
+    AfterGemm1Loop = 1,
+    AtGemm1Start = 2,
+}
+
+impl Pdl {
+    /// Its value as the table's `PDL` and option `tile.pdl`.
+    pub fn key(self) -> u32 {
+        self as u32
+    }
+
+    /// The mode of a `PDL` / `tile.pdl` value, already checked to be 0, 1 or 2.
+    fn from_key(key: u32) -> Pdl {
+        PDL_KEYS[key as usize]
+    }
 }
 
 /// Bit 8: programmatic dependents; bit 9: GEMM2 let in at GEMM1's start.
@@ -190,7 +202,7 @@ fn parse_config(obj: &Value, at: &str) -> Result<TileConfig> {
     .with_split_k(2, optional_u32(obj, "SPLIT_K_DOWN", at, 1, MAX_SPLIT_K)?)
     .with_pdl(match obj.get("PDL") {
         None => Pdl::Off,
-        Some(_) => PDL_KEYS[field_u32(obj, "PDL", at, 0, 2, false)? as usize],
+        Some(_) => Pdl::from_key(field_u32(obj, "PDL", at, 0, 2, false)?),
     }))
 }
 
@@ -393,7 +405,7 @@ impl Override {
         }
         .with_split_k(1, self.split_k.unwrap_or(c.split_k(1)))
         .with_split_k(2, self.split_k_down.unwrap_or(c.split_k(2)))
-        .with_pdl(self.pdl.map_or(c.pdl(), |p| PDL_KEYS[p as usize]))
+        .with_pdl(self.pdl.map_or(c.pdl(), Pdl::from_key))
     }
 }
 
