@@ -92,24 +92,81 @@ __device__ __forceinline__ int fm_w_row(const FmGemmParams& p, int n) {
 #endif
 }
 
-// Where the A row of each slot starts (-1: the slot holds no route) and its route id.
+// LoRA's expand (lora.cuh) runs once per distinct adapter slot among a warp's 16 rows. In
+// align order a block's rows mix the batch's adapters (at 4 adapters every warp ran 4
+// passes), so the tensor-core LoRA GEMMs take their rows grouped by slot instead
+// (fm_rows_setup); each row's outputs are the same dot products wherever it sits.
+#define FM_LORA_GROUPED (FM_LORA && FM_MMA)
+
+// Where the A row of each tile row starts (-1: the row holds no route) and its route id;
+// with FM_LORA_GROUPED, the row of the align block it is (its slot is slot0 + at).
 struct FmRows {
     fm_i64 a_offset[FM_BM];
     int route[FM_BM];
+#if FM_LORA_GROUPED
+    int at[FM_BM];
+#endif
 };
 
-__device__ __forceinline__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0) {
-    for (int i = threadIdx.x; i < FM_BM; i += FM_THREADS) {
-        const int route = p.sorted_route_ids[slot0 + i];
-        const bool valid = route < p.numel;
-        rows.route[i] = valid ? route : -1;
-#if FM_GEMM_MODE == 1
-        rows.a_offset[i] = valid ? (fm_i64)(route / p.top_k) * p.kdim : -1;
-#else
-        rows.a_offset[i] = valid ? (fm_i64)(slot0 + i) * p.kdim : -1;
+#ifdef FM_ROW_TABLE_BYTES
+static_assert(sizeof(FmRows) <= FM_ROW_TABLE_BYTES,
+              "the row table outgrows the shared memory src/backend/cuda/variant.rs gives it");
 #endif
+
+// The align-block row of tile row i: GEMM1 writes its output there.
+__device__ __forceinline__ int fm_row_at(const FmRows& rows, int i) {
+#if FM_LORA_GROUPED
+    return rows.at[i];
+#else
+    return i;
+#endif
+}
+
+// Tile row `at` takes row i of the align block.
+__device__ __forceinline__ void fm_rows_put(FmRows& rows, const FmGemmParams& p, int slot0,
+                                            int i, int at) {
+    const int route = p.sorted_route_ids[slot0 + i];
+    const bool valid = route < p.numel;
+    rows.route[at] = valid ? route : -1;
+#if FM_GEMM_MODE == 1
+    rows.a_offset[at] = valid ? (fm_i64)(route / p.top_k) * p.kdim : -1;
+#else
+    rows.a_offset[at] = valid ? (fm_i64)(slot0 + i) * p.kdim : -1;
+#endif
+#if FM_LORA_GROUPED
+    rows.at[at] = i;
+#endif
+}
+
+#if FM_LORA_GROUPED
+// The row table with the rows grouped by their route's active slot: stable (align order
+// within a slot), rows without a slot and then padding last. `keys`: FM_BM ints of shared
+// memory that nothing uses before the main loop. Every thread of the CTA calls it.
+__device__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0, int* keys,
+                              const FmLoraExpand& lora) {
+    for (int i = threadIdx.x; i < FM_BM; i += blockDim.x) {
+        const int route = p.sorted_route_ids[slot0 + i];
+        const int a = route < p.numel ? fm_lora_slot_of(lora, route) : -1;
+        keys[i] = route >= p.numel ? FM_LORA_SLOTS + 1 : a < 0 ? FM_LORA_SLOTS : a;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < FM_BM; i += blockDim.x) {
+        const int key = keys[i];
+        int at = 0;  // rows before it: smaller keys, and equal keys earlier in the block
+        for (int j = 0; j < FM_BM; ++j) {
+            const int kj = keys[j];  // the same word in every lane: a broadcast
+            at += kj < key || (kj == key && j < i);
+        }
+        fm_rows_put(rows, p, slot0, i, at);
     }
 }
+#define FM_ROWS_SETUP(rows, p, slot0, keys) fm_rows_setup(rows, p, slot0, keys, lora)
+#else
+__device__ __forceinline__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0) {
+    for (int i = threadIdx.x; i < FM_BM; i += FM_THREADS) fm_rows_put(rows, p, slot0, i, i);
+}
+#define FM_ROWS_SETUP(rows, p, slot0, keys) fm_rows_setup(rows, p, slot0)
+#endif
 
 // This CTA's tile: its first slot, first column and expert. False for blocks past num_padded
 // (read on the device) and blocks of no expert, which exit at once.
@@ -157,9 +214,9 @@ __device__ __forceinline__ void fm_store_row(const FmRows& rows, const FmGemmPar
     const float scale = p.apply_router ? fm_read_as_f32(p.router, route, p.router_kind) : 1.0f;
     const fm_i64 bias_row = (fm_i64)expert * p.n;
 #if FM_FUSED_ACT
-    fm_t* out = (fm_t*)p.out + (fm_i64)(slot0 + i) * p.inter;
+    fm_t* out = (fm_t*)p.out + (fm_i64)(slot0 + fm_row_at(rows, i)) * p.inter;
 #elif FM_GEMM_MODE == 1
-    fm_t* out = (fm_t*)p.out + (fm_i64)(slot0 + i) * p.n;
+    fm_t* out = (fm_t*)p.out + (fm_i64)(slot0 + fm_row_at(rows, i)) * p.n;
 #else
     fm_t* out = (fm_t*)p.out + (fm_i64)route * p.n;
 #endif
@@ -204,7 +261,8 @@ __device__ __forceinline__ void fm_epilogue(const FmRows& rows, const FmGemmPara
                               : 0.0f;
     const float scale = p.apply_router ? fm_read_as_f32(p.router, route, p.router_kind) : 1.0f;
 #if FM_GEMM_MODE == 1
-    ((fm_t*)p.out)[(fm_i64)(slot0 + i) * p.n + col] = fm_store(scale * (acc + bias));
+    ((fm_t*)p.out)[(fm_i64)(slot0 + fm_row_at(rows, i)) * p.n + col] =
+        fm_store(scale * (acc + bias));
 #else
     ((fm_t*)p.out)[(fm_i64)route * p.n + col] = fm_store((acc + bias) * scale);
 #endif
@@ -379,7 +437,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     FmRows& rows = *(FmRows*)fm_smem;
     fm_t* stages = fm_tiles(fm_smem);
     constexpr int stage_elems = (FM_BM + FM_BN) * FM_LDS;
-    fm_rows_setup(rows, p, slot0);
+    FM_ROWS_SETUP(rows, p, slot0, (int*)stages);
     __syncthreads();
 
     const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)expert * p.n * p.kdim;
@@ -515,7 +573,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS)
     FmRows& rows = *(FmRows*)fm_smem;
     fm_t* sa = fm_tiles(fm_smem);
     fm_t* sb = sa + FM_BM * FM_LDS;
-    fm_rows_setup(rows, p, slot0);
+    FM_ROWS_SETUP(rows, p, slot0, (int*)sa);
     __syncthreads();
 
     const fm_t* a = (const fm_t*)p.a;

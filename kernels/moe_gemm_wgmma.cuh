@@ -293,7 +293,8 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
     // for 1024 bytes of slack).
     const unsigned smem0 = (unsigned)__cvta_generic_to_shared(fm_smem);
     const unsigned tiles0 = (smem0 + (unsigned)sizeof(FmRows) + 1023u) & ~1023u;
-    fm_rows_setup(rows, p, slot0);
+    // (the stages hold nothing yet: the row grouping's keys may sit there)
+    FM_ROWS_SETUP(rows, p, slot0, (int*)(fm_smem + (tiles0 - smem0)));
     __syncthreads();
 
     const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)expert * p.n * p.kdim;

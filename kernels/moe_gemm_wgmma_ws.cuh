@@ -151,7 +151,9 @@ extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
     const unsigned tiles0 = (smem0 + (unsigned)sizeof(FmRows) + 1023u) & ~1023u;
     const unsigned full0 = tiles0 + FM_STAGES * FM_STAGE_BYTES;
     const unsigned empty0 = full0 + FM_STAGES * 8;
-    fm_rows_setup(rows, p, slot0);  // threads past FM_BM (the producer's among them) skip
+    // threads past FM_BM (the producer's among them) skip; the stages hold nothing yet, so
+    // the LoRA row grouping's keys may sit there
+    FM_ROWS_SETUP(rows, p, slot0, (int*)(fm_smem + (tiles0 - smem0)));
     if (threadIdx.x == 0) {
         for (int s = 0; s < FM_STAGES; ++s) {
             fm_mbar_init(full0 + 8 * s, FM_WS_PRODUCERS);

@@ -219,7 +219,8 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<
     // A split GEMM's CTAs leave their partial tiles (f32) in the stages' shared memory.
     let shared_bytes = if split > 1 {
         let partials = (tile.block_m * tile.block_n) as usize * 4;
-        shared_bytes.max(tile_rows_bytes(tile.block_m) + partials)
+        // (split-K is mma.sync: its LoRA variants group their rows)
+        shared_bytes.max(tile_rows_bytes(tile.block_m, path.lora) + partials)
     } else {
         shared_bytes
     };
@@ -234,10 +235,12 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<
     ))
 }
 
-/// The shared bytes of the row table (kernels/moe_gemm.cu's FmRows, 12 bytes a row),
+/// The shared bytes of the row table (kernels/moe_gemm.cu's FmRows: 12 bytes a row, 16 in
+/// the tensor-core LoRA GEMMs, which keep each row's place in the align block),
 /// 128-byte aligned: the tiles start after it.
-fn tile_rows_bytes(bm: u32) -> usize {
-    (bm as usize * 12).div_ceil(128) * 128
+fn tile_rows_bytes(bm: u32, grouped: bool) -> usize {
+    let row = if grouped { 16 } else { 12 };
+    (bm as usize * row).div_ceil(128) * 128
 }
 
 /// The main loop a tile config takes on `path`: its warps (along M, along N), the loop, and
@@ -259,7 +262,7 @@ fn main_loop(
         ..
     } = tile;
     let mma = dtype != DType::F32;
-    let rows_bytes = tile_rows_bytes(bm);
+    let rows_bytes = tile_rows_bytes(bm, path.lora && mma);
     let esize = dtype.size();
     if mma && path.vec8 && path.hopper && !split {
         if let Some(layout) = wgmma_layout(bm, bn, bk, warps, stages) {
@@ -368,6 +371,10 @@ fn gemm_variant(
         (
             "FM_GEMM_PARAMS_BYTES",
             super::kernels::GEMM_PARAMS_BYTES as i64,
+        ),
+        (
+            "FM_ROW_TABLE_BYTES",
+            tile_rows_bytes(tile.block_m, path.lora && mma == 1) as i64,
         ),
     ];
     if path.lora {
