@@ -311,26 +311,69 @@ __device__ __forceinline__ FmShrinkTile fm_shrink_tile(const FmLoraShrinkParams&
     return g;
 }
 
-// Stage k-chunk kc of pass q: its x rows (past kept, and k >= kdim, zero), then the block's
-// rows of A[a, e] at w (rows past nrows zero).
-__device__ __forceinline__ void fm_shrink_load(const FmLoraShrinkParams& p,
-                                               const FmShrinkShared& sh, const FmShrinkTile& g,
-                                               const fm_t* w, int q, int kc, fm_t* stage) {
-    const int base = q * g.bmp;
+// The 16-byte copies a thread makes into every stage of a pass, worked out once per pass, so a
+// stage costs a few instructions per copy: ncu at Qwen3 M = 1024 found the shrink issue-bound
+// (half the issue slots used at 10 warps per SM), with 38 instructions of index math around
+// each copy. A row of a stage has 2^lg ≤ 64 chunks, which divides the block's threads, so a
+// thread keeps one chunk column c and takes every (threads / 2^lg)-th row: x rows of the pass
+// (past kept: zero), then the block's rows of A[a, e] (past nrows: zero). Per stage only k
+// moves.
+#define FM_SHRINK_COPIES (FM_SHRINK_STAGE_ELEMS / 8 / FM_SHRINK_THREADS)
+static_assert(FM_SHRINK_STAGE_ELEMS % (8 * FM_SHRINK_THREADS) == 0,
+              "a stage is a whole number of 16-byte copies per thread");
+
+struct FmShrinkCopies {
+    const fm_t* src[FM_SHRINK_COPIES];  // the row's element c·8 at k 0
+    unsigned dst[FM_SHRINK_COPIES];     // where it lands in stage 0 (shared-space address)
+    unsigned live;                      // bit i: copy i reads (a kept route, a row of A)
+    int count;                          // copies per stage
+    int col;                            // c·8
+};
+
+__device__ __forceinline__ FmShrinkCopies fm_shrink_copies(const FmLoraShrinkParams& p,
+                                                           const FmShrinkShared& sh,
+                                                           const FmShrinkTile& g, const fm_t* w,
+                                                           int q, unsigned stage0) {
+    FmShrinkCopies cp;
+    const int c = threadIdx.x & ((1 << g.lg) - 1), r0 = threadIdx.x >> g.lg;
+    const int rstep = FM_SHRINK_THREADS >> g.lg, rows = g.bmp + g.np8, base = q * g.bmp;
     const fm_t* x = (const fm_t*)p.x;
-    const int k0 = kc * g.bk, chunks = (g.bmp + g.np8) << g.lg;
-    for (int idx = threadIdx.x; idx < chunks; idx += FM_SHRINK_THREADS) {
-        const int r = idx >> g.lg, c = idx & ((1 << g.lg) - 1), k = k0 + c * 8;
-        bool valid = k < p.kdim;
-        const fm_t* src;
+    cp.col = c * 8;
+    cp.live = 0;
+    cp.count = 0;
+#pragma unroll
+    for (int i = 0; i < FM_SHRINK_COPIES; ++i) {
+        const int r = r0 + i * rstep;
+        bool live;
+        const fm_t* row;
         if (r < g.bmp) {
-            valid = valid && base + r < g.kept;
-            src = x + (fm_i64)sh.xrow[min(base + r, g.kept - 1)] * p.kdim + k;
+            live = base + r < g.kept;
+            row = x + (fm_i64)sh.xrow[min(base + r, g.kept - 1)] * p.kdim;
         } else {
-            valid = valid && r - g.bmp < g.nrows;
-            src = w + (fm_i64)(r - g.bmp) * p.kdim + k;
+            live = r - g.bmp < g.nrows;
+            row = w + (fm_i64)min(r - g.bmp, g.nrows - 1) * p.kdim;
         }
-        fm_cp_async16(stage + fm_shrink_at(r, c, g.bk), valid ? src : x, valid);
+        cp.src[i] = row + cp.col;
+        cp.dst[i] = stage0 + (unsigned)(fm_shrink_at(r, c, g.bk) * sizeof(fm_t));
+        if (r < rows) {
+            cp.count = i + 1;
+            if (live) cp.live |= 1u << i;
+        }
+    }
+    return cp;
+}
+
+// Stage k-chunk kc (k from kc·bk) of the pass `cp` was made for into the stage at `stage`
+// bytes past stage 0; `any` is a readable address for the copies that read nothing.
+__device__ __forceinline__ void fm_shrink_load(const FmShrinkCopies& cp, const void* any,
+                                               int kdim, int kc, int bk, unsigned stage) {
+    const int k0 = kc * bk;
+    const bool in_k = k0 + cp.col < kdim;
+#pragma unroll
+    for (int i = 0; i < FM_SHRINK_COPIES; ++i) {
+        if (i >= cp.count) break;
+        const bool valid = in_k && ((cp.live >> i) & 1u);
+        fm_cp_async16_at(cp.dst[i] + stage, valid ? (const void*)(cp.src[i] + k0) : any, valid);
     }
 }
 
@@ -356,22 +399,35 @@ __device__ __forceinline__ FmShrinkWarp fm_shrink_warp(const FmShrinkTile& g, in
     return wp;
 }
 
-// acc += x rows of the warp's m16 tile · A rows of its n8 tiles, over k in [0, kend).
-__device__ __forceinline__ void fm_shrink_mma_stage(const fm_t* stage, const FmShrinkTile& g,
+// acc += x rows of the warp's m16 tile · A rows of its n8 tiles, over k in [0, kend), from the
+// stage at shared-space address `stage`. Every tile starts at a row that is a multiple of 8,
+// so each row this lane addresses has swizzle lane & 7 (fm_shrink_at), and chunk 8·g + j of
+// it sits at 8·g + (j ^ (lane & 7)): the addresses are a row start plus per-step constants.
+__device__ __forceinline__ void fm_shrink_mma_stage(unsigned stage, const FmShrinkTile& g,
                                                     const FmShrinkWarp& wp, int kend,
                                                     float (&acc)[4][4]) {
-    const int lane = threadIdx.x % 32;
-    for (int kk = 0; kk < kend; kk += 16) {
-        unsigned xa[4];  // rows 0-7 / 8-15 of the tile at k 0-7, then at k 8-15
-        const int xr = wp.mt * 16 + (lane & 15);
-        fm_ldmatrix_x4(xa, stage + fm_shrink_at(xr, (kk >> 3) + (lane >> 4), g.bk));
+    const int lane = threadIdx.x % 32, swz = lane & 7;
+    const unsigned row_bytes = g.bk * sizeof(fm_t);
+    // x4: rows 0-15 of the tile at k 0-7 (lanes 0-15) and at k 8-15 (lanes 16-31)
+    const unsigned xrow = stage + (wp.mt * 16 + (lane & 15)) * row_bytes;
+    const int xhalf = lane >> 4;
+    // x2: 8 rows of A at k 0-7 (lanes 0-7) and 8-15 (lanes 8-15): the col-major k16 × n8 operand
+    const unsigned arow = stage + (g.bmp + wp.nt0 * 8 + swz) * row_bytes;
+    const int ahalf = (lane >> 3) & 1;
+    for (int k64 = 0; k64 < kend; k64 += 64) {
+        const unsigned kb = k64 * sizeof(fm_t);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            if (j >= wp.nn) break;
-            unsigned wb[2];  // 8 rows of A at k 0-7 and 8-15: the col-major k16 × n8 operand
-            const int r = g.bmp + (wp.nt0 + j) * 8 + (lane & 7);
-            fm_ldmatrix_x2(wb, stage + fm_shrink_at(r, (kk >> 3) + ((lane >> 3) & 1), g.bk));
-            fm_mma(acc[j], xa, wb[0], wb[1]);
+            if (k64 + 16 * j >= kend) break;
+            unsigned xa[4];
+            fm_ldmatrix_x4_at(xa, xrow + kb + (((2 * j + xhalf) ^ swz) << 4));
+#pragma unroll
+            for (int n = 0; n < 4; ++n) {
+                if (n >= wp.nn) break;
+                unsigned wb[2];
+                fm_ldmatrix_x2_at(wb, arow + n * 8 * row_bytes + kb + (((2 * j + ahalf) ^ swz) << 4));
+                fm_mma(acc[n], xa, wb[0], wb[1]);
+            }
         }
     }
 }
@@ -414,10 +470,14 @@ __device__ void fm_shrink_mma(const FmLoraShrinkParams& p, int expert, int slot0
     const fm_t* w =
         (const fm_t*)s.w + ((fm_i64)(s.shared_outer ? 0 : expert) * p.rows + g.n0) * p.kdim;
     const int total = g.passes * g.nk;
+    const unsigned stage0 = (unsigned)__cvta_generic_to_shared(stages);
+    constexpr unsigned stage_bytes = FM_SHRINK_STAGE_ELEMS * sizeof(fm_t);
+    FmShrinkCopies cp;
     int lq = 0, lk = 0;  // the next chunk to load
     for (int st = 0; st < FM_SHRINK_STAGES - 1; ++st) {
         if (lq < g.passes) {
-            fm_shrink_load(p, sh, g, w, lq, lk, stages + st * FM_SHRINK_STAGE_ELEMS);
+            if (lk == 0) cp = fm_shrink_copies(p, sh, g, w, lq, stage0);
+            fm_shrink_load(cp, p.x, p.kdim, lk, g.bk, st * stage_bytes);
             fm_shrink_next(lq, lk, g.nk);
         }
         fm_cp_async_commit();  // empty groups too: the wait below counts groups
@@ -431,14 +491,15 @@ __device__ void fm_shrink_mma(const FmLoraShrinkParams& p, int expert, int slot0
         __syncthreads();
         if (lq < g.passes) {
             const int st = (it + FM_SHRINK_STAGES - 1) % FM_SHRINK_STAGES;
-            fm_shrink_load(p, sh, g, w, lq, lk, stages + st * FM_SHRINK_STAGE_ELEMS);
+            if (lk == 0) cp = fm_shrink_copies(p, sh, g, w, lq, stage0);
+            fm_shrink_load(cp, p.x, p.kdim, lk, g.bk, st * stage_bytes);
             fm_shrink_next(lq, lk, g.nk);
         }
         fm_cp_async_commit();
         const int base = cq * g.bmp;
         if (ck == 0) wp = fm_shrink_warp(g, base);
         if (wp.live) {
-            const fm_t* stage = stages + it % FM_SHRINK_STAGES * FM_SHRINK_STAGE_ELEMS;
+            const unsigned stage = stage0 + it % FM_SHRINK_STAGES * stage_bytes;
             fm_shrink_mma_stage(stage, g, wp, min(g.bk, p.kdim - ck * g.bk), acc);
         }
         if (ck == g.nk - 1) {
