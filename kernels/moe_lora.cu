@@ -13,8 +13,8 @@
 //   the route's hidden row (GEMM1) or its activation row (GEMM2). Grid: x = the align step's
 //   blocks (as the GEMMs: past num_padded they exit). f16/bf16 with 16-byte aligned rows take
 //   tensor cores: a block per FM_SHRINK_MMA_ROWS rows of A and slot (y) takes its routes of
-//   that slot, compacted, and streams the slot's A once through shared memory, all those
-//   routes against it. Otherwise (f32, odd kdim) a SIMT path: y = groups of rows of A times
+//   that slot, compacted, and multiplies them by the slot's A in m16 tiles, its warps
+//   splitting k, operands loaded straight into registers. Otherwise (f32, odd kdim) a SIMT path: y = groups of rows of A times
 //   chunks of the block's routes, a warp per FM_SHRINK_ROWS rows and FM_SHRINK_ROUTES routes,
 //   A found in L1/L2.
 //
@@ -106,10 +106,9 @@ extern "C" __global__ void __launch_bounds__(256)
 
 #ifdef FM_DTYPE
 
-// src/backend/cuda/lora.rs sizes the grid and the dynamic shared memory by these.
+// src/backend/cuda/lora.rs sizes the grid by these.
 #if !defined(FM_SHRINK_WARPS) || !defined(FM_SHRINK_ROWS) || !defined(FM_SHRINK_ROUTES) ||    \
-    !defined(FM_SHRINK_MMA_ROWS) || !defined(FM_SHRINK_STAGES) ||                            \
-    !defined(FM_SHRINK_STAGE_ELEMS) || !defined(FM_SHRINK_MAX_BLOCK_M)
+    !defined(FM_SHRINK_MMA_ROWS) || !defined(FM_SHRINK_MAX_BLOCK_M)
 #error "the FM_SHRINK_* defines must be set (src/backend/cuda/lora.rs shrink_defines)"
 #endif
 
@@ -213,50 +212,31 @@ __device__ __forceinline__ void fm_shrink_simt(const FmLoraShrinkParams& p, int 
 // ---------------------------------------------------------------- tensor-core path
 // Grid y: FM_SHRINK_MMA_ROWS rows of A times the slots: a block takes one slot a (slot 0 where
 // slot_groups <= 1, as then no token has another: the map and the host's slot_groups come from
-// the same active mask). Its routes of slot a are compacted, in their order, to the front of a
-// shared list; passes of up to FM_SHRINK_PASS of them (an m16 tile per warp; with fewer the
-// warps split the n8 tiles) run over k-chunks of those x rows and the block's rows of A[a, e]
-// in a cp.async pipeline that runs on across passes. So the MMAs cover ceil(kept / 16) row
-// tiles instead of BLOCK_M rows (4 adapters: a quarter), and a pass of 16 rows leaves room in
-// a stage for twice the k. Each t[route, q] is its own row's dot product, in k order, whatever
-// rows share its pass, so the values are those of the full-block passes this replaced.
+// the same active mask). Its routes of slot a are compacted, in their order, into a shared
+// list; m16 tiles of that list run against the block's rows of A[a, e] (n8 tiles), each warp
+// over its quarter of k, and the warps' partial sums meet in shared memory.
+//
+// The operands go from global memory straight into mma fragments, no shared-memory stages:
+// a lane loads 8 consecutive elements (16 bytes) of a row per 32-wide k step, and the k
+// order inside the step is permuted alike for x and A, which a dot product does not see.
+// Lane (g = lane / 4, q = lane % 4) holds elements 8q .. 8q + 7 of the step: x rows g and
+// g + 8 of the tile, A row g of each n8 tile. The first k16 MMA takes elements 8q, 8q + 1 as
+// fragment k 2q, 2q + 1 and 8q + 2, 8q + 3 as k 2q + 8, 2q + 9; the second the next four.
+// The staged version this replaced (cp.async rings, ldmatrix) was issue-bound: ncu at Qwen3
+// M = 1024 found half the issue slots used with 10 warps per SM (three CTAs by its 72 KB of
+// stages) and thousands of instructions per warp in index math.
 #if FM_DTYPE != 0
 
-#define FM_SHRINK_PASS (FM_SHRINK_WARPS * 16)
-static_assert(FM_SHRINK_MMA_ROWS % 8 == 0 && FM_SHRINK_MMA_ROWS <= 32,
-              "a warp keeps at most 4 n8 tiles of accumulators");
-static_assert((FM_SHRINK_PASS + FM_SHRINK_MMA_ROWS) * 64 <= FM_SHRINK_STAGE_ELEMS,
-              "a stage holds a pass of x rows and the block's rows of A at k 64");
+static_assert(FM_SHRINK_MMA_ROWS == 32, "a warp keeps 4 n8 tiles of accumulators");
+#define FM_SHRINK_UNROLL 2  // k steps of 32 whose loads are in flight together
 
-// The block's routes of its slot, in their order within the align block.
+// The block's routes of its slot and the warps' partial sums of one m16 tile.
 struct FmShrinkShared {
     int route[FM_SHRINK_MAX_BLOCK_M];  // route id
     int xrow[FM_SHRINK_MAX_BLOCK_M];   // its row of x
     int count[FM_SHRINK_WARPS];        // the compaction: each warp's kept routes of a round
+    float partial[FM_SHRINK_WARPS][16][FM_SHRINK_MMA_ROWS];
 };
-
-// The block's share of the work, the same in every thread.
-struct FmShrinkTile {
-    int kept;       // the block's routes of its slot (the list's length)
-    int bmp;        // rows per pass: kept rounded up to 16, at most FM_SHRINK_PASS
-    int passes;     // ceil(kept / bmp)
-    int n0, nrows;  // the block's rows of A: [n0, n0 + nrows)
-    int np8;        // nrows rounded up to 8: the rows of A a stage holds after bmp rows of x
-    int bk, lg;     // k per stage (a power of two >= 64) and log2 of its 16-byte chunks
-    int nk;         // stages per pass
-};
-
-// A warp's part of a pass: m16 tile mt of the pass, n8 tiles [nt0, nt0 + nn) of the rows.
-struct FmShrinkWarp {
-    int mt, nt0, nn;
-    bool live;  // the tile holds a kept route, and nn > 0
-};
-
-// Element offset of 16-byte chunk c of row r in a stage of rows of bk elements. The chunk
-// index is XORed with r mod 8, so the 8 rows an ldmatrix reads hit 8 different bank groups.
-__device__ __forceinline__ int fm_shrink_at(int r, int c, int bk) {
-    return r * bk + ((c ^ (r & 7)) << 3);
-}
 
 // The block's routes of slot a (its token's active slot), compacted in order into sh.route
 // and sh.xrow by ballots and the warps' counts (no atomics: the same routing gives the same
@@ -292,173 +272,72 @@ __device__ int fm_shrink_gather(const FmLoraShrinkParams& p, FmShrinkShared& sh,
     return kept;
 }
 
-__device__ __forceinline__ FmShrinkTile fm_shrink_tile(const FmLoraShrinkParams& p, int n0,
-                                                       int kept) {
-    FmShrinkTile g;
-    g.kept = kept;
-    g.bmp = min((kept + 15) & ~15, FM_SHRINK_PASS);
-    g.passes = (kept + g.bmp - 1) / g.bmp;
-    g.n0 = n0;
-    g.nrows = min(FM_SHRINK_MMA_ROWS, p.rows - n0);
-    g.np8 = (g.nrows + 7) & ~7;
-    // the longest k a stage holds (fewer rows per pass: longer stages, fewer barriers, more
-    // bytes of A in flight), no longer than kdim needs
-    g.bk = 512;
-    while (g.bk > 64 && ((g.bmp + g.np8) * g.bk > FM_SHRINK_STAGE_ELEMS || g.bk / 2 >= p.kdim))
-        g.bk /= 2;
-    g.lg = __ffs(g.bk) - 4;  // bk = 2^(lg + 3)
-    g.nk = (p.kdim + g.bk - 1) / g.bk;
-    return g;
-}
-
-// The 16-byte copies a thread makes into every stage of a pass, worked out once per pass, so a
-// stage costs a few instructions per copy: ncu at Qwen3 M = 1024 found the shrink issue-bound
-// (half the issue slots used at 10 warps per SM), with 38 instructions of index math around
-// each copy. A row of a stage has 2^lg ≤ 64 chunks, which divides the block's threads, so a
-// thread keeps one chunk column c and takes every (threads / 2^lg)-th row: x rows of the pass
-// (past kept: zero), then the block's rows of A[a, e] (past nrows: zero). Per stage only k
-// moves.
-#define FM_SHRINK_COPIES (FM_SHRINK_STAGE_ELEMS / 8 / FM_SHRINK_THREADS)
-static_assert(FM_SHRINK_STAGE_ELEMS % (8 * FM_SHRINK_THREADS) == 0,
-              "a stage is a whole number of 16-byte copies per thread");
-
-struct FmShrinkCopies {
-    const fm_t* src[FM_SHRINK_COPIES];  // the row's element c·8 at k 0
-    unsigned dst[FM_SHRINK_COPIES];     // where it lands in stage 0 (shared-space address)
-    unsigned live;                      // bit i: copy i reads (a kept route, a row of A)
-    int count;                          // copies per stage
-    int col;                            // c·8
-};
-
-__device__ __forceinline__ FmShrinkCopies fm_shrink_copies(const FmLoraShrinkParams& p,
-                                                           const FmShrinkShared& sh,
-                                                           const FmShrinkTile& g, const fm_t* w,
-                                                           int q, unsigned stage0) {
-    FmShrinkCopies cp;
-    const int c = threadIdx.x & ((1 << g.lg) - 1), r0 = threadIdx.x >> g.lg;
-    const int rstep = FM_SHRINK_THREADS >> g.lg, rows = g.bmp + g.np8, base = q * g.bmp;
-    const fm_t* x = (const fm_t*)p.x;
-    cp.col = c * 8;
-    cp.live = 0;
-    cp.count = 0;
+// acc[n] += the x rows' fragments (x0, x1) · the A rows' (a) of n8 tile n, at one k step.
+// All four tiles, whatever nrows: a branch per tile let the compiler sink their loads behind
+// it, one at a time; a tile past nrows multiplies repeats of the last row, unstored.
+__device__ __forceinline__ void fm_shrink_step(const uint4& x0, const uint4& x1,
+                                               const uint4 (&a)[4], float (&acc)[4][4]) {
+    const unsigned lo[4] = {x0.x, x1.x, x0.y, x1.y};
+    const unsigned hi[4] = {x0.z, x1.z, x0.w, x1.w};
 #pragma unroll
-    for (int i = 0; i < FM_SHRINK_COPIES; ++i) {
-        const int r = r0 + i * rstep;
-        bool live;
-        const fm_t* row;
-        if (r < g.bmp) {
-            live = base + r < g.kept;
-            row = x + (fm_i64)sh.xrow[min(base + r, g.kept - 1)] * p.kdim;
-        } else {
-            live = r - g.bmp < g.nrows;
-            row = w + (fm_i64)min(r - g.bmp, g.nrows - 1) * p.kdim;
-        }
-        cp.src[i] = row + cp.col;
-        cp.dst[i] = stage0 + (unsigned)(fm_shrink_at(r, c, g.bk) * sizeof(fm_t));
-        if (r < rows) {
-            cp.count = i + 1;
-            if (live) cp.live |= 1u << i;
-        }
-    }
-    return cp;
-}
-
-// Stage k-chunk kc (k from kc·bk) of the pass `cp` was made for into the stage at `stage`
-// bytes past stage 0; `any` is a readable address for the copies that read nothing.
-__device__ __forceinline__ void fm_shrink_load(const FmShrinkCopies& cp, const void* any,
-                                               int kdim, int kc, int bk, unsigned stage) {
-    const int k0 = kc * bk;
-    const bool in_k = k0 + cp.col < kdim;
-#pragma unroll
-    for (int i = 0; i < FM_SHRINK_COPIES; ++i) {
-        if (i >= cp.count) break;
-        const bool valid = in_k && ((cp.live >> i) & 1u);
-        fm_cp_async16_at(cp.dst[i] + stage, valid ? (const void*)(cp.src[i] + k0) : any, valid);
+    for (int n = 0; n < 4; ++n) {
+        fm_mma(acc[n], lo, a[n].x, a[n].y);
+        fm_mma(acc[n], hi, a[n].z, a[n].w);
     }
 }
 
-__device__ __forceinline__ void fm_shrink_next(int& q, int& kc, int nk) {
-    if (++kc == nk) {
-        kc = 0;
-        ++q;
-    }
-}
-
-// This warp's tiles in the pass that starts at list entry `base`. With 3 m16 tiles the
-// fourth warp has none.
-__device__ __forceinline__ FmShrinkWarp fm_shrink_warp(const FmShrinkTile& g, int base) {
-    const int warp = threadIdx.x / 32;
-    const int mtiles = g.bmp / 16;
-    const int per_mt = FM_SHRINK_WARPS / mtiles;  // warps per m16 tile
-    const int ntiles = g.np8 / 8, nper = (ntiles + per_mt - 1) / per_mt;
-    FmShrinkWarp wp;
-    wp.mt = warp / per_mt;
-    wp.nt0 = warp % per_mt * nper;
-    wp.nn = max(0, min(nper, ntiles - wp.nt0));
-    wp.live = wp.mt < mtiles && base + wp.mt * 16 < g.kept && wp.nn > 0;
-    return wp;
-}
-
-// acc += x rows of the warp's m16 tile · A rows of its n8 tiles, over k in [0, kend), from the
-// stage at shared-space address `stage`. Every tile starts at a row that is a multiple of 8,
-// so each row this lane addresses has swizzle lane & 7 (fm_shrink_at), and chunk 8·g + j of
-// it sits at 8·g + (j ^ (lane & 7)): the addresses are a row start plus per-step constants.
-__device__ __forceinline__ void fm_shrink_mma_stage(unsigned stage, const FmShrinkTile& g,
-                                                    const FmShrinkWarp& wp, int kend,
-                                                    float (&acc)[4][4]) {
-    const int lane = threadIdx.x % 32, swz = lane & 7;
-    const unsigned row_bytes = g.bk * sizeof(fm_t);
-    // x4: rows 0-15 of the tile at k 0-7 (lanes 0-15) and at k 8-15 (lanes 16-31)
-    const unsigned xrow = stage + (wp.mt * 16 + (lane & 15)) * row_bytes;
-    const int xhalf = lane >> 4;
-    // x2: 8 rows of A at k 0-7 (lanes 0-7) and 8-15 (lanes 8-15): the col-major k16 × n8 operand
-    const unsigned arow = stage + (g.bmp + wp.nt0 * 8 + swz) * row_bytes;
-    const int ahalf = (lane >> 3) & 1;
-    for (int k64 = 0; k64 < kend; k64 += 64) {
-        const unsigned kb = k64 * sizeof(fm_t);
+// acc[n] += x rows (i0 + g, i0 + g + 8) · A rows of n8 tile n, over the k steps [s0, s1).
+// Every row pointer is a readable row (past kept or nrows: a repeat of the last, whose sums
+// nobody stores), so the whole steps load without predicates; the six pointers move by whole
+// steps, a load is its pointer plus a constant. The last, partial step (kdim % 32 != 0) loads
+// zeros past kdim.
+__device__ __forceinline__ void fm_shrink_tile_k(const fm_t* x0, const fm_t* x1,
+                                                 const fm_t* const (&arow)[4], int kdim,
+                                                 int s0, int s1, float (&acc)[4][4]) {
+    const int k_lane = (threadIdx.x % 4) * 8;
+    const int k_end = min(s1 * 32, kdim);
+    const int whole = max(0, k_end / 32 - s0);  // steps with all 32 in range, warp-uniform
+    const fm_t* px0 = x0 + s0 * 32 + k_lane;
+    const fm_t* px1 = x1 + s0 * 32 + k_lane;
+    const fm_t* pa[4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            if (k64 + 16 * j >= kend) break;
-            unsigned xa[4];
-            fm_ldmatrix_x4_at(xa, xrow + kb + (((2 * j + xhalf) ^ swz) << 4));
+    for (int n = 0; n < 4; ++n) pa[n] = arow[n] + s0 * 32 + k_lane;
+    int st = 0;
+    for (; st + FM_SHRINK_UNROLL <= whole; st += FM_SHRINK_UNROLL) {
+        uint4 xa[FM_SHRINK_UNROLL][2], wb[FM_SHRINK_UNROLL][4];
 #pragma unroll
-            for (int n = 0; n < 4; ++n) {
-                if (n >= wp.nn) break;
-                unsigned wb[2];
-                fm_ldmatrix_x2_at(wb, arow + n * 8 * row_bytes + kb + (((2 * j + ahalf) ^ swz) << 4));
-                fm_mma(acc[n], xa, wb[0], wb[1]);
-            }
+        for (int u = 0; u < FM_SHRINK_UNROLL; ++u) {
+            xa[u][0] = __ldg((const uint4*)(px0 + 32 * u));
+            xa[u][1] = __ldg((const uint4*)(px1 + 32 * u));
+#pragma unroll
+            for (int n = 0; n < 4; ++n) wb[u][n] = __ldg((const uint4*)(pa[n] + 32 * u));
         }
+        px0 += 32 * FM_SHRINK_UNROLL;
+        px1 += 32 * FM_SHRINK_UNROLL;
+#pragma unroll
+        for (int n = 0; n < 4; ++n) pa[n] += 32 * FM_SHRINK_UNROLL;
+#pragma unroll
+        for (int u = 0; u < FM_SHRINK_UNROLL; ++u) fm_shrink_step(xa[u][0], xa[u][1], wb[u], acc);
     }
-}
-
-// t[route, n0 + q] for the warp's kept routes of the pass at `base`; acc[j] holds rows
-// lane/4 (+ 8) and columns 2·(lane % 4) (+ 1) of n8 tile nt0 + j.
-__device__ __forceinline__ void fm_shrink_store(const FmLoraShrinkParams& p,
-                                                const FmShrinkShared& sh, const FmShrinkTile& g,
-                                                const FmShrinkWarp& wp, int base,
-                                                const float (&acc)[4][4]) {
-    const int lane = threadIdx.x % 32;
+    // the rest: whole steps left over from the unroll, then a partial one
+    for (int k = (s0 + st) * 32 + k_lane; s0 + st < s1 && (s0 + st) * 32 < k_end; ++st, k += 32) {
+        const bool in_k = k < k_end;  // kdim % 8 == 0: a lane's 8 are all in or all out
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        const uint4 xa0 = in_k ? __ldg((const uint4*)px0) : zero;
+        const uint4 xa1 = in_k ? __ldg((const uint4*)px1) : zero;
+        uint4 wb[4];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int i = base + wp.mt * 16 + lane / 4 + 8 * h;
-        if (i >= g.kept) continue;
-        float* t = p.t + (fm_i64)sh.route[i] * p.rows + g.n0;
+        for (int n = 0; n < 4; ++n) wb[n] = in_k ? __ldg((const uint4*)pa[n]) : zero;
+        fm_shrink_step(xa0, xa1, wb, acc);
+        px0 += 32;
+        px1 += 32;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            if (j >= wp.nn) break;
-            const int q = (wp.nt0 + j) * 8 + lane % 4 * 2;
-            // the rank intermediate is rounded to the layer dtype (SPEC §7), kept as f32
-            if (q < g.nrows) t[q] = fm_load(fm_store(acc[j][2 * h]));
-            if (q + 1 < g.nrows) t[q + 1] = fm_load(fm_store(acc[j][2 * h + 1]));
-        }
+        for (int n = 0; n < 4; ++n) pa[n] += 32;
     }
 }
 
 __device__ void fm_shrink_mma(const FmLoraShrinkParams& p, int expert, int slot0) {
     __shared__ FmShrinkShared sh;
-    extern __shared__ __align__(16) unsigned char fm_smem[];  // FM_SHRINK_STAGES stages
-    fm_t* stages = (fm_t*)fm_smem;
     const int row_blocks = (p.rows + FM_SHRINK_MMA_ROWS - 1) / FM_SHRINK_MMA_ROWS;
     const int n0 = blockIdx.y % row_blocks * FM_SHRINK_MMA_ROWS;
     const int a = p.slot_groups > 1 ? (int)(blockIdx.y / row_blocks) : 0;
@@ -466,50 +345,42 @@ __device__ void fm_shrink_mma(const FmLoraShrinkParams& p, int expert, int slot0
     if (n0 >= p.rows || s.w == nullptr) return;  // the whole block
     const int kept = fm_shrink_gather(p, sh, a, slot0);
     if (kept == 0) return;  // the whole block: kept comes from shared memory
-    const FmShrinkTile g = fm_shrink_tile(p, n0, kept);
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4;
+    const int nrows = min(FM_SHRINK_MMA_ROWS, p.rows - n0);
+    // this warp's k steps of 32: a quarter of them
+    const int steps = (p.kdim + 31) / 32;
+    const int per_warp = (steps + FM_SHRINK_WARPS - 1) / FM_SHRINK_WARPS;
+    const int s0 = min(steps, warp * per_warp), s1 = min(steps, s0 + per_warp);
     const fm_t* w =
-        (const fm_t*)s.w + ((fm_i64)(s.shared_outer ? 0 : expert) * p.rows + g.n0) * p.kdim;
-    const int total = g.passes * g.nk;
-    const unsigned stage0 = (unsigned)__cvta_generic_to_shared(stages);
-    constexpr unsigned stage_bytes = FM_SHRINK_STAGE_ELEMS * sizeof(fm_t);
-    FmShrinkCopies cp;
-    int lq = 0, lk = 0;  // the next chunk to load
-    for (int st = 0; st < FM_SHRINK_STAGES - 1; ++st) {
-        if (lq < g.passes) {
-            if (lk == 0) cp = fm_shrink_copies(p, sh, g, w, lq, stage0);
-            fm_shrink_load(cp, p.x, p.kdim, lk, g.bk, st * stage_bytes);
-            fm_shrink_next(lq, lk, g.nk);
-        }
-        fm_cp_async_commit();  // empty groups too: the wait below counts groups
-    }
-    float acc[4][4] = {};
-    FmShrinkWarp wp = {};
-    int cq = 0, ck = 0;  // the chunk to multiply
-    for (int it = 0; it < total; ++it) {
-        fm_cp_async_wait<FM_SHRINK_STAGES - 2>();
-        // chunk `it` is in, and every warp is done with the stage the next load overwrites
+        (const fm_t*)s.w + ((fm_i64)(s.shared_outer ? 0 : expert) * p.rows + n0) * p.kdim;
+    const fm_t* arow[4];  // row g of each n8 tile; past nrows the last row again
+#pragma unroll
+    for (int n = 0; n < 4; ++n) arow[n] = w + (fm_i64)min(n * 8 + g, nrows - 1) * p.kdim;
+    const fm_t* x = (const fm_t*)p.x;
+    for (int i0 = 0; i0 < kept; i0 += 16) {
+        const int r0 = i0 + g, r1 = r0 + 8;
+        const fm_t* x0 = x + (fm_i64)sh.xrow[min(r0, kept - 1)] * p.kdim;
+        const fm_t* x1 = x + (fm_i64)sh.xrow[min(r1, kept - 1)] * p.kdim;
+        float acc[4][4] = {};
+        fm_shrink_tile_k(x0, x1, arow, p.kdim, s0, s1, acc);
+        // acc[n] holds rows g (+ 8) and columns 2·(lane % 4) (+ 1) of n8 tile n
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int v = 0; v < 4; ++v)
+                sh.partial[warp][g + 8 * (v / 2)][n * 8 + (lane % 4) * 2 + v % 2] = acc[n][v];
         __syncthreads();
-        if (lq < g.passes) {
-            const int st = (it + FM_SHRINK_STAGES - 1) % FM_SHRINK_STAGES;
-            if (lk == 0) cp = fm_shrink_copies(p, sh, g, w, lq, stage0);
-            fm_shrink_load(cp, p.x, p.kdim, lk, g.bk, st * stage_bytes);
-            fm_shrink_next(lq, lk, g.nk);
-        }
-        fm_cp_async_commit();
-        const int base = cq * g.bmp;
-        if (ck == 0) wp = fm_shrink_warp(g, base);
-        if (wp.live) {
-            const unsigned stage = stage0 + it % FM_SHRINK_STAGES * stage_bytes;
-            fm_shrink_mma_stage(stage, g, wp, min(g.bk, p.kdim - ck * g.bk), acc);
-        }
-        if (ck == g.nk - 1) {
-            if (wp.live) fm_shrink_store(p, sh, g, wp, base, acc);
+        for (int idx = threadIdx.x; idx < 16 * FM_SHRINK_MMA_ROWS; idx += FM_SHRINK_THREADS) {
+            const int row = idx / FM_SHRINK_MMA_ROWS, col = idx % FM_SHRINK_MMA_ROWS;
+            if (i0 + row >= kept || col >= nrows) continue;
+            float sum = 0.0f;
 #pragma unroll
-            for (int j = 0; j < 4; ++j)
-#pragma unroll
-                for (int v = 0; v < 4; ++v) acc[j][v] = 0.0f;
+            for (int wi = 0; wi < FM_SHRINK_WARPS; ++wi) sum += sh.partial[wi][row][col];
+            // the rank intermediate is rounded to the layer dtype (SPEC §7), kept as f32
+            p.t[(fm_i64)sh.route[i0 + row] * p.rows + n0 + col] = fm_load(fm_store(sum));
         }
-        fm_shrink_next(cq, ck, g.nk);
+        __syncthreads();  // the partials are read before the next tile writes them
     }
 }
 

@@ -39,19 +39,12 @@ const MAP_BLOCKS: usize = 64;
 const SHRINK_WARPS: usize = 4;
 const SHRINK_ROWS: usize = 4;
 const SHRINK_ROUTES: usize = 2;
-/// Its tensor-core path (f16/bf16): rows of A per block (the grid's y), cp.async stages of
-/// A and x chunks, elements per stage, and the largest BLOCK_M it takes. Per (block, slot) the
-/// block streams A[a, e] once instead of once per pair of routes (the SIMT path read 1 GB from
-/// L2 per GEMM1 shrink at Qwen3 M = 1024); a stage of 24 KB holds 128 (a pass of 64 routes)
-/// to 256 (16 routes: a block's routes of its slot at BLOCK_M 64 and 4 adapters) of k, so two
-/// stages of A stay in flight per block, and three stages (72 KB) leave room for three blocks
-/// per H100 SM and fit the 99 KB of sm_86/sm_89.
+/// Its tensor-core path (f16/bf16): rows of A per block (the grid's y; four n8 tiles, which a
+/// warp keeps in its accumulators) and the largest BLOCK_M it takes (its shared route list).
+/// Per (block, slot) the block reads A[a, e] once, for all its routes of that slot (the SIMT
+/// path read 1 GB from L2 per GEMM1 shrink at Qwen3 M = 1024), its four warps splitting k.
 const SHRINK_MMA_ROWS: usize = 32;
-const SHRINK_STAGES: usize = 3;
-const SHRINK_STAGE_ELEMS: usize = 12288;
 const SHRINK_MAX_BLOCK_M: usize = 256;
-// a stage holds a pass of x rows (16 per warp) and the block's rows of A at k 64
-const _: () = assert!((SHRINK_WARPS * 16 + SHRINK_MMA_ROWS) * 64 <= SHRINK_STAGE_ELEMS);
 pub(super) const SHRINK_THREADS: u32 = SHRINK_WARPS as u32 * 32;
 
 // ---------------------------------------------------------------- the parameter structs
@@ -168,19 +161,8 @@ pub fn shrink_defines() -> Vec<(&'static str, i64)> {
         ("FM_SHRINK_ROWS", SHRINK_ROWS as i64),
         ("FM_SHRINK_ROUTES", SHRINK_ROUTES as i64),
         ("FM_SHRINK_MMA_ROWS", SHRINK_MMA_ROWS as i64),
-        ("FM_SHRINK_STAGES", SHRINK_STAGES as i64),
-        ("FM_SHRINK_STAGE_ELEMS", SHRINK_STAGE_ELEMS as i64),
         ("FM_SHRINK_MAX_BLOCK_M", SHRINK_MAX_BLOCK_M as i64),
     ]
-}
-
-/// The dynamic shared memory of moe_lora_shrink: the tensor-core path's stages (f32 layers
-/// take the SIMT path only).
-pub fn shrink_shared_bytes(dtype: DType) -> usize {
-    match dtype {
-        DType::F32 => 0,
-        DType::F16 | DType::BF16 => SHRINK_STAGES * SHRINK_STAGE_ELEMS * dtype.size(),
-    }
 }
 
 // ---------------------------------------------------------------- errors the device finds
@@ -488,17 +470,6 @@ mod tests {
             bytes::<ExpandParams>() + 256,
         ] {
             assert!(size <= 4096, "{size} bytes");
-        }
-    }
-
-    /// The tensor-core shrink's stages and its static shared memory (under 4 KB: one block's
-    /// routes of its slot and their x rows) fit the 99 KB a block may take on sm_86/sm_89.
-    #[test]
-    fn shrink_shared_memory_fits_every_arch() {
-        assert_eq!(shrink_shared_bytes(DType::F32), 0);
-        for dtype in [DType::F16, DType::BF16] {
-            let bytes = shrink_shared_bytes(dtype) + 4096;
-            assert!(bytes <= 99 * 1024, "{bytes} bytes");
         }
     }
 }

@@ -527,7 +527,7 @@ pub fn lora_shrink(dtype: DType) -> Variant {
         entry: "moe_lora_shrink",
         defines,
         name: format!("moe_lora_shrink__{}", dtype.name()),
-        shared_bytes: lora::shrink_shared_bytes(dtype),
+        shared_bytes: 0,
         threads: lora::SHRINK_THREADS,
     }
 }
