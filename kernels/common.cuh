@@ -73,13 +73,6 @@ __device__ __forceinline__ void fm_cp_async16(void* smem, const void* gmem, bool
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
                  "r"(src_bytes));
 }
-// The same to a shared-space address (as __cvta_generic_to_shared gives), for loops that
-// compute their addresses once and add offsets.
-__device__ __forceinline__ void fm_cp_async16_at(unsigned smem, const void* gmem, bool valid) {
-    const int src_bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
-                 "r"(src_bytes));
-}
 __device__ __forceinline__ void fm_cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::);
 }
@@ -99,18 +92,6 @@ __device__ __forceinline__ void fm_ldmatrix_x2(unsigned (&r)[2], const void* sme
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
                  : "=r"(r[0]), "=r"(r[1])
                  : "r"(a));
-}
-
-// ldmatrix from shared-space addresses.
-__device__ __forceinline__ void fm_ldmatrix_x4_at(unsigned (&r)[4], unsigned smem) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem));
-}
-__device__ __forceinline__ void fm_ldmatrix_x2_at(unsigned (&r)[2], unsigned smem) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(smem));
 }
 
 #if defined(FM_DTYPE) && FM_DTYPE != 0
