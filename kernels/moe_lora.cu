@@ -213,8 +213,8 @@ __device__ __forceinline__ void fm_shrink_simt(const FmLoraShrinkParams& p, int 
 // Grid y: FM_SHRINK_MMA_ROWS rows of A times the slots: a block takes one slot a (slot 0 where
 // slot_groups <= 1, as then no token has another: the map and the host's slot_groups come from
 // the same active mask). Its routes of slot a are compacted, in their order, into a shared
-// list; m16 tiles of that list run against the block's rows of A[a, e] (n8 tiles), each warp
-// over its quarter of k, and the warps' partial sums meet in shared memory.
+// list; m16 tiles of that list, two per pass, run against the block's rows of A[a, e] (n8
+// tiles), each warp over its quarter of k, and the warps' partial sums meet in shared memory.
 //
 // The operands go from global memory straight into mma fragments, no shared-memory stages:
 // a lane loads 8 consecutive elements (16 bytes) of a row per 32-wide k step, and the k
