@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Adds a build of the working tree, as it is now, to .device/ beside what tests/gpu/pack.sh
 # packed: .device/NAME/bench and the named test binaries (stripped), for an A/B of builds in
-# one machine session (tests/gpu/ab_builds.sh). On this machine, from the repository root:
+# one machine session (tests/gpu/ab_rounds.sh, a variant LABEL@NAME=). On this machine, from
+# the repository root:
 #
 #   bash tests/gpu/pack.sh                      # the baseline, once: .device/bench, tests, ...
 #   (edit)  bash tests/gpu/pack_variant.sh NAME [TEST ...]   e.g. pairs cuda_lora
@@ -10,7 +11,7 @@
 # .device/ would pass the 64 MiB a device call carries.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-[ $# -ge 1 ] || { sed -n 2,10p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,11p "$0"; exit 2; }
 name=$1
 shift
 [ -f .device/libfusedmoe.so ] || { echo "error: run tests/gpu/pack.sh first" >&2; exit 1; }
