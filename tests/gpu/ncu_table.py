@@ -12,11 +12,19 @@ import csv
 import re
 import sys
 
+# (title, metric names in the order tried: ncu versions name some differently, scale)
 COLUMNS = [
-    ("µs", "gpu__time_duration.sum", 1e-3),  # ns
-    ("DRAM %", "dram__throughput.avg.pct_of_peak_sustained_elapsed", 1),
-    ("SM %", "sm__throughput.avg.pct_of_peak_sustained_elapsed", 1),
-    ("occupancy %", "sm__warps_active.avg.pct_of_peak_sustained_active", 1),
+    ("µs", ("gpu__time_duration.sum",), 1e-3),  # ns
+    (
+        "DRAM %",
+        (
+            "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",  # ncu of CUDA 13.0
+            "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+        ),
+        1,
+    ),
+    ("SM %", ("sm__throughput.avg.pct_of_peak_sustained_elapsed",), 1),
+    ("occupancy %", ("sm__warps_active.avg.pct_of_peak_sustained_active",), 1),
 ]
 # WarpStateStats' cycles per issued instruction, by reason (one family; the first found)
 STALL_FAMILIES = [
@@ -64,10 +72,13 @@ def main():
     print("| # | kernel | grid | block | regs | " + " | ".join(c[0] for c in COLUMNS) + " | top stalls |")
     print("|---|---|---|---|---|" + "---|" * len(COLUMNS) + "---|")
     for r in body:
-        def get(name, scale=1):
-            i = at.get(name)
-            v = number(r[i]) if i is not None else None
-            return "–" if v is None else f"{v * scale:.1f}"
+        def get(names, scale=1):
+            for name in (names,) if isinstance(names, str) else names:
+                i = at.get(name)
+                v = number(r[i]) if i is not None else None
+                if v is not None:
+                    return f"{v * scale:.1f}"
+            return "–"
         ranked = sorted(
             ((number(r[i]) or 0.0, name) for i, name in stalls), reverse=True
         )[:3]
