@@ -7,6 +7,8 @@
 #   tests   every packed test binary (tests/gpu/check.sh's "tests" step)
 #   bench   the full library-alone run: .device/bench --shapes mixtral,qwen3,deepseek,gpt-oss,ep,lora
 #   torch   the full same-process run: examples/python/bench_torch.py, JSON and PNG
+#   tune    the decode re-tune: .device/tune --quick --tokens 1,4,16,64 (the table goes to
+#           tiles.json after each M, so a cut run keeps what it finished); not by default
 #
 # SESSION_SECONDS (default 560) bounds the whole: a step starts only with 60 s left, and is
 # cut at what is left. Everything goes under $RESULTS (default $OUT/session when the device
@@ -50,10 +52,11 @@ for s in "${steps[@]}"; do
   tests) run tests env OUT="$results/check" bash tests/gpu/check.sh nvidia-smi tests ;;
   bench) run bench .device/bench --shapes mixtral,qwen3,deepseek,gpt-oss,ep,lora --json "$results/bench.json" ;;
   torch) run torch python3 examples/python/bench_torch.py --json "$results/torch.json" --png "$results/torch.png" ;;
-  *) echo "unknown step $s (tests bench torch)" | tee -a "$summary" ;;
+  tune) run tune .device/tune --quick --tokens 1,4,16,64 --out "$results/tiles.json" --json "$results/tune.json" ;;
+  *) echo "unknown step $s (tests bench torch tune)" | tee -a "$summary" ;;
   esac
 done
-for f in check/summary.txt bench.log torch.log; do
+for f in check/summary.txt bench.log torch.log tune.log; do
   [ -f "$results/$f" ] && { echo "== $f"; tail -n 40 "$results/$f"; }
 done
 cat "$summary"
