@@ -358,12 +358,9 @@ impl KernelSet {
             at(l.expert_offsets),
             at(l.route_slot),
         );
-        let chunks = variant::align_chunks(l.route_slot.len, a.experts);
-        // the routes of one block: all of them, or a chunk's
-        let block_routes = l.route_slot.len.div_ceil(chunks);
-        let (segments, shared_bytes) =
-            variant::align_segments(a.experts, k.one_block.v.threads, block_routes);
+        let (segments, shared_bytes) = variant::align_segments(a.experts, k.one_block.v.threads);
         let segments = segments as i32;
+        let chunks = variant::align_chunks(l.route_slot.len, a.experts);
         let launch = |f: &Loaded, blocks: usize, shared: usize| LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (f.v.threads, 1, 1),

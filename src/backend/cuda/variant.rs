@@ -134,17 +134,12 @@ const ALIGN_SHARED_BYTES: usize = 96 * 1024;
 
 /// The align kernel's route pieces (one warp each; more pieces, fewer steps per warp) and its
 /// shared memory: piece counts [pieces][E] and padded starts [E + 1] plus one counter, in ints.
-/// E ≤ 744 gets a piece per warp; E = 4096 still gets 4. But no more pieces than `routes`
-/// (the block's) fill 32 at a time: a warp ranks 32 routes a step, so a smaller piece only
-/// adds piece counts that every expert's scan walks and that are zeroed first (ncu of Qwen3
-/// M = 1: the one-block align 6.2 µs on decode's critical path, its 8 routes in 32 pieces).
-pub fn align_segments(experts: usize, threads: u32, routes: usize) -> (usize, usize) {
+/// E ≤ 744 gets a piece per warp; E = 4096 still gets 4.
+pub fn align_segments(experts: usize, threads: u32) -> (usize, usize) {
     let fixed = (experts + 2) * 4;
     let per_piece = experts.max(1) * 4;
     let warps = threads as usize / 32;
-    let pieces = (ALIGN_SHARED_BYTES.saturating_sub(fixed) / per_piece)
-        .min(routes.div_ceil(32))
-        .clamp(1, warps);
+    let pieces = (ALIGN_SHARED_BYTES.saturating_sub(fixed) / per_piece).clamp(1, warps);
     (pieces, fixed + pieces * per_piece)
 }
 
@@ -958,22 +953,16 @@ mod tests {
 
     #[test]
     fn align_pieces_fill_the_warps_and_fit_the_shared_memory() {
-        for (experts, routes, pieces) in [
-            (1, 4096, 32),
-            (8, 4096, 32),
-            (257, 4096, 32),
-            (744, 4096, 32),
-            (1024, 4096, 22),
-            (4096, 4096, 4),
-            // no more pieces than 32-route steps: decode's few routes take one or a few
-            (128, 8, 1),
-            (257, 9, 1),
-            (128, 33, 2),
-            (128, 256, 8),
-            (128, 0, 1),
+        for (experts, pieces) in [
+            (1, 32),
+            (8, 32),
+            (257, 32),
+            (744, 32),
+            (1024, 22),
+            (4096, 4),
         ] {
-            let (p, bytes) = align_segments(experts, ALIGN_THREADS, routes);
-            assert_eq!(p, pieces, "E {experts}, {routes} routes");
+            let (p, bytes) = align_segments(experts, ALIGN_THREADS);
+            assert_eq!(p, pieces, "E {experts}");
             assert_eq!(bytes, (experts + 2 + p * experts) * 4);
             assert!(bytes <= ALIGN_SHARED_BYTES, "E {experts}: {bytes} bytes");
         }
