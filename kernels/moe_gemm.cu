@@ -105,6 +105,7 @@ struct FmRows {
     int route[FM_BM];
 #if FM_LORA_GROUPED
     int at[FM_BM];
+    fm_u64 slots;  // bit a: a row's route has active slot a (fm_lora_prefetch_b)
 #endif
 };
 
@@ -144,6 +145,7 @@ __device__ __forceinline__ void fm_rows_put(FmRows& rows, const FmGemmParams& p,
 // memory that nothing uses before the main loop. Every thread of the CTA calls it.
 __device__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0, int* keys,
                               const FmLoraExpand& lora) {
+    if (threadIdx.x == 0) rows.slots = 0;
     for (int i = threadIdx.x; i < FM_BM; i += blockDim.x) {
         const int route = p.sorted_route_ids[slot0 + i];
         const int a = route < p.numel ? fm_lora_slot_of(lora, route) : -1;
@@ -152,6 +154,7 @@ __device__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0, in
     __syncthreads();
     for (int i = threadIdx.x; i < FM_BM; i += blockDim.x) {
         const int key = keys[i];
+        if (key < FM_LORA_SLOTS) atomicOr(&rows.slots, 1ull << key);
         int at = 0;  // rows before it: smaller keys, and equal keys earlier in the block
         for (int j = 0; j < FM_BM; ++j) {
             const int kj = keys[j];  // the same word in every lane: a broadcast
@@ -161,6 +164,40 @@ __device__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0, in
     }
 }
 #define FM_ROWS_SETUP(rows, p, slot0, keys) fm_rows_setup(rows, p, slot0, keys, lora)
+
+// The expand in the epilogue reads B[a, e] for the tile's columns, per slot a of its rows:
+// from DRAM, one round trip per chunk of fragments, while the base GEMM streams the weights
+// near the copy rate (ncu at Qwen3 M = 1024: the expand made the LoRA GEMMs ~25 % slower).
+// FM_LORA_PREFETCH_KTILES k-tiles before its last, the CTA asks L2 for those lines, so that
+// the epilogue finds them there; as many or more than its k-tiles: at its first.
+#ifndef FM_LORA_PREFETCH_KTILES
+#define FM_LORA_PREFETCH_KTILES 8
+#endif
+
+__device__ __forceinline__ int fm_lora_prefetch_at(int k_tiles) {
+    return max(0, k_tiles - FM_LORA_PREFETCH_KTILES);
+}
+
+// Every thread of the CTA: a line request for each 128 bytes of B rows its columns take.
+__device__ __forceinline__ void fm_lora_prefetch_b(const FmLoraExpand& L, const FmGemmParams& p,
+                                                   fm_u64 slots, int expert, int n0) {
+    const int row_bytes = L.rank * (int)sizeof(fm_t);
+    while (slots != 0) {
+        const int a = __ffsll((long long)slots) - 1;
+        slots &= slots - 1;
+        const FmLoraSlot& s = L.b.slot[a];
+        if (s.w == nullptr) continue;
+        const char* b = (const char*)s.w + (fm_i64)(s.shared_outer ? 0 : expert) * L.n * row_bytes;
+        for (int c = threadIdx.x; c < FM_BN && n0 + c < p.n; c += FM_THREADS) {
+            const fm_i64 at = (fm_i64)fm_w_row(p, n0 + c) * row_bytes;
+            // the lines the row starts or crosses into: its first only where it starts one
+            // (a row shorter than a line shares it with its neighbours), and the tile's
+            // first two columns (the first rows of the gate and up halves)
+            const fm_i64 first = c < 2 || (at & 127) == 0 ? at : (at & ~(fm_i64)127) + 128;
+            for (fm_i64 line = first; line < at + row_bytes; line += 128) fm_prefetch_l2(b + line);
+        }
+    }
+}
 #else
 __device__ __forceinline__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0) {
     for (int i = threadIdx.x; i < FM_BM; i += FM_THREADS) fm_rows_put(rows, p, slot0, i, i);
@@ -486,6 +523,9 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
             fm_t* st = stages + (next % FM_STAGES) * stage_elems;
             fm_load_stage(st, st + FM_BM * FM_LDS, rows, p, w_expert, n0, (kt0 + next) * FM_BK);
         }
+#if FM_LORA_GROUPED
+        if (kt == fm_lora_prefetch_at(k_tiles)) fm_lora_prefetch_b(lora, p, rows.slots, expert, n0);
+#endif
         fm_cp_async_commit();
         fm_cp_async_wait<FM_STAGES - 1>();
         __syncthreads();

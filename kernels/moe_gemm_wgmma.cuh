@@ -323,6 +323,9 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
         const int next = kt + FM_STAGES - 1;
         if (next < k_tiles) loader.load_next(tiles0 + (next % FM_STAGES) * FM_STAGE_BYTES, p);
         fm_cp_async_commit();
+#if FM_LORA_GROUPED
+        if (kt == fm_lora_prefetch_at(k_tiles)) fm_lora_prefetch_b(lora, p, rows.slots, expert, n0);
+#endif
     }
     fm_wg_wait<0>();
 #pragma unroll
