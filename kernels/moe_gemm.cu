@@ -198,6 +198,76 @@ __device__ __forceinline__ void fm_lora_prefetch_b(const FmLoraExpand& L, const 
         }
     }
 }
+
+// The expand's B in shared memory (FM_LORA_B_SMEM: the plain wgmma loop, whose stages are
+// free once its k loop is done). Read from global memory, B costs a warp a round trip per
+// chunk of fragments and per slot, in series (ncu at Qwen3 M = 1024: the LoRA GEMM2 at 57 %
+// of DRAM bandwidth, its k loop only 12 k-tiles); copied first, it costs the CTA one round.
+#if FM_LORA_GROUPED && defined(FM_WGMMA) && FM_WGMMA == 1
+#define FM_LORA_B_SMEM 1
+#else
+#define FM_LORA_B_SMEM 0
+#endif
+
+#if FM_LORA_B_SMEM
+// What the copy and the word reads need: 16-byte rows of B, 16-byte aligned matrices, and t
+// aligned for fm_lora_t_frag's pairs. The same answer in every thread.
+__device__ __forceinline__ bool fm_lora_b_shared_ok(const FmLoraExpand& L, fm_u64 slots) {
+    if (L.rank * (int)sizeof(fm_t) % 16 != 0 || ((unsigned long long)L.t & 7ull) != 0)
+        return false;
+    for (; slots != 0; slots &= slots - 1) {
+        const int a = __ffsll((long long)slots) - 1;
+        if (((unsigned long long)L.b.slot[a].w & 15ull) != 0) return false;
+    }
+    return true;
+}
+
+// Copies, for each slot of `batch` in turn, B[a, e]'s rows of the tile's columns (row j: W
+// row fm_w_row(n0 + j)) to `tile`, `pitch` bytes a row. Every thread of the CTA; all of it is
+// in shared memory for every thread on return.
+__device__ __forceinline__ void fm_lora_stage_b(const FmLoraExpand& L, const FmGemmParams& p,
+                                                fm_u64 batch, int expert, int n0,
+                                                unsigned char* tile, int pitch) {
+    const int chunks = L.rank * (int)sizeof(fm_t) / 16;  // 16-byte pieces a row
+    for (int at = 0; batch != 0; batch &= batch - 1, ++at) {
+        const FmLoraSlot& s = L.b.slot[__ffsll((long long)batch) - 1];
+        const fm_t* b = (const fm_t*)s.w + (fm_i64)(s.shared_outer ? 0 : expert) * L.n * L.rank;
+        unsigned char* dst = tile + at * FM_BN * pitch;
+        for (int c = threadIdx.x; c < FM_BN * chunks; c += FM_THREADS) {
+            const int j = c / chunks, q = c % chunks;
+            if (n0 + j < p.n)
+                fm_cp_async16(dst + j * pitch + 16 * q,
+                              b + (fm_i64)fm_w_row(p, n0 + j) * L.rank + q * (16 / (int)sizeof(fm_t)),
+                              true);
+        }
+    }
+    fm_cp_async_commit();
+    fm_cp_async_wait<0>();
+    __syncthreads();
+}
+
+// fm_lora_expand_frags with B from shared memory, where the tiles of all the CTA's slots
+// (FmRows.slots) fit the `stage_bytes` at `stages` (at r = 16, twelve of 64×128's three
+// stages) and the word loads can serve; else from global memory. Every thread of the CTA,
+// after its last wgmma and cp.async.
+template <int NJ, bool PAIRED>
+__device__ __forceinline__ void fm_lora_expand_shared(const FmLoraExpand& L,
+                                                      const FmGemmParams& p, fm_u64 slots,
+                                                      int route_lo, int route_hi, int expert,
+                                                      int n0, int col0, float* acc,
+                                                      unsigned char* stages, int stage_bytes) {
+    // 16 bytes past the row: a warp's word reads hit 32 banks at r = 16 and 64
+    const int pitch = L.rank * (int)sizeof(fm_t) + 16;
+    const int slot_bytes = FM_BN * pitch;
+    FmLoraBTile bt{nullptr, pitch, slot_bytes, n0};
+    if (__popcll(slots) * slot_bytes <= stage_bytes && fm_lora_b_shared_ok(L, slots)) {
+        __syncthreads();  // every warpgroup's wgmmas are done reading the stages
+        fm_lora_stage_b(L, p, slots, expert, n0, stages, pitch);
+        bt.tile = stages;
+    }
+    fm_lora_expand_frags<NJ, PAIRED>(L, route_lo, route_hi, expert, col0, acc, bt, slots);
+}
+#endif  // FM_LORA_B_SMEM
 #else
 __device__ __forceinline__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0) {
     for (int i = threadIdx.x; i < FM_BM; i += FM_THREADS) fm_rows_put(rows, p, slot0, i, i);
