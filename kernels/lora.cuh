@@ -146,19 +146,20 @@ __device__ __forceinline__ unsigned fm_lora_pack(float lo, float hi) {
 }
 
 // One A fragment of t (rows lo and hi, ranks k0 + 2·(lane%4) + {0, 1, 8, 9}) at offset `off`
-// into each route's t row; zero for a row that is off, and past the rank. t holds values
+// into each row's t (t_lo, t_hi: the rows of L.t, or their copies in shared memory); zero for
+// a row that is off, and past the rank. t holds values
 // already rounded to the layer dtype, so the repacking is exact. PAIRS: r even and t 8-byte
 // aligned, so ranks k, k + 1 (k even) are one float2 with one predicate: half the loads.
 template <bool PAIRS>
-__device__ __forceinline__ void fm_lora_t_frag(const FmLoraExpand& L, int route_lo,
-                                               int route_hi, bool lo_on, bool hi_on, int off,
-                                               int k0, unsigned (&a)[4]) {
+__device__ __forceinline__ void fm_lora_t_frag(const FmLoraExpand& L, const float* t_lo,
+                                               const float* t_hi, bool lo_on, bool hi_on,
+                                               int off, int k0, unsigned (&a)[4]) {
     const int k = k0 + 2 * (threadIdx.x % 4);
     float v[2][4];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const bool on = h == 0 ? lo_on : hi_on;
-        const float* t = L.t + (fm_i64)(h == 0 ? route_lo : route_hi) * L.t_stride + off;
+        const float* t = (h == 0 ? t_lo : t_hi) + off;
 #pragma unroll
         for (int q = 0; q < 4; q += 2) {
             const int kq = k + (q / 2) * 8;
@@ -258,6 +259,9 @@ struct FmLoraBTile {
     int pitch;       // bytes between rows
     int slot_bytes;  // bytes between slots' tiles
     int n0;          // the tile's first column
+    // this lane's two rows of t (rows lo and hi) in shared memory; null: from L.t
+    const float* t_lo;
+    const float* t_hi;
 };
 
 // fm_lora_b_frags from the CTA's shared copy: the same words, the same zeros.
@@ -294,17 +298,17 @@ __device__ __forceinline__ void fm_lora_b_frags_shared(const FmLoraExpand& L,
 // One expand pass (slot a, whose B is at b; ranks k0 + [0, 16)) over the warp's units, C at a
 // time: the chunk's B loads, then its MMAs, acc += s · the outputs (fm_lora_expand_frags).
 template <int NJ, bool PAIRED, bool WORDS, bool SHARED, int C>
-__device__ __forceinline__ void fm_lora_pass(const FmLoraExpand& L, int route_lo, int route_hi,
-                                             bool lo_on, bool hi_on, const fm_t* b,
+__device__ __forceinline__ void fm_lora_pass(const FmLoraExpand& L, const float* t_lo,
+                                             const float* t_hi, bool lo_on, bool hi_on,
+                                             const fm_t* b,
                                              const FmLoraBTile& bt, int col0, int k0,
                                              bool split, float scaling, float* acc) {
     constexpr int U = FM_LORA_UNITS(NJ, PAIRED);
     const int lane = threadIdx.x % 32;
     // t's loads in the same block as the first chunk's, so that they are in flight together
     unsigned t_gate[4], t_up[4];
-    fm_lora_t_frag<WORDS>(L, route_lo, route_hi, lo_on, hi_on, 0, k0, t_gate);
-    fm_lora_t_frag<WORDS>(L, route_lo, route_hi, split && lo_on, split && hi_on, L.rank, k0,
-                          t_up);
+    fm_lora_t_frag<WORDS>(L, t_lo, t_hi, lo_on, hi_on, 0, k0, t_gate);
+    fm_lora_t_frag<WORDS>(L, t_lo, t_hi, split && lo_on, split && hi_on, L.rank, k0, t_up);
     const int kb = k0 + 2 * (lane % 4);
 #pragma unroll
     for (int u0 = 0; u0 < U; u0 += C) {
@@ -385,6 +389,8 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
     // -1 once this lane's row is done, or where its slot is not in the batch
     int pending_lo = a_lo >= 0 && (batch >> a_lo & 1) ? a_lo : -1;
     int pending_hi = a_hi >= 0 && (batch >> a_hi & 1) ? a_hi : -1;
+    const float* t_lo = bt.t_lo != nullptr ? bt.t_lo : L.t + (fm_i64)max(route_lo, 0) * L.t_stride;
+    const float* t_hi = bt.t_hi != nullptr ? bt.t_hi : L.t + (fm_i64)max(route_hi, 0) * L.t_stride;
     for (;;) {
         const int mine = min(pending_lo < 0 ? FM_LORA_SLOTS : pending_lo,
                              pending_hi < 0 ? FM_LORA_SLOTS : pending_hi);
@@ -398,7 +404,7 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
             FmLoraBTile slot_tile = bt;
             slot_tile.tile += __popcll(batch & ((1ull << a) - 1)) * bt.slot_bytes;
             for (int k0 = 0; k0 < L.rank; k0 += 16)
-                fm_lora_pass<NJ, PAIRED, true, true, C>(L, route_lo, route_hi, a_lo == a,
+                fm_lora_pass<NJ, PAIRED, true, true, C>(L, t_lo, t_hi, a_lo == a,
                                                         a_hi == a, b, slot_tile, col0, k0, split,
                                                         s.scaling, acc);
             continue;
@@ -407,11 +413,11 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
                            ((unsigned long long)L.t & 7ull) == 0;
         for (int k0 = 0; k0 < L.rank; k0 += 16) {
             if (words)
-                fm_lora_pass<NJ, PAIRED, true, false, C>(L, route_lo, route_hi, a_lo == a,
+                fm_lora_pass<NJ, PAIRED, true, false, C>(L, t_lo, t_hi, a_lo == a,
                                                          a_hi == a, b, bt, col0, k0, split,
                                                          s.scaling, acc);
             else
-                fm_lora_pass<NJ, PAIRED, false, false, C_HALVES>(L, route_lo, route_hi,
+                fm_lora_pass<NJ, PAIRED, false, false, C_HALVES>(L, t_lo, t_hi,
                                                                  a_lo == a, a_hi == a, b, bt,
                                                                  col0, k0, split, s.scaling,
                                                                  acc);
@@ -424,7 +430,7 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
                                                      int route_hi, int expert, int col0,
                                                      float* acc) {
     fm_lora_expand_frags<NJ, PAIRED>(L, route_lo, route_hi, expert, col0, acc,
-                                     FmLoraBTile{nullptr, 0, 0, 0}, ~0ull);
+                                     FmLoraBTile{nullptr, 0, 0, 0, nullptr, nullptr}, ~0ull);
 }
 #endif  // FM_DTYPE != 0
 

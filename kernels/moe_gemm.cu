@@ -210,10 +210,11 @@ __device__ __forceinline__ void fm_lora_prefetch_b(const FmLoraExpand& L, const 
 #endif
 
 #if FM_LORA_B_SMEM
-// What the copy and the word reads need: 16-byte rows of B, 16-byte aligned matrices, and t
-// aligned for fm_lora_t_frag's pairs. The same answer in every thread.
+// What the copies and the word reads need: 16-byte rows of B and of t, 16-byte aligned
+// matrices. The same answer in every thread.
 __device__ __forceinline__ bool fm_lora_b_shared_ok(const FmLoraExpand& L, fm_u64 slots) {
-    if (L.rank * (int)sizeof(fm_t) % 16 != 0 || ((unsigned long long)L.t & 7ull) != 0)
+    if (L.rank * (int)sizeof(fm_t) % 16 != 0 || L.t_stride % 4 != 0 ||
+        ((unsigned long long)L.t & 15ull) != 0)
         return false;
     for (; slots != 0; slots &= slots - 1) {
         const int a = __ffsll((long long)slots) - 1;
@@ -222,50 +223,80 @@ __device__ __forceinline__ bool fm_lora_b_shared_ok(const FmLoraExpand& L, fm_u6
     return true;
 }
 
-// Copies, for each slot of `batch` in turn, B[a, e]'s rows of the tile's columns (row j: W
-// row fm_w_row(n0 + j)) to `tile`, `pitch` bytes a row. Every thread of the CTA; all of it is
-// in shared memory for every thread on return.
-__device__ __forceinline__ void fm_lora_stage_b(const FmLoraExpand& L, const FmGemmParams& p,
-                                                fm_u64 batch, int expert, int n0,
-                                                unsigned char* tile, int pitch) {
-    const int chunks = L.rank * (int)sizeof(fm_t) / 16;  // 16-byte pieces a row
-    for (int at = 0; batch != 0; batch &= batch - 1, ++at) {
-        const FmLoraSlot& s = L.b.slot[__ffsll((long long)batch) - 1];
+// Where the copies go in the stage buffers: the tiles of B, `pitch` bytes a row, then t's
+// rows of the tile, `t_pitch` floats a row.
+struct FmLoraStaged {
+    int pitch, slot_bytes, t_pitch, bytes;
+};
+
+__device__ __forceinline__ FmLoraStaged fm_lora_staged(const FmLoraExpand& L, fm_u64 slots) {
+    FmLoraStaged s;
+    // 16 bytes past a row of B and 8 floats past one of t: a warp's reads hit 32 banks (B at
+    // r = 16 and 64, t at r = 8 to 64)
+    s.pitch = L.rank * (int)sizeof(fm_t) + 16;
+    s.slot_bytes = FM_BN * s.pitch;
+    s.t_pitch = L.t_stride + 8;
+    s.bytes = __popcll(slots) * s.slot_bytes + FM_BM * s.t_pitch * (int)sizeof(float);
+    return s;
+}
+
+// Copies, for each slot of `slots` in turn, B[a, e]'s rows of the tile's columns (row j: W
+// row fm_w_row(n0 + j)), then t's rows of the tile's routes, to `stages` as `st` says. Every
+// thread of the CTA; all of it is in shared memory for every thread on return.
+__device__ __forceinline__ void fm_lora_stage(const FmLoraExpand& L, const FmGemmParams& p,
+                                              const FmRows& rows, fm_u64 slots, int expert,
+                                              int n0, unsigned char* stages,
+                                              const FmLoraStaged& st) {
+    const int chunks = L.rank * (int)sizeof(fm_t) / 16;  // 16-byte pieces a row of B
+    unsigned char* dst = stages;
+    for (; slots != 0; slots &= slots - 1, dst += st.slot_bytes) {
+        const FmLoraSlot& s = L.b.slot[__ffsll((long long)slots) - 1];
         const fm_t* b = (const fm_t*)s.w + (fm_i64)(s.shared_outer ? 0 : expert) * L.n * L.rank;
-        unsigned char* dst = tile + at * FM_BN * pitch;
         for (int c = threadIdx.x; c < FM_BN * chunks; c += FM_THREADS) {
             const int j = c / chunks, q = c % chunks;
             if (n0 + j < p.n)
-                fm_cp_async16(dst + j * pitch + 16 * q,
+                fm_cp_async16(dst + j * st.pitch + 16 * q,
                               b + (fm_i64)fm_w_row(p, n0 + j) * L.rank + q * (16 / (int)sizeof(fm_t)),
                               true);
         }
+    }
+    const int t_chunks = L.t_stride / 4;  // 16-byte pieces a row of t
+    for (int c = threadIdx.x; c < FM_BM * t_chunks; c += FM_THREADS) {
+        const int i = c / t_chunks, q = c % t_chunks;
+        const int route = rows.route[i];
+        if (route >= 0)
+            fm_cp_async16(dst + (i * st.t_pitch + 4 * q) * (int)sizeof(float),
+                          L.t + (fm_i64)route * L.t_stride + 4 * q, true);
     }
     fm_cp_async_commit();
     fm_cp_async_wait<0>();
     __syncthreads();
 }
 
-// fm_lora_expand_frags with B from shared memory, where the tiles of all the CTA's slots
-// (FmRows.slots) fit the `stage_bytes` at `stages` (at r = 16, twelve of 64×128's three
-// stages) and the word loads can serve; else from global memory. Every thread of the CTA,
-// after its last wgmma and cp.async.
+// fm_lora_expand_frags with B and t from shared memory, where the tiles of all the CTA's
+// slots (FmRows.slots) and its rows of t fit the `stage_bytes` at `stages` (at r = 16, up to
+// ten slots in 64×128's three stages) and the word loads can serve; else from global memory.
+// Every thread of the CTA, after its last wgmma and cp.async; row_lo: this lane's first tile
+// row (row_lo + 8 the second).
 template <int NJ, bool PAIRED>
 __device__ __forceinline__ void fm_lora_expand_shared(const FmLoraExpand& L,
-                                                      const FmGemmParams& p, fm_u64 slots,
-                                                      int route_lo, int route_hi, int expert,
-                                                      int n0, int col0, float* acc,
-                                                      unsigned char* stages, int stage_bytes) {
-    // 16 bytes past the row: a warp's word reads hit 32 banks at r = 16 and 64
-    const int pitch = L.rank * (int)sizeof(fm_t) + 16;
-    const int slot_bytes = FM_BN * pitch;
-    FmLoraBTile bt{nullptr, pitch, slot_bytes, n0};
-    if (__popcll(slots) * slot_bytes <= stage_bytes && fm_lora_b_shared_ok(L, slots)) {
+                                                      const FmGemmParams& p, const FmRows& rows,
+                                                      int row_lo, int expert, int n0, int col0,
+                                                      float* acc, unsigned char* stages,
+                                                      int stage_bytes) {
+    const fm_u64 slots = rows.slots;
+    const FmLoraStaged st = fm_lora_staged(L, slots);
+    FmLoraBTile bt{nullptr, st.pitch, st.slot_bytes, n0, nullptr, nullptr};
+    if (st.bytes <= stage_bytes && fm_lora_b_shared_ok(L, slots)) {
         __syncthreads();  // every warpgroup's wgmmas are done reading the stages
-        fm_lora_stage_b(L, p, slots, expert, n0, stages, pitch);
+        fm_lora_stage(L, p, rows, slots, expert, n0, stages, st);
         bt.tile = stages;
+        const float* t_rows = (const float*)(stages + __popcll(slots) * st.slot_bytes);
+        bt.t_lo = t_rows + row_lo * st.t_pitch;
+        bt.t_hi = t_rows + (row_lo + 8) * st.t_pitch;
     }
-    fm_lora_expand_frags<NJ, PAIRED>(L, route_lo, route_hi, expert, col0, acc, bt, slots);
+    fm_lora_expand_frags<NJ, PAIRED>(L, rows.route[row_lo], rows.route[row_lo + 8], expert, col0,
+                                     acc, bt, slots);
 }
 #endif  // FM_LORA_B_SMEM
 #else

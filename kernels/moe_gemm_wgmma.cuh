@@ -270,8 +270,8 @@ __device__ __forceinline__ void fm_wg_epilogue(const FmRows& rows, const FmGemmP
     const int col0 = b.n0 + g.n * FM_WG_COLS + (lane % 4) * 2;
 #if FM_LORA_B_SMEM
     fm_lora_expand_shared<FM_WG_COLS / 8, FM_PAIRED_HALVES>(
-        lora, p, rows.slots, rows.route[row0], rows.route[row0 + 8], b.expert, b.n0,
-        b.n0 + g.n * FM_WG_COLS, acc, stages, FM_STAGES * FM_STAGE_BYTES);
+        lora, p, rows, row0, b.expert, b.n0, b.n0 + g.n * FM_WG_COLS, acc, stages,
+        FM_STAGES * FM_STAGE_BYTES);
 #elif FM_LORA
     fm_lora_expand_frags<FM_WG_COLS / 8, FM_PAIRED_HALVES>(
         lora, rows.route[row0], rows.route[row0 + 8], b.expert, b.n0 + g.n * FM_WG_COLS, acc);
