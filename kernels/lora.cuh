@@ -368,13 +368,13 @@ __device__ __forceinline__ void fm_lora_pass(const FmLoraExpand& L, const float*
 // PAIRED (a GEMM1 with the activation fused, halves layout, so split): tile column n is W
 // row n / 2 + (n odd) · I, so B's row is that and odd columns are the up half.
 //
-// With `batch`, the slots in it only; with bt.tile set (fm_lora_stage_b), B from there: slot
+// a_lo, a_hi: the rows' slots (fm_lora_slot_of). With `batch`, the slots in it only; with bt.tile set (fm_lora_stage_b), B from there: slot
 // a's tile is the popc(batch below a)-th.
 template <int NJ, bool PAIRED>
 __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int route_lo,
-                                                     int route_hi, int expert, int col0,
-                                                     float* acc, const FmLoraBTile& bt,
-                                                     fm_u64 batch) {
+                                                     int route_hi, int a_lo, int a_hi,
+                                                     int expert, int col0, float* acc,
+                                                     const FmLoraBTile& bt, fm_u64 batch) {
     constexpr int U = FM_LORA_UNITS(NJ, PAIRED);
     // a unit of a split GEMM1 without PAIRED holds two MMAs' outputs (a third of the chunk:
     // at half, the interleaved f16 64×64 mma.sync GEMM1 spilled)
@@ -384,7 +384,6 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
     // the 16-bit path has twice the loads per unit: half the chunk keeps this rare path from
     // setting the kernel's register count
     constexpr int C_HALVES = (C + 1) / 2;
-    const int a_lo = fm_lora_slot_of(L, route_lo), a_hi = fm_lora_slot_of(L, route_hi);
     const bool split = PAIRED || (!FM_LORA_ONE_HALF && L.split != FM_LORA_SPLIT_NONE);
     // -1 once this lane's row is done, or where its slot is not in the batch
     int pending_lo = a_lo >= 0 && (batch >> a_lo & 1) ? a_lo : -1;
@@ -429,7 +428,8 @@ template <int NJ, bool PAIRED>
 __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int route_lo,
                                                      int route_hi, int expert, int col0,
                                                      float* acc) {
-    fm_lora_expand_frags<NJ, PAIRED>(L, route_lo, route_hi, expert, col0, acc,
+    fm_lora_expand_frags<NJ, PAIRED>(L, route_lo, route_hi, fm_lora_slot_of(L, route_lo),
+                                     fm_lora_slot_of(L, route_hi), expert, col0, acc,
                                      FmLoraBTile{nullptr, 0, 0, 0, nullptr, nullptr}, ~0ull);
 }
 #endif  // FM_DTYPE != 0

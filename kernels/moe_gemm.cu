@@ -285,6 +285,9 @@ __device__ __forceinline__ void fm_lora_expand_shared(const FmLoraExpand& L,
                                                       float* acc, unsigned char* stages,
                                                       int stage_bytes) {
     const fm_u64 slots = rows.slots;
+    const int route_lo = rows.route[row_lo], route_hi = rows.route[row_lo + 8];
+    // loaded before the copies, to arrive during them
+    const int a_lo = fm_lora_slot_of(L, route_lo), a_hi = fm_lora_slot_of(L, route_hi);
     const FmLoraStaged st = fm_lora_staged(L, slots);
     FmLoraBTile bt{nullptr, st.pitch, st.slot_bytes, n0, nullptr, nullptr};
     if (st.bytes <= stage_bytes && fm_lora_b_shared_ok(L, slots)) {
@@ -295,8 +298,8 @@ __device__ __forceinline__ void fm_lora_expand_shared(const FmLoraExpand& L,
         bt.t_lo = t_rows + row_lo * st.t_pitch;
         bt.t_hi = t_rows + (row_lo + 8) * st.t_pitch;
     }
-    fm_lora_expand_frags<NJ, PAIRED>(L, rows.route[row_lo], rows.route[row_lo + 8], expert, col0,
-                                     acc, bt, slots);
+    fm_lora_expand_frags<NJ, PAIRED>(L, route_lo, route_hi, a_lo, a_hi, expert, col0, acc, bt,
+                                     slots);
 }
 #endif  // FM_LORA_B_SMEM
 #else
