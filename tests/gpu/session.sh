@@ -10,6 +10,21 @@
 #   tune    the decode re-tune: .device/tune --quick --tokens 1,4,16,64 (the table goes to
 #           tiles.json after each M, so a cut run keeps what it finished); not by default
 #
+# Steps for the changes kept off main until they run on a GPU (a merge and its revert each;
+# BENCHMARKS.md lists them), packed beside the baseline on the build machine, by name only:
+#
+#   bash tests/gpu/pack.sh
+#   bash tests/gpu/pack_revs.sh "cuda_lora" pf8=18b9df3 bsm=8c4dbbb bsmt=95cc549 cta3=94e9a40
+#   bash tests/gpu/pack_revs.sh "cuda" pieces=86d17f5
+#
+#   variant-tests  every test binary packed with a variant (.device/NAME/<test>)
+#   lora-ab        ab_rounds.sh ROUNDS "--shapes lora" over main and the variants in $LORA
+#   decode-ab      ab_rounds.sh ROUNDS over main and $DECODE at M = 1, 4, 16, 64, four shapes
+#   ncu            the base and the LoRA path's kernels at Qwen3 M = 1024 (ncu_kernels.sh)
+#   regs           the registers of every cached cubin (kernel_regs.sh)
+# ROUNDS (default 2), LORA (default "pf8 bsm bsmt cta3"), DECODE (default "pieces"); a name
+# with no .device/NAME/bench is left out.
+#
 # SESSION_SECONDS (default 560) bounds the whole: a step starts only with 60 s left, and is
 # cut at what is left. Everything goes under $RESULTS (default $OUT/session when the device
 # tool's $OUT is set, else .device/results/session), then into one session.tgz beside it
@@ -47,16 +62,35 @@ run() {
   tar czf "$top/session.tgz" -C "$top" "$(basename "$results")" summary.txt
 }
 
+# ab NAME "BENCH ARGS" VARIANTS: ab_rounds.sh over main and each packed variant named
+ab() {
+  local name=$1 args=$2 specs=(main=) v
+  for v in $3; do [ -x ".device/$v/bench" ] && specs+=("$v@$v="); done
+  RESULTS=$results/$name run "$name" bash tests/gpu/ab_rounds.sh "${ROUNDS:-2}" "$args" "${specs[@]}"
+}
+
 for s in "${steps[@]}"; do
   case $s in
   tests) run tests env OUT="$results/check" bash tests/gpu/check.sh nvidia-smi tests ;;
   bench) run bench .device/bench --shapes mixtral,qwen3,deepseek,gpt-oss,ep,lora --json "$results/bench.json" ;;
   torch) run torch python3 examples/python/bench_torch.py --json "$results/torch.json" --png "$results/torch.png" ;;
   tune) run tune .device/tune --quick --tokens 1,4,16,64 --out "$results/tiles.json" --json "$results/tune.json" ;;
-  *) echo "unknown step $s (tests bench torch tune)" | tee -a "$summary" ;;
+  variant-tests)
+    for d in .device/*/; do
+      [ -x "$d/bench" ] || continue  # a variant's folder (pack_variant.sh)
+      for t in "$d"*; do
+        [ "$(basename "$t")" = bench ] || run "test_$(basename "$d")_$(basename "$t")" "$t"
+      done
+    done ;;
+  lora-ab) ab lora-ab "--shapes lora" "${LORA:-pf8 bsm bsmt cta3}" ;;
+  decode-ab) ab decode-ab "--shapes mixtral,qwen3,deepseek,gpt-oss --tokens 1,4,16,64" "${DECODE:-pieces}" ;;
+  ncu) run ncu bash tests/gpu/ncu_kernels.sh "$results/ncu_qwen3_m1024.csv" 40 'moe_' -- \
+    .device/bench --shapes qwen3,lora --tokens 1024 --reps 1 ;;
+  regs) run regs bash tests/gpu/kernel_regs.sh "$FUSEDMOE_CACHE_DIR" ;;
+  *) echo "unknown step $s (tests bench torch tune variant-tests lora-ab decode-ab ncu regs)" | tee -a "$summary" ;;
   esac
 done
-for f in check/summary.txt bench.log torch.log tune.log; do
+for f in check/summary.txt bench.log torch.log tune.log lora-ab.log decode-ab.log ncu.log; do
   [ -f "$results/$f" ] && { echo "== $f"; tail -n 40 "$results/$f"; }
 done
 cat "$summary"
