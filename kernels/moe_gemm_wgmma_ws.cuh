@@ -77,6 +77,11 @@ static_assert(FM_STAGES >= 3, "the producer keeps STAGES - 2 groups in flight at
     ((FM_WS_THREADS * FM_WS_ENTRY_REGS - FM_WS_PRODUCERS * FM_WS_PRODUCER_REGS) / FM_THREADS / 8 * 8)
 #define FM_WS_CONSUMER_REGS (FM_WS_CONSUMER_REGS_RAW > 240 ? 240 : FM_WS_CONSUMER_REGS_RAW)
 #define FM_WS_SETMAXNREG (FM_THREADS >= 256)
+// A tile of one consumer warpgroup with at most 128 columns (64 accumulators a thread) fits
+// two CTAs per SM in 128 registers a thread: then one CTA's epilogue runs beside the other's
+// wgmmas, which a single consumer warpgroup cannot do for itself. Not the LoRA GEMMs: their
+// expand spilled at 128 (CUDA 13.0 NVRTC, 280-328 bytes).
+#define FM_WS_MIN_CTAS (FM_THREADS == 128 && FM_WG_COLS <= 128 && !FM_LORA ? 2 : 1)
 #if FM_WS_SETMAXNREG
 static_assert(FM_WS_CONSUMER_REGS >= FM_WS_ENTRY_REGS && FM_WS_PRODUCER_REGS <= FM_WS_ENTRY_REGS,
               "setmaxnreg: consumers grow, the producer shrinks");
@@ -191,7 +196,7 @@ struct FmProducerSync {
 // Persistent: the grid is at most one wave (src/backend/cuda/kernels.rs), and CTA c takes
 // tiles c, c + gridDim.x, … of the one-tile-per-CTA numbering, so a wave still walks the
 // GROUP_M order together. Tiles fm_block_at rejects are skipped by every thread alike.
-extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, FM_WS_MIN_CTAS)
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
     fm_pdl_wait();  // (tile.pdl) the stage before this one
     fm_pdl_launch_dependents();
