@@ -16,10 +16,14 @@
 #   bash tests/gpu/pack.sh
 #   bash tests/gpu/pack_revs.sh "cuda_lora" pf8=18b9df3 bsm=8c4dbbb bsmt=95cc549 cta3=94e9a40
 #   bash tests/gpu/pack_revs.sh "cuda" pieces=86d17f5
+#   bash tests/gpu/pack_revs.sh "cuda cuda_lora" wsp=WSP   (WSP: BENCHMARKS.md, eleventh session)
 #
 #   variant-tests  every test binary packed with a variant (.device/NAME/<test>)
 #   lora-ab        ab_rounds.sh ROUNDS "--shapes lora" over main and the variants in $LORA
 #   decode-ab      ab_rounds.sh ROUNDS over main and $DECODE at M = 1, 4, 16, 64, four shapes
+#   ws-ab          the persistent warp-specialised GEMMs (.device/wsp, cuda.wgmma_ws=1) against
+#                  main at M = 4096 and 16384 ($WS_SHAPES, default qwen3,deepseek): with the
+#                  table's tiles, 64x128 (two CTAs per SM) and 128x256
 #   ncu            the base and the LoRA path's kernels at Qwen3 M = 1024 (ncu_kernels.sh)
 #   regs           the registers of every cached cubin (kernel_regs.sh)
 # ROUNDS (default 2), LORA (default "pf8 bsm bsmt cta3"), DECODE (default "pieces"); a name
@@ -84,13 +88,18 @@ for s in "${steps[@]}"; do
     done ;;
   lora-ab) ab lora-ab "--shapes lora" "${LORA:-pf8 bsm bsmt cta3}" ;;
   decode-ab) ab decode-ab "--shapes mixtral,qwen3,deepseek,gpt-oss --tokens 1,4,16,64" "${DECODE:-pieces}" ;;
+  ws-ab)
+    ws_tile() { echo "cuda.wgmma_ws=1;tile.block_m=$1;tile.block_n=$2;tile.block_k=64;tile.num_warps=$3;tile.num_stages=4"; }
+    [ -x .device/wsp/bench ] && RESULTS=$results/ws-ab run ws-ab bash tests/gpu/ab_rounds.sh \
+      "${ROUNDS:-2}" "--shapes ${WS_SHAPES:-qwen3,deepseek} --tokens 4096,16384" main= \
+      wsp@wsp="cuda.wgmma_ws=1" wsp64@wsp="$(ws_tile 64 128 4)" wsp256@wsp="$(ws_tile 128 256 8)" ;;
   ncu) run ncu bash tests/gpu/ncu_kernels.sh "$results/ncu_qwen3_m1024.csv" 40 'moe_' -- \
     .device/bench --shapes qwen3,lora --tokens 1024 --reps 1 ;;
   regs) run regs bash tests/gpu/kernel_regs.sh "$FUSEDMOE_CACHE_DIR" ;;
-  *) echo "unknown step $s (tests bench torch tune variant-tests lora-ab decode-ab ncu regs)" | tee -a "$summary" ;;
+  *) echo "unknown step $s (tests bench torch tune variant-tests lora-ab decode-ab ws-ab ncu regs)" | tee -a "$summary" ;;
   esac
 done
-for f in check/summary.txt bench.log torch.log tune.log lora-ab.log decode-ab.log ncu.log; do
+for f in check/summary.txt bench.log torch.log tune.log lora-ab.log decode-ab.log ws-ab.log ncu.log; do
   [ -f "$results/$f" ] && { echo "== $f"; tail -n 40 "$results/$f"; }
 done
 cat "$summary"
