@@ -138,27 +138,19 @@ __device__ __forceinline__ void fm_rows_put(FmRows& rows, const FmGemmParams& p,
 #endif
 }
 
-// Barriers for the row-table setup: the whole CTA, or (FmProducerSync) the producer
-// warpgroup of moe_gemm_wgmma_ws.cuh alone, while the tile's warpgroups run another tile.
-struct FmCtaSync {
-    __device__ __forceinline__ void operator()() const { __syncthreads(); }
-};
-
 #if FM_LORA_GROUPED
 // The row table with the rows grouped by their route's active slot: stable (align order
 // within a slot), rows without a slot and then padding last. `keys`: FM_BM ints of shared
-// memory that nothing else uses meanwhile. Threads [0, count) call it (`tid` the caller's
-// among them), with `sync` their barrier.
-template <class Sync>
+// memory that nothing uses before the main loop. Every thread of the CTA calls it.
 __device__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0, int* keys,
-                              const FmLoraExpand& lora, int tid, int count, Sync sync) {
-    for (int i = tid; i < FM_BM; i += count) {
+                              const FmLoraExpand& lora) {
+    for (int i = threadIdx.x; i < FM_BM; i += blockDim.x) {
         const int route = p.sorted_route_ids[slot0 + i];
         const int a = route < p.numel ? fm_lora_slot_of(lora, route) : -1;
         keys[i] = route >= p.numel ? FM_LORA_SLOTS + 1 : a < 0 ? FM_LORA_SLOTS : a;
     }
-    sync();
-    for (int i = tid; i < FM_BM; i += count) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < FM_BM; i += blockDim.x) {
         const int key = keys[i];
         int at = 0;  // rows before it: smaller keys, and equal keys earlier in the block
         for (int j = 0; j < FM_BM; ++j) {
@@ -168,20 +160,13 @@ __device__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0, in
         fm_rows_put(rows, p, slot0, i, at);
     }
 }
-#define FM_ROWS_SETUP_BY(rows, p, slot0, keys, tid, count, sync) \
-    fm_rows_setup(rows, p, slot0, keys, lora, tid, count, sync)
+#define FM_ROWS_SETUP(rows, p, slot0, keys) fm_rows_setup(rows, p, slot0, keys, lora)
 #else
-template <class Sync>
-__device__ __forceinline__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0,
-                                              int tid, int count, Sync) {
-    for (int i = tid; i < FM_BM; i += count) fm_rows_put(rows, p, slot0, i, i);
+__device__ __forceinline__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0) {
+    for (int i = threadIdx.x; i < FM_BM; i += FM_THREADS) fm_rows_put(rows, p, slot0, i, i);
 }
-#define FM_ROWS_SETUP_BY(rows, p, slot0, keys, tid, count, sync) \
-    fm_rows_setup(rows, p, slot0, tid, count, sync)
+#define FM_ROWS_SETUP(rows, p, slot0, keys) fm_rows_setup(rows, p, slot0)
 #endif
-// The whole CTA sets up the row table of its one tile.
-#define FM_ROWS_SETUP(rows, p, slot0, keys) \
-    FM_ROWS_SETUP_BY(rows, p, slot0, keys, (int)threadIdx.x, (int)blockDim.x, FmCtaSync())
 
 // This CTA's tile: its first slot, first column and expert. False for blocks past num_padded
 // (read on the device) and blocks of no expert, which exit at once.
@@ -193,22 +178,17 @@ struct FmBlock {
 // then the next n-tile, so a weight tile is read from DRAM once and found in L2 by the other
 // m-blocks of its expert; m-block-major order streamed a large expert's whole weight matrix
 // once per m-block (Mixtral's w13 is 235 MB per expert, L2 50 MB).
-__device__ __forceinline__ bool fm_block_at(const FmGemmParams& p, int tile, FmBlock& b) {
+__device__ __forceinline__ bool fm_block(const FmGemmParams& p, FmBlock& b) {
     const int per_group = p.group_m * p.n_tiles;
-    const int group = tile / per_group, first_m = group * p.group_m;
+    const int group = blockIdx.x / per_group, first_m = group * p.group_m;
     const int group_rows = min(p.m_blocks - first_m, p.group_m);
-    const int in_group = tile - group * per_group;
+    const int in_group = blockIdx.x - group * per_group;
     const int m_block = first_m + in_group % group_rows, n_tile = in_group / group_rows;
     b.slot0 = m_block * FM_BM;
     b.n0 = n_tile * FM_BN;
     if (b.slot0 >= *p.num_padded) return false;
     b.expert = p.block_expert[m_block];
     return b.expert >= 0;
-}
-
-// One tile per CTA (every main loop but the persistent one of moe_gemm_wgmma_ws.cuh).
-__device__ __forceinline__ bool fm_block(const FmGemmParams& p, FmBlock& b) {
-    return fm_block_at(p, blockIdx.x, b);
 }
 
 // The shared-memory tiles start after the row table, 128-byte aligned.

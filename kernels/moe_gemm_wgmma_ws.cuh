@@ -10,56 +10,40 @@
 // warpgroups (threads [0, FM_THREADS), laid out as in FM_WGMMA 1, so the epilogue is the same)
 // only wait, issue wgmma and release. setmaxnreg moves registers from the producer to them.
 //
-// Persistent: one wave of CTAs, each walking tiles (blockIdx.x, + gridDim.x, …). While the
-// tile's warpgroups run one tile's epilogue, the producer already fills the freed slots with
-// the next tile's first k-tiles, so a CTA's tensor cores wait for the loads only once, not
-// once per tile (ncu had the one-tile-per-CTA form idle through every prologue and
-// epilogue, at one CTA per SM; short k loops, DeepSeek's GEMM2 with 4 k-tiles, felt it most).
-//
 // Pipeline over FM_STAGES slots, two mbarriers per slot after the stages in shared memory:
 //   full[s]  (128 arrivals, the producer's threads): the k-tile in slot s has landed;
 //   empty[s] (FM_THREADS arrivals, every consumer thread): the wgmma that read slot s is done.
-// Number the CTA's k-tiles over all its tiles in order: j, in slot s = j % STAGES, use
-// u = j / STAGES (FmWsRing carries s and u's parity from tile to tile).
-// Producer, per k-tile j: wait empty[s] for use u − 1 (parity (u & 1) ^ 1, which passes at
-//   once while u = 0); issue the copies of j, commit a group; cp.async.wait_group<STAGES − 2>
-//   then says the k-tile STAGES − 2 before j in this tile has landed in this thread's part:
-//   fence.proxy.async (cp.async writes through the generic proxy, wgmma reads through the
-//   async one) and arrive on its full barrier. At the tile's end: wait_group<0>, the fence,
-//   and arrive for the tile's last min(k_tiles, STAGES − 2) k-tiles. Each k-tile's full
-//   barrier is arrived on exactly once per producer thread, in order.
-// Consumers, per k-tile j: wait full[s] (parity u & 1), issue the 4 k16 wgmmas of the slot,
-//   commit, wgmma.wait_group<1> (the wgmma of j − 1 is done, j's still running), then
-//   arrive on empty[slot of j − 1]; the tile's last k-tile is released after
-//   wgmma.wait_group<0>, before the epilogue. No __syncthreads after the barriers' setup.
-// Row tables: the producer sets up tile i's (FM_ROWS_SETUP_BY over its 128 threads, named
-//   barrier 1) in table i % 2, after waiting rows_free[i % 2] for the epilogue of tile i − 2;
-//   the consumers read it in their epilogue, after the full barriers the producer arrived on
-//   after writing it, and then arrive on rows_free.
+// Producer, per k-tile kt in slot s = kt % STAGES, use u = kt / STAGES:
+//   wait empty[s] for use u − 1 (parity (u & 1) ^ 1, which passes at once while u = 0);
+//   issue the copies of kt, commit a group; cp.async.wait_group<STAGES − 2> then says
+//   k-tile kt − (STAGES − 2) has landed in this thread's part: fence.proxy.async (cp.async
+//   writes through the generic proxy, wgmma reads through the async one) and arrive on its
+//   full barrier. After the loop: wait_group<0>, the fence, and arrive for the last
+//   min(k_tiles, STAGES − 2) k-tiles. Each k-tile's full barrier is arrived on exactly once
+//   per producer thread, in k order.
+// Consumers, per k-tile kt: wait full[s] (parity u & 1), issue the 4 k16 wgmmas of the slot,
+//   commit, wgmma.wait_group<1> (the wgmma of kt − 1 is done, kt's still running), then
+//   arrive on empty[slot of kt − 1]. No __syncthreads in the loop.
 //
 // Why it cannot deadlock (and why one parity bit suffices):
-// - fm_block_at decides from the tile index and device memory the kernel does not write, so
-//   both roles skip the same tiles. k_tiles is the same in every thread, so producer and
+// - A CTA that fm_block sends away leaves before the barriers are made, all its threads
+//   together (blockIdx alone decides). k_tiles is the same in every thread, so producer and
 //   consumers walk the same k-tiles; rows past n, slots without a route and k past kdim
 //   change only which copies zero-fill (cp.async src-size 0), never the control flow.
-// - The producer's wait at j needs the release of j − STAGES, which a consumer gives after
-//   it has waited for full(j − STAGES + 1) (or, for a tile's last k-tile, after its own
-//   full); the producer arrived on that in an earlier iteration or in the tail of an earlier
-//   tile (the tail waits for nothing). Its wait on rows_free before tile i needs the
-//   epilogue of tile i − 2, whose k-tiles it finished signalling before it started tile
-//   i − 1. So every wait is on an arrival made earlier in program order of the other role:
-//   no cycle.
+// - The producer's wait at kt needs the release of kt − STAGES, which a consumer gives after
+//   it has waited for full(kt − STAGES + 1); the producer arrived on that in its iteration
+//   kt − 1 (or, for the last ones, in its tail, which waits for nothing). So every wait is
+//   on an arrival made earlier in program order of the other role: no cycle. With
+//   k_tiles < STAGES − 1 the loop signals nothing and the tail signals every k-tile.
 // - A barrier is never more than one phase ahead of its waiter: full[s] cannot complete use
 //   u + 1 before every consumer released use u (the producer waits for that before loading
-//   u + 1), and empty[s] cannot complete use u before the producer loaded use u; rows_free
-//   likewise, one tile per table in turn. So the parity of the use names the phase
-//   unambiguously, and no thread arrives on a phase twice.
-// - The consumers release the last k-tiles, and the last tables, which the producer never
-//   waits for: those arrivals complete phases nobody waits on, harmless. The producer exits
-//   after its last tile's tail; the consumers use no CTA-wide barrier after the role split,
-//   so its exit stalls nothing.
-// - Consumer warpgroups run independently of each other; the empty and rows_free barriers
-//   count all of them, so a slot or a table is refilled only when the slowest is done.
+//   u + 1), and empty[s] cannot complete use u before the producer loaded use u. So the
+//   parity of the use names the phase unambiguously, and no thread arrives on a phase twice.
+// - The consumers release k-tiles the producer never waits for (the last STAGES − 1): those
+//   arrivals complete phases nobody waits on, harmless. The producer exits after its tail;
+//   the consumers use no CTA-wide barrier after the role split, so its exit stalls nothing.
+// - Consumer warpgroups run independently of each other; the empty barrier counts all of
+//   them, so a slot is refilled only when the slowest is done with it.
 
 static_assert(FM_STAGES >= 3, "the producer keeps STAGES - 2 groups in flight at least");
 
@@ -77,11 +61,6 @@ static_assert(FM_STAGES >= 3, "the producer keeps STAGES - 2 groups in flight at
     ((FM_WS_THREADS * FM_WS_ENTRY_REGS - FM_WS_PRODUCERS * FM_WS_PRODUCER_REGS) / FM_THREADS / 8 * 8)
 #define FM_WS_CONSUMER_REGS (FM_WS_CONSUMER_REGS_RAW > 240 ? 240 : FM_WS_CONSUMER_REGS_RAW)
 #define FM_WS_SETMAXNREG (FM_THREADS >= 256)
-// A tile of one consumer warpgroup with at most 128 columns (64 accumulators a thread) fits
-// two CTAs per SM in 128 registers a thread: then one CTA's epilogue runs beside the other's
-// wgmmas, which a single consumer warpgroup cannot do for itself. Not the LoRA GEMMs: their
-// expand spilled at 128 (CUDA 13.0 NVRTC, 280-328 bytes).
-#define FM_WS_MIN_CTAS (FM_THREADS == 128 && FM_WG_COLS <= 128 && !FM_LORA ? 2 : 1)
 #if FM_WS_SETMAXNREG
 static_assert(FM_WS_CONSUMER_REGS >= FM_WS_ENTRY_REGS && FM_WS_PRODUCER_REGS <= FM_WS_ENTRY_REGS,
               "setmaxnreg: consumers grow, the producer shrinks");
@@ -122,148 +101,104 @@ __device__ __forceinline__ void fm_mbar_wait(unsigned bar, unsigned parity) {
     } while (!done);
 }
 
-// Where a CTA's walk over the stage ring stands: the next k-tile's slot and the parity of
-// its use of that slot. It carries over from one tile to the next, so every slot's barriers
-// see one arrival round per use, whichever tile the use belongs to.
-struct FmWsRing {
-    int slot = 0;
-    unsigned use = 0;
-    __device__ __forceinline__ void advance() {
-        if (++slot == FM_STAGES) {
-            slot = 0;
-            use ^= 1u;
-        }
-    }
-};
-
-// The producer warpgroup's copies of one tile (`tid` in [0, 128)), and its full barriers:
-// every k-tile's arrival is made before it returns.
+// The producer warpgroup (`tid` in [0, 128)): every stage load, and the full barriers.
 __device__ __forceinline__ void fm_ws_produce(const FmRows& rows, const FmGemmParams& p,
                                               const FmBlock& b, const fm_t* w_expert,
                                               unsigned tiles0, unsigned full0, unsigned empty0,
-                                              int k_tiles, int tid, FmWsRing& ring) {
+                                              int k_tiles, int tid) {
     FmWgLoader<FM_WS_PRODUCERS> loader(rows, p, w_expert, b.n0, tid);
-    FmWsRing ready = ring;  // the next k-tile whose full barrier this thread arrives on
+    int s = 0;           // kt's slot
+    unsigned use = 0;    // kt's use of the slot, parity
+    int ready = 0;       // the next k-tile whose full barrier this thread arrives on
+    int ready_slot = 0;  // its slot
     for (int kt = 0; kt < k_tiles; ++kt) {
-        // the slot's previous k-tile is consumed (passes at once on a slot's first use)
-        fm_mbar_wait(empty0 + 8 * ring.slot, ring.use ^ 1u);
-        loader.load_next(tiles0 + ring.slot * FM_STAGE_BYTES, p);
+        fm_mbar_wait(empty0 + 8 * s, use ^ 1u);  // the slot's previous k-tile is consumed
+        loader.load_next(tiles0 + s * FM_STAGE_BYTES, p);
         fm_cp_async_commit();
         if (kt >= FM_STAGES - 2) {  // k-tile kt - (STAGES - 2) has landed
             fm_cp_async_wait<FM_STAGES - 2>();
             fm_fence_proxy_async();
-            fm_mbar_arrive(full0 + 8 * ready.slot);
-            ready.advance();
+            fm_mbar_arrive(full0 + 8 * ready_slot);
+            ++ready;
+            if (++ready_slot == FM_STAGES) ready_slot = 0;
         }
-        ring.advance();
+        if (++s == FM_STAGES) {
+            s = 0;
+            use ^= 1u;
+        }
     }
     fm_cp_async_wait<0>();
     fm_fence_proxy_async();
-    while (ready.slot != ring.slot || ready.use != ring.use) {
-        fm_mbar_arrive(full0 + 8 * ready.slot);
-        ready.advance();
+    for (; ready < k_tiles; ++ready) {
+        fm_mbar_arrive(full0 + 8 * ready_slot);
+        if (++ready_slot == FM_STAGES) ready_slot = 0;
     }
 }
 
-// The tile's warpgroups on one tile: wait for each k-tile, multiply, release its slot (the
-// last one too, before the epilogue, so the producer fills it with the next tile's meanwhile).
-__device__ __forceinline__ void fm_ws_consume(float (&acc)[FM_WG_COLS / 2], unsigned tiles0,
-                                              unsigned full0, unsigned empty0, int k_tiles,
-                                              const FmWarpgroup& g, FmWsRing& ring) {
-#pragma unroll
-    for (int q = 0; q < FM_WG_COLS / 2; ++q) acc[q] = 0.0f;
-    int prev = 0;  // kt - 1's slot
-    for (int kt = 0; kt < k_tiles; ++kt) {
-        fm_mbar_wait(full0 + 8 * ring.slot, ring.use);  // k-tile kt is in shared memory
-        fm_wg_mma_ktile(acc, tiles0 + ring.slot * FM_STAGE_BYTES, g);
-        if (kt > 0) fm_mbar_arrive(empty0 + 8 * prev);  // kt - 1's wgmma is done
-        prev = ring.slot;
-        ring.advance();
-    }
-    fm_wg_wait<0>();
-#pragma unroll
-    for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
-    fm_mbar_arrive(empty0 + 8 * prev);
-}
-
-// The producer's own barrier (named barrier 1; __syncthreads is barrier 0).
-struct FmProducerSync {
-    __device__ __forceinline__ void operator()() const {
-        asm volatile("bar.sync 1, %0;\n" ::"n"(FM_WS_PRODUCERS) : "memory");
-    }
-};
-
-// Persistent: the grid is at most one wave (src/backend/cuda/kernels.rs), and CTA c takes
-// tiles c, c + gridDim.x, … of the one-tile-per-CTA numbering, so a wave still walks the
-// GROUP_M order together. Tiles fm_block_at rejects are skipped by every thread alike.
-extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, FM_WS_MIN_CTAS)
+extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
     moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
     fm_pdl_wait();  // (tile.pdl) the stage before this one
     fm_pdl_launch_dependents();
+    FmBlock b;
+    if (!fm_block(p, b)) return;  // the whole CTA, before any barrier exists
+    const int slot0 = b.slot0, expert = b.expert;
 
-    // Shared memory: two row tables (tile i uses table i % 2, so the producer sets up the
-    // next tile's while the epilogue reads this one's), FM_BM ints of keys for the LoRA row
-    // grouping, then from the first 1024-byte boundary the stages (the launch asks for 1024
-    // bytes of slack), and after them the barriers: full[STAGES], empty[STAGES], and
-    // rows_free[2] (the tile's warpgroups are done with a row table: FM_THREADS arrivals).
     extern __shared__ __align__(16) unsigned char fm_smem[];
-    FmRows* tables = (FmRows*)fm_smem;
-    int* keys = (int*)(fm_smem + 2 * sizeof(FmRows));
+    FmRows& rows = *(FmRows*)fm_smem;
+    // The stages start at the first 1024-byte boundary past the row table (the launch asks
+    // for 1024 bytes of slack), the barriers right after them: full[STAGES], empty[STAGES].
     const unsigned smem0 = (unsigned)__cvta_generic_to_shared(fm_smem);
-    const unsigned tiles0 =
-        (smem0 + 2u * (unsigned)sizeof(FmRows) + FM_BM * 4u + 1023u) & ~1023u;
+    const unsigned tiles0 = (smem0 + (unsigned)sizeof(FmRows) + 1023u) & ~1023u;
     const unsigned full0 = tiles0 + FM_STAGES * FM_STAGE_BYTES;
     const unsigned empty0 = full0 + FM_STAGES * 8;
-    const unsigned rows_free0 = empty0 + FM_STAGES * 8;
-    (void)keys;
+    // threads past FM_BM (the producer's among them) skip; the stages hold nothing yet, so
+    // the LoRA row grouping's keys may sit there
+    FM_ROWS_SETUP(rows, p, slot0, (int*)(fm_smem + (tiles0 - smem0)));
     if (threadIdx.x == 0) {
         for (int s = 0; s < FM_STAGES; ++s) {
             fm_mbar_init(full0 + 8 * s, FM_WS_PRODUCERS);
             fm_mbar_init(empty0 + 8 * s, FM_THREADS);
         }
-        for (int t = 0; t < 2; ++t) fm_mbar_init(rows_free0 + 8 * t, FM_THREADS);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();  // the barriers, for every thread
+    __syncthreads();  // the row table and the barriers, for every thread
 
-    const int tiles = p.m_blocks * p.n_tiles;
+    const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)expert * p.n * p.kdim;
     const int k_tiles = (p.kdim + FM_BK - 1) / FM_BK;
-    FmWsRing ring;
-    int it = 0;  // this CTA's tiles so far: the row table and its use
     if (threadIdx.x >= FM_THREADS) {
         // ------------------------------------------------ producer warpgroup
 #if FM_WS_SETMAXNREG
         fm_setmaxnreg_dec<FM_WS_PRODUCER_REGS>();
 #endif
-        const int tid = threadIdx.x - FM_THREADS;
-        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            FmBlock b;
-            if (!fm_block_at(p, tile, b)) continue;
-            FmRows& rows = tables[it & 1];
-            // the epilogue of this table's tile before (two tiles ago) has read it
-            fm_mbar_wait(rows_free0 + 8 * (it & 1), ((it >> 1) & 1) ^ 1u);
-            FM_ROWS_SETUP_BY(rows, p, b.slot0, keys, tid, FM_WS_PRODUCERS, FmProducerSync());
-            FmProducerSync()();  // every row, for every producer thread's loader
-            // (the tile's warpgroups read the table after full barriers this thread arrives
-            // on after it: those arrivals release it)
-            const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)b.expert * p.n * p.kdim;
-            fm_ws_produce(rows, p, b, w_expert, tiles0, full0, empty0, k_tiles, tid, ring);
-            ++it;
-        }
+        fm_ws_produce(rows, p, b, w_expert, tiles0, full0, empty0, k_tiles,
+                      threadIdx.x - FM_THREADS);
     } else {
         // ------------------------------------------------ consumer warpgroups
 #if FM_WS_SETMAXNREG
         fm_setmaxnreg_inc<FM_WS_CONSUMER_REGS>();
 #endif
         const FmWarpgroup g;
+
         float acc[FM_WG_COLS / 2];
-        for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-            FmBlock b;
-            if (!fm_block_at(p, tile, b)) continue;
-            fm_ws_consume(acc, tiles0, full0, empty0, k_tiles, g, ring);
-            fm_wg_epilogue(tables[it & 1], p, b, g, acc FM_LORA_PASS);
-            fm_mbar_arrive(rows_free0 + 8 * (it & 1));
-            ++it;
+#pragma unroll
+        for (int q = 0; q < FM_WG_COLS / 2; ++q) acc[q] = 0.0f;
+
+        int s = 0, prev = FM_STAGES - 1;  // kt's slot, kt - 1's
+        unsigned use = 0;                 // kt's use of the slot, parity
+        for (int kt = 0; kt < k_tiles; ++kt) {
+            fm_mbar_wait(full0 + 8 * s, use);  // k-tile kt is in shared memory
+            fm_wg_mma_ktile(acc, tiles0 + s * FM_STAGE_BYTES, g);
+            if (kt > 0) fm_mbar_arrive(empty0 + 8 * prev);  // its slot may be refilled
+            prev = s;
+            if (++s == FM_STAGES) {
+                s = 0;
+                use ^= 1u;
+            }
         }
+        fm_wg_wait<0>();
+#pragma unroll
+        for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
+
+        fm_wg_epilogue(rows, p, b, g, acc FM_LORA_PASS);
     }
 }

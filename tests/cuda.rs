@@ -377,35 +377,6 @@ fn wgmma_ws_tiles_match_the_cpu() {
     );
 }
 
-/// The warp-specialised GEMMs are persistent: each CTA walks tiles, carrying its slot ring and
-/// alternating two row tables from one tile to the next. Held to 1, 3 and 7 CTAs
-/// (cuda.wgmma_ws_ctas), every CTA takes many tiles: both tables, each slot's barrier phases
-/// over many uses, tiles past the padded rows skipped between live ones (GROUP_M 4's last
-/// group mixes them), one-k-tile and k-tail loops (I 64, H 200) handing over to the next
-/// tile's, and an epilogue reading one table while the producer fills the other.
-#[test]
-fn wgmma_ws_persistent_ctas_walk_many_tiles() {
-    let Some(ctx) = gpu("wgmma_ws_persistent_ctas_walk_many_tiles") else {
-        return;
-    };
-    let mut cases = Vec::new();
-    for (n, ctas) in [1, 3, 7].into_iter().enumerate() {
-        let mut extra = vec![("cuda.wgmma_ws", 1), ("cuda.wgmma_ws_ctas", ctas)];
-        if n == 2 {
-            extra.push(("tile.group_m", 4));
-        }
-        for c in wgmma_tile_cases(&extra) {
-            let seed = c.seed + 100 * (n as u64 + 1);
-            cases.push(Case { seed, ..c });
-        }
-    }
-    run_cases(
-        "wgmma_ws persistent",
-        &ctx,
-        &select(cases, |c| c.tokens != 700 && c.options[1].1 != "64"),
-    );
-}
-
 /// The cases of the wgmma tests, with `extra` options after the tile's.
 fn wgmma_tile_cases(extra: &[(&str, u32)]) -> Vec<Case> {
     // (BLOCK_M, BLOCK_N, warps, stages)

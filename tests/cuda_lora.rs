@@ -355,52 +355,6 @@ fn split_k_gemms_match_the_cpu() {
     run_lora_cases("split-K", &ctx, cases);
 }
 
-/// The warp-specialised wgmma GEMMs (cuda.wgmma_ws, sm_90a): their producer warpgroup
-/// groups each tile's rows by adapter slot while the tile's warpgroups run the one before,
-/// in two row tables by turns. Held to 2 CTAs (cuda.wgmma_ws_ctas) each walks many tiles, so
-/// both tables and the keys between them are reused; tiles of 64 and 128 rows, 64 to 256
-/// columns per warpgroup; segments and per-token maps.
-#[test]
-fn warp_specialised_gemms_match_the_cpu() {
-    let Some(ctx) = gpu("warp_specialised_gemms_match_the_cpu") else {
-        return;
-    };
-    if !has_clusters(&ctx) {
-        println!("SKIPPED: the warp-specialised wgmma loop needs sm_90a");
-        return;
-    }
-    // (BLOCK_M, BLOCK_N, warps, stages, CTAs)
-    let tiles = [(64, 64, 4, 3, 2), (128, 128, 8, 4, 2), (64, 256, 4, 3, 0)];
-    let mut cases = Vec::new();
-    for (n, (bm, bn, warps, stages, ctas)) in tiles.into_iter().enumerate() {
-        let mut options = vec![
-            ("tile.block_m", bm),
-            ("tile.block_n", bn),
-            ("tile.block_k", 64),
-            ("tile.num_warps", warps),
-            ("tile.num_stages", stages),
-            ("cuda.wgmma_ws", 1),
-        ];
-        if ctas > 0 {
-            options.push(("cuda.wgmma_ws_ctas", ctas));
-        }
-        let base = Case {
-            tokens: [300, 512, 37][n],
-            experts: 8,
-            top_k: 2,
-            hidden: 256,
-            inter: 136,
-            b13: n == 1,
-            layout: [MOE_GATE_UP_HALVES, MOE_GATE_UP_INTERLEAVED][n % 2],
-            drop: 0.05,
-            options: number_options(&options),
-            ..base([Dt::Bf16, Dt::F16][n % 2], 1500 + n as u64)
-        };
-        cases.push(lora_case(base, 16, four_slots_cleared(16), n == 1));
-    }
-    run_lora_cases("warp-specialised", &ctx, cases);
-}
-
 /// The flags that move the router weight or a rounding point: on-input, no_combine (with and
 /// without the router weight), inplace, rsf; with biases and dropped routes.
 #[test]

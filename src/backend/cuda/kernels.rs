@@ -19,41 +19,14 @@ use std::sync::Arc;
 pub(super) struct Loaded {
     f: CudaFunction,
     v: Variant,
-    /// The most CTAs a launch takes: a persistent kernel's one wave (every SM times the
-    /// CTAs one holds), else unbounded.
-    max_ctas: usize,
 }
 
 impl Loaded {
     pub(super) fn new(dev: &DeviceState, v: Variant) -> Result<Loaded> {
-        let f = dev.function(&v)?;
-        let max_ctas = if v.persistent() {
-            let per_sm = f
-                .occupancy_max_active_blocks_per_multiprocessor(v.threads, v.shared_bytes, None)
-                .map_err(|e| driver_error(&format!("kernel {}: occupancy", v.name), e))?;
-            if per_sm == 0 {
-                return Err(unsupported!(
-                    "kernel {}: {} threads with {} bytes of shared memory do not fit one SM of {}",
-                    v.name,
-                    v.threads,
-                    v.shared_bytes,
-                    dev.name
-                ));
-            }
-            per_sm as usize * dev.traits.sm_count as usize
-        } else {
-            usize::MAX
-        };
-        Ok(Loaded { f, v, max_ctas })
-    }
-
-    /// A persistent kernel held to at most `ctas` CTAs (option cuda.wgmma_ws_ctas; 0 keeps
-    /// the full wave).
-    fn with_max_ctas(mut self, ctas: usize) -> Loaded {
-        if self.v.persistent() && ctas > 0 {
-            self.max_ctas = self.max_ctas.min(ctas);
-        }
-        self
+        Ok(Loaded {
+            f: dev.function(&v)?,
+            v,
+        })
     }
 
     /// A row kernel (variant::ROW_THREADS): a block per row and per chunk of `cols` columns.
@@ -96,7 +69,6 @@ impl Loaded {
         if x == 0 || y == 0 {
             return Ok(());
         }
-        let x = x.min(self.max_ctas); // a persistent kernel's CTAs walk the rest
         let grid_x = u32::try_from(x)
             .ok()
             .filter(|&b| b < i32::MAX as u32)
@@ -320,7 +292,7 @@ impl KernelSet {
         v: &Validated,
         tile: TileConfig,
         (gemm1_vec8, gemm2_vec8): (bool, bool),
-        (hopper, wgmma_ws, ws_ctas): (bool, bool, usize),
+        (hopper, wgmma_ws): (bool, bool),
         with_lora: bool,
         fuse_act: bool,
     ) -> Result<KernelSet> {
@@ -348,8 +320,7 @@ impl KernelSet {
             gemm1: Loaded::new(
                 dev,
                 variant::gemm(v.dtype, 1, tile, path(gemm1_vec8, fused))?,
-            )?
-            .with_max_ctas(ws_ctas),
+            )?,
             act: match fused {
                 Some(_) => None,
                 None => Some(Loaded::new(
@@ -360,8 +331,7 @@ impl KernelSet {
             gemm2: Loaded::new(
                 dev,
                 variant::gemm(v.dtype, 2, tile, path(gemm2_vec8, None))?,
-            )?
-            .with_max_ctas(ws_ctas),
+            )?,
             finish: Loaded::new(dev, variant::combine(v.dtype, finish))?,
             lora: match with_lora {
                 true => Some(lora::Kernels::load(dev, v.dtype)?),

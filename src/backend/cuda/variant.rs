@@ -269,12 +269,9 @@ fn main_loop(
             // the row table, 1024 bytes to align the first stage, the swizzled stages
             let shared_bytes = rows_bytes + 1024 + stages as usize * (bm + bn) as usize * 128;
             if path.wgmma_ws {
-                // persistent: a second row table and the LoRA grouping's keys (FM_BM ints,
-                // which cannot sit in the stages there) before the stages; after them a full
-                // and an empty mbarrier (8 bytes each) per stage and two rows_free ones
-                let tables = rows_bytes + bm as usize * 4;
-                let barriers = (2 * stages as usize + 2) * 8;
-                return Ok((layout, MainLoop::WgmmaWs, shared_bytes + tables + barriers));
+                // and a full and an empty mbarrier (8 bytes each) per stage after them
+                let barriers = 2 * stages as usize * 8;
+                return Ok((layout, MainLoop::WgmmaWs, shared_bytes + barriers));
             }
             return Ok((layout, MainLoop::Wgmma, shared_bytes));
         }
@@ -413,12 +410,6 @@ pub fn wgmma_layout(bm: u32, bn: u32, bk: u32, warps: u32, stages: u32) -> Optio
 }
 
 impl Variant {
-    /// Whether the kernel walks tiles itself (the warp-specialised wgmma GEMMs): its grid
-    /// is at most the CTAs the GPU holds at once, not one CTA per tile.
-    pub fn persistent(&self) -> bool {
-        self.defines.iter().any(|&(k, v)| k == "FM_WGMMA" && v == 2)
-    }
-
     /// Whether this variant compiles for sm_90a only (a wgmma main loop, or a split-K
     /// GEMM's cluster).
     #[cfg(test)]
@@ -843,7 +834,7 @@ mod tests {
     }
 
     #[test]
-    fn a_wgmma_ws_variant_adds_a_producer_warpgroup_its_barriers_and_row_tables() {
+    fn a_wgmma_ws_variant_adds_a_producer_warpgroup_and_its_barriers() {
         let tile = TileConfig {
             block_m: 128,
             block_n: 256,
@@ -872,13 +863,7 @@ mod tests {
         );
         assert!(ws.defines.contains(&("FM_WGMMA", 2)));
         assert_eq!((plain.threads, ws.threads), (256, 384));
-        assert!(ws.persistent() && !plain.persistent());
-        // a second row table (128 rows of 12 bytes, 1536) and 128 keys; a full and an empty
-        // barrier per stage, two rows_free ones
-        assert_eq!(
-            ws.shared_bytes,
-            plain.shared_bytes + 1536 + 128 * 4 + (2 * 4 + 2) * 8
-        );
+        assert_eq!(ws.shared_bytes, plain.shared_bytes + 2 * 4 * 8);
         // without sm_90a, or for a tile of another shape, the option changes nothing
         let k32 = TileConfig {
             block_k: 32,
