@@ -6,24 +6,26 @@
 #   bash tests/gpu/pack.sh                                   # the baseline, once
 #   bash tests/gpu/pack_revs.sh "TEST ..." NAME=REV ...      e.g. "cuda_lora" bsm=8c4dbbb
 #
-# For each NAME=REV: kernels/ and src/ as at REV (the rest as now), then
-# tests/gpu/pack_variant.sh NAME TEST... (.device/NAME/bench and the tests). kernels/ and
-# src/ are restored to HEAD at the end, also when a build fails.
+# For each NAME=REV: kernels/, src/ and tests/ but tests/gpu/ (these scripts, running) as
+# at REV (a change's own tests come with it; the rest as now), then
+# tests/gpu/pack_variant.sh NAME TEST... (.device/NAME/bench and the tests). They are
+# restored to HEAD at the end, also when a build fails.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+paths=(kernels src tests ':!tests/gpu')
 [ $# -ge 2 ] || { sed -n 2,12p "$0"; exit 2; }
 read -ra tests <<<"$1"
 shift
-if [ -n "$(git status --porcelain -- kernels src)" ]; then
-  echo "error: kernels/ or src/ has uncommitted changes; commit or stash them first" >&2
+if [ -n "$(git status --porcelain -- "${paths[@]}")" ]; then
+  echo "error: kernels/, src/ or tests/ has uncommitted changes; commit or stash them first" >&2
   exit 1
 fi
-restore() { git restore --source=HEAD --staged --worktree -- kernels src && git clean -fdq -- kernels src; }
+restore() { git restore --source=HEAD --staged --worktree -- "${paths[@]}" && git clean -fdq -- "${paths[@]}"; }
 trap restore EXIT
 for spec in "$@"; do
   name=${spec%%=*} rev=${spec#*=}
   restore  # files an earlier REV had and HEAD has not go too
-  git restore --source="$rev" --worktree -- kernels src
-  echo "== $name: kernels/ and src/ of $(git log --oneline -1 "$rev")"
+  git restore --source="$rev" --worktree -- "${paths[@]}"
+  echo "== $name: kernels/, src/ and tests/ of $(git log --oneline -1 "$rev")"
   bash tests/gpu/pack_variant.sh "$name" ${tests[@]+"${tests[@]}"}
 done
