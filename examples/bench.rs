@@ -251,6 +251,7 @@ fn tile_json(t: &moe_tile_config) -> Value {
         "group_m": t.group_m, "num_warps": t.num_warps, "num_stages": t.num_stages,
         "split_k": split_k, "split_k_down": split_k_down,
         "pdl": format!("{:?}", fusedmoe::tiles::TileConfig::from(*t).pdl()),
+        "wgmma_ws": fusedmoe::tiles::TileConfig::from(*t).wgmma_ws(),
     })
 }
 
@@ -260,11 +261,15 @@ fn split_k(t: &moe_tile_config) -> (u32, u32) {
     (c.split_k(1), c.split_k(2))
 }
 
-/// "16×64×128", with " split-K 4/1" (GEMM1/GEMM2) where a GEMM splits and " PDL" (" PDL
-/// early": GEMM2 let in at GEMM1's start) where the config launches its kernels as
-/// programmatic dependents.
+/// "16×64×128", with " WS" where wgmma tiles take the warp-specialised loop, " split-K 4/1"
+/// (GEMM1/GEMM2) where a GEMM splits and " PDL" (" PDL early": GEMM2 let in at GEMM1's
+/// start) where the config launches its kernels as programmatic dependents.
 fn tile_label(t: &moe_tile_config) -> String {
     let dims = format!("{}×{}×{}", t.block_m, t.block_n, t.block_k);
+    let dims = match fusedmoe::tiles::TileConfig::from(*t).wgmma_ws() {
+        true => format!("{dims} WS"),
+        false => dims,
+    };
     let dims = match split_k(t) {
         (1, 1) => dims,
         (g1, g2) => format!("{dims} split-K {g1}/{g2}"),

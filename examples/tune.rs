@@ -19,7 +19,8 @@
 //!    GROUP_M is the default rule's for that M (the CUDA kernels do not read it today).
 //!    On a GPU with thread-block clusters (compute capability 9.0), for M ≤ 64, every
 //!    candidate of BLOCK_M ≤ 32 is also tried with split-K 2 and 4 on GEMM1, and on GEMM2
-//!    (table keys SPLIT_K, SPLIT_K_DOWN), one GEMM at a time.
+//!    (table keys SPLIT_K, SPLIT_K_DOWN), one GEMM at a time; for M > 256, every candidate
+//!    of wgmma's shape is also tried on the persistent warp-specialised loop (table key WS).
 //! 2. The kernels of every candidate are compiled first, on --threads threads (a small layer
 //!    per config and moe_warmup; FUSEDMOE_CACHE_DIR keeps them for the next run). Configs the
 //!    backend refuses (warp layout, shared memory: MOE_ERR_UNSUPPORTED) are dropped, reasons
@@ -162,6 +163,10 @@ fn tile_str(c: &TileConfig) -> String {
         (1, 1) => dims,
         (g1, g2) => format!("{dims} split-K {g1}/{g2}"),
     };
+    let dims = match c.wgmma_ws() {
+        true => format!("{dims} WS"),
+        false => dims,
+    };
     match c.pdl() {
         Pdl::Off => dims,
         p => format!("{dims} PDL {}", p.key()),
@@ -177,10 +182,13 @@ fn tile_json(c: &TileConfig) -> Value {
     if c.pdl() != Pdl::Off {
         v["PDL"] = json!(c.pdl().key());
     }
+    if c.wgmma_ws() {
+        v["WS"] = json!(1);
+    }
     v
 }
 
-/// The nine `tile.*` options that pin a layer to `c` at every M.
+/// The nine `tile.*` options and `cuda.wgmma_ws` that pin a layer to `c` at every M.
 fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
     vec![
         ("tile.block_m", c.block_m.to_string()),
@@ -191,8 +199,9 @@ fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
         ("tile.num_stages", c.num_stages.to_string()),
         ("tile.split_k", c.split_k(1).to_string()),
         ("tile.split_k_down", c.split_k(2).to_string()),
-        // the launch order too, else the nearest shipped entry's PDL would decide it
+        // the launch order and the loop too, else the nearest shipped entry's would decide
         ("tile.pdl", c.pdl().key().to_string()),
+        ("cuda.wgmma_ws", (c.wgmma_ws() as u32).to_string()),
     ]
 }
 
@@ -260,6 +269,17 @@ fn candidates(m: &Model, tokens: usize, quick: bool, split_k: bool) -> Vec<TileC
             }
         }
     }
+    // On sm_90 every wgmma tile of a prefill point is also tried on the persistent
+    // warp-specialised loop (table key WS): whether it wins depends on the tile (one CTA per
+    // SM, two for one warpgroup of at most 128 columns) and on the k loop's length
+    if split_k && tokens > GRAPH_MAX_TOKENS {
+        let ws: Vec<TileConfig> = out
+            .iter()
+            .filter(|c| wgmma_shaped(c))
+            .map(|c| c.with_wgmma_ws(true))
+            .collect();
+        out.extend(ws);
+    }
     if split_k && tokens <= SPLIT_MAX_TOKENS {
         let thin: Vec<TileConfig> = out
             .iter()
@@ -273,6 +293,16 @@ fn candidates(m: &Model, tokens: usize, quick: bool, split_k: bool) -> Vec<TileC
         }
     }
     out
+}
+
+/// Whether the CUDA backend runs `c` on the wgmma loop on sm_90a (its variant.rs rule: BLOCK_K
+/// 64, a warpgroup per 64 rows, each warpgroup 64, 128 or 256 columns, 3 stages or more).
+fn wgmma_shaped(c: &TileConfig) -> bool {
+    let (groups, groups_m) = (c.num_warps / 4, c.block_m / 64);
+    if c.block_k != 64 || c.block_m % 64 != 0 || c.num_warps % 4 != 0 || c.num_stages < 3 {
+        return false;
+    }
+    groups % groups_m == 0 && matches!(c.block_n / (groups / groups_m), 64 | 128 | 256)
 }
 
 // ---------------------------------------------------------------- estimates

@@ -135,7 +135,7 @@ const KEYS: &[Key] = &[
             pow2: false,
         },
         device: Some(DeviceKind::Cuda),
-        doc: "1: GEMM tiles that take wgmma (cuda.wgmma) use its warp-specialised main loop, a producer warpgroup issuing the loads beside the tile's warpgroups, over a persistent grid (refused where the wgmma loop does not run); 0 (default): every warp loads and multiplies",
+        doc: "1: GEMM tiles that take wgmma (cuda.wgmma) use its warp-specialised main loop, a producer warpgroup issuing the loads beside the tile's warpgroups, over a persistent grid (refused where the wgmma loop does not run); 0: every warp loads and multiplies; default: the tile table entry's WS, else 0",
     },
     Key {
         name: "cuda.wgmma_ws_ctas",
@@ -145,7 +145,7 @@ const KEYS: &[Key] = &[
             pow2: false,
         },
         device: Some(DeviceKind::Cuda),
-        doc: "with cuda.wgmma_ws 1: the most CTAs its persistent GEMMs launch, each walking tiles (0, the default: one wave, as many as the GPU holds at once); refused without cuda.wgmma_ws",
+        doc: "the most CTAs the warp-specialised loop's persistent GEMMs launch, each walking tiles (0, the default: one wave, as many as the GPU holds at once)",
     },
     Key {
         name: "cuda.fuse_act",

@@ -16,7 +16,9 @@
 //! `SPLIT_K_DOWN` (1–8, default 1: CTAs sharing a GEMM1 / GEMM2 tile's k loop) and `PDL`
 //! (default 0: in order; 1: the batch's kernels launch as programmatic dependents on sm_90,
 //! GEMM2 let in once GEMM1's CTAs are past their k loops; 2: the same, GEMM2 let in at
-//! GEMM1's start; option tile.pdl overrides it).
+//! GEMM1's start; option tile.pdl overrides it) and `WS` (default 0; 1: on sm_90a, GEMM
+//! tiles of wgmma's shape take the persistent warp-specialised main loop; option
+//! cuda.wgmma_ws overrides it).
 
 use crate::dtype::DType;
 use crate::error::{invalid, Result};
@@ -34,7 +36,8 @@ pub struct TileConfig {
     pub group_m: u32,
     pub num_warps: u32,
     pub num_stages: u32,
-    /// Variant flags: bits 0–3 GEMM1's split-K, bits 4–7 GEMM2's (`split_k`); the rest 0.
+    /// Variant flags: bits 0–3 GEMM1's split-K, bits 4–7 GEMM2's (`split_k`), bits 8–9 the
+    /// launch mode (`pdl`), bit 10 the warp-specialised loop (`wgmma_ws`); the rest 0.
     pub flags: u32,
 }
 
@@ -106,6 +109,24 @@ impl TileConfig {
         };
         TileConfig {
             flags: (self.flags & !(PDL_FLAG | PDL_EARLY_FLAG)) | bits,
+            ..self
+        }
+    }
+}
+
+/// Bit 10: wgmma tiles take the warp-specialised main loop.
+const WS_FLAG: u32 = 1 << 10;
+
+impl TileConfig {
+    /// Whether GEMM tiles of wgmma's shape take the persistent warp-specialised main loop
+    /// (where the wgmma loop runs at all: sm_90a).
+    pub fn wgmma_ws(&self) -> bool {
+        self.flags & WS_FLAG != 0
+    }
+
+    pub fn with_wgmma_ws(self, on: bool) -> TileConfig {
+        TileConfig {
+            flags: (self.flags & !WS_FLAG) | if on { WS_FLAG } else { 0 },
             ..self
         }
     }
@@ -203,6 +224,10 @@ fn parse_config(obj: &Value, at: &str) -> Result<TileConfig> {
     .with_pdl(match obj.get("PDL") {
         None => Pdl::Off,
         Some(_) => Pdl::from_key(field_u32(obj, "PDL", at, 0, 2, false)?),
+    })
+    .with_wgmma_ws(match obj.get("WS") {
+        None => false,
+        Some(_) => field_u32(obj, "WS", at, 0, 1, false)? == 1,
     }))
 }
 
@@ -375,6 +400,7 @@ struct Override {
     split_k: Option<u32>,
     split_k_down: Option<u32>,
     pdl: Option<u32>,
+    wgmma_ws: Option<u32>,
 }
 
 impl Override {
@@ -390,6 +416,7 @@ impl Override {
             split_k: get("tile.split_k"),
             split_k_down: get("tile.split_k_down"),
             pdl: get("tile.pdl"),
+            wgmma_ws: get("cuda.wgmma_ws"),
         }
     }
 
@@ -406,6 +433,7 @@ impl Override {
         .with_split_k(1, self.split_k.unwrap_or(c.split_k(1)))
         .with_split_k(2, self.split_k_down.unwrap_or(c.split_k(2)))
         .with_pdl(self.pdl.map_or(c.pdl(), Pdl::from_key))
+        .with_wgmma_ws(self.wgmma_ws.map_or(c.wgmma_ws(), |v| v == 1))
     }
 }
 
@@ -722,6 +750,35 @@ mod tests {
             .with_split_k(1, 2);
         let applied = Override::from_options(&o).apply(entry);
         assert_eq!((applied.pdl(), applied.split_k(1)), (Pdl::Off, 2));
+    }
+
+    #[test]
+    fn ws_comes_from_the_table_entry_in_bit_10_and_option_cuda_wgmma_ws_wins() {
+        let with_ws = ONE.replace(
+            "\"num_stages\": 4}",
+            "\"num_stages\": 4, \"PDL\": 1, \"WS\": 1}",
+        );
+        let t = &parse_tables(&with_ws, "t").unwrap()[0];
+        let c = t.lookup(1);
+        assert!(c.wgmma_ws() && c.pdl() == Pdl::AfterGemm1Loop);
+        assert_eq!(c.flags, 0x500);
+        assert!(!t.lookup(64).wgmma_ws());
+        let off = with_ws.replace("\"WS\": 1", "\"WS\": 0");
+        assert!(!parse_tables(&off, "t").unwrap()[0].lookup(1).wgmma_ws());
+        let e = parse_tables(&with_ws.replace("\"WS\": 1", "\"WS\": 2"), "f").unwrap_err();
+        assert!(e.message.contains("\"WS\" = 2"), "{}", e.message);
+        assert_eq!(c.with_wgmma_ws(false).flags, 0x100);
+
+        let mut o = Options::default();
+        o.set("cuda.wgmma_ws", "0").unwrap();
+        assert!(!Override::from_options(&o).apply(c).wgmma_ws());
+        o.set("cuda.wgmma_ws", "1").unwrap();
+        let plain = default_config(1, 8);
+        assert!(Override::from_options(&o).apply(plain).wgmma_ws());
+        // without the option the entry decides
+        assert!(Override::from_options(&Options::default())
+            .apply(c)
+            .wgmma_ws());
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod tile_table;
 use common::*;
 use fusedmoe::dtype::DType;
 use fusedmoe::ffi::*;
-use fusedmoe::tiles::{parse_tables, TableKey, TileConfig};
+use fusedmoe::tiles::{parse_tables, Pdl, TableKey, TileConfig};
 use std::path::PathBuf;
 
 fn cfg(bm: u32, bn: u32, bk: u32, warps: u32, stages: u32) -> TileConfig {
@@ -70,7 +70,14 @@ fn what_the_tuner_writes_parses_back_to_the_same_tables() {
                 (10, cfg(32, 64, 128, 4, 2)),
             ],
         ),
-        tile_table::table(gpu_key(), &[(1, cfg(16, 64, 128, 4, 4)), (16384, split)]),
+        tile_table::table(
+            gpu_key(),
+            &[
+                (1, cfg(16, 64, 128, 4, 4).with_pdl(Pdl::AtGemm1Start)),
+                (4096, cfg(128, 256, 64, 8, 4).with_wgmma_ws(true)),
+                (16384, split),
+            ],
+        ),
     ];
     let text = tile_table::render(&tables);
     let parsed =
@@ -87,6 +94,14 @@ fn what_the_tuner_writes_parses_back_to_the_same_tables() {
         "{text}"
     );
     assert_eq!(text.matches("SPLIT_K\"").count(), 1, "{text}");
+    // the launch mode and the warp-specialised loop only where set (the tuner picks both)
+    assert_eq!(text.matches("\"PDL\": 2").count(), 1, "{text}");
+    assert_eq!(text.matches("\"WS\": 1").count(), 1, "{text}");
+    assert_eq!(
+        text.matches("PDL").count() + text.matches("WS").count(),
+        2,
+        "{text}"
+    );
 
     let path = temp_file("roundtrip.json");
     tile_table::write(&path, &tables).unwrap();

@@ -5,7 +5,7 @@
 //! tests/tiles_file.rs includes this file too and checks what it writes against the library.
 #![allow(dead_code)]
 
-use fusedmoe::tiles::{parse_tables, TableKey, TileConfig, TileTable, TABLE_FORMAT};
+use fusedmoe::tiles::{parse_tables, Pdl, TableKey, TileConfig, TileTable, TABLE_FORMAT};
 use std::path::Path;
 
 /// A JSON string literal (quotes and escapes as serde_json writes them).
@@ -14,13 +14,19 @@ fn quoted(s: &str) -> String {
 }
 
 /// One config as the table holds it; the split-K keys only when a GEMM splits (absent reads
-/// as 1).
+/// as 1), `PDL` and `WS` only when set (absent reads as 0).
 pub fn render_config(c: &TileConfig) -> String {
     let mut split = String::new();
     for (gemm, name) in [(1, "SPLIT_K"), (2, "SPLIT_K_DOWN")] {
         if c.split_k(gemm) > 1 {
             split += &format!(", \"{name}\": {}", c.split_k(gemm));
         }
+    }
+    if c.pdl() != Pdl::Off {
+        split += &format!(", \"PDL\": {}", c.pdl().key());
+    }
+    if c.wgmma_ws() {
+        split += ", \"WS\": 1";
     }
     format!(
         "{{\"BLOCK_M\": {}, \"BLOCK_N\": {}, \"BLOCK_K\": {}, \"GROUP_M\": {}, \"num_warps\": {}, \"num_stages\": {}{split}}}",

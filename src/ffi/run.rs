@@ -28,7 +28,9 @@ pub struct moe_tile_config {
     /// Variant flags: bits 0-3 GEMM1's split-K (CTAs, one thread-block cluster, sharing a
     /// tile's k loop; 0 = none), bits 4-7 GEMM2's; bit 8: moe_run's kernels launch as
     /// programmatic dependents (the table's PDL key or option tile.pdl), bit 9:
-    /// with GEMM2 let in at GEMM1's start (PDL 2); the other bits are 0.
+    /// with GEMM2 let in at GEMM1's start (PDL 2); bit 10: tiles of wgmma's shape take the
+    /// warp-specialised main loop (the table's WS key or option cuda.wgmma_ws); the other
+    /// bits are 0.
     pub flags: u32,
 }
 

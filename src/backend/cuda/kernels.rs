@@ -320,7 +320,7 @@ impl KernelSet {
         v: &Validated,
         tile: TileConfig,
         (gemm1_vec8, gemm2_vec8): (bool, bool),
-        (hopper, wgmma_ws, ws_ctas): (bool, bool, usize),
+        (hopper, ws_ctas): (bool, usize),
         with_lora: bool,
         fuse_act: bool,
     ) -> Result<KernelSet> {
@@ -334,7 +334,7 @@ impl KernelSet {
         let path = |vec8, act| variant::GemmPath {
             vec8,
             hopper,
-            wgmma_ws,
+            wgmma_ws: tile.wgmma_ws(),
             clusters: dev.traits.compute_capability.0 >= 9,
             lora: with_lora,
             act,

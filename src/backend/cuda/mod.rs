@@ -81,10 +81,8 @@ pub struct CudaLayer {
     gemm2_vec8: bool,
     /// GEMM tiles of wgmma's shape take the wgmma main loop (sm_90a, option cuda.wgmma).
     hopper: bool,
-    /// Those wgmma tiles take the warp-specialised main loop (option cuda.wgmma_ws).
-    wgmma_ws: bool,
-    /// Its persistent GEMMs launch at most this many CTAs (option cuda.wgmma_ws_ctas; 0: one
-    /// full wave).
+    /// The warp-specialised loop's persistent GEMMs (a tile config's `wgmma_ws`) launch at
+    /// most this many CTAs (option cuda.wgmma_ws_ctas; 0: one full wave).
     wgmma_ws_ctas: usize,
     /// f16/bf16 GEMM1s apply the activation in their epilogue (option cuda.fuse_act).
     fuse_act: bool,
@@ -122,7 +120,7 @@ impl CudaLayer {
             v,
             key.tile,
             vec8,
-            (self.hopper, self.wgmma_ws, self.wgmma_ws_ctas),
+            (self.hopper, self.wgmma_ws_ctas),
             key.lora,
             self.fuse_act,
         )?);
@@ -266,11 +264,6 @@ impl Backend for CudaBackend {
             ));
         }
         let wgmma_ws_ctas = options.int("cuda.wgmma_ws_ctas").unwrap_or(0) as usize;
-        if wgmma_ws_ctas > 0 && !wgmma_ws {
-            return Err(crate::error::unsupported!(
-                "option \"cuda.wgmma_ws_ctas\": it bounds the warp-specialised loop's persistent grid, and cuda.wgmma_ws is not 1"
-            ));
-        }
         let pdl_capable = dev.traits.compute_capability.0 >= 9;
         if options.int("tile.pdl").unwrap_or(0) > 0 && !pdl_capable {
             return Err(crate::error::unsupported!(
@@ -286,7 +279,6 @@ impl Backend for CudaBackend {
             gemm1_vec8: d.hidden % 8 == 0 && aligned(&weights.w13),
             gemm2_vec8: d.inter % 8 == 0 && aligned(&weights.w2),
             hopper,
-            wgmma_ws,
             wgmma_ws_ctas,
             fuse_act: options.int("cuda.fuse_act") != Some(0),
             pdl_capable,
