@@ -13,9 +13,9 @@
 // Persistent: one wave of CTAs, each walking tiles (blockIdx.x, + gridDim.x, …). While the
 // tile's warpgroups run one tile's epilogue, the producer already fills the freed slots with
 // the next tile's first k-tiles, so a CTA's tensor cores wait for the loads only once, not
-// once per tile. The one-tile-per-CTA form, at one CTA per SM, left them idle through every
-// prologue and epilogue and lost 2-23 % to FM_WGMMA 1 (BENCHMARKS.md); short k loops
-// (DeepSeek's GEMM2: 4 k-tiles) pay that most.
+// once per tile. The one-tile-per-CTA form ran at 0.77-0.99x of FM_WGMMA 1 (an A/B,
+// BENCHMARKS.md): at one CTA per SM nothing else used the tensor cores through a tile's
+// prologue and epilogue, which weigh most in short k loops (DeepSeek's GEMM2: 4 k-tiles).
 //
 // Pipeline over FM_STAGES slots, two mbarriers per slot after the stages in shared memory:
 //   full[s]  (128 arrivals, the producer's threads): the k-tile in slot s has landed;
