@@ -16,7 +16,7 @@
 #   bash tests/gpu/pack.sh
 #   bash tests/gpu/pack_revs.sh "cuda_lora" pf8=18b9df3 bsm=8c4dbbb bsmt=95cc549 cta3=94e9a40
 #   bash tests/gpu/pack_revs.sh "cuda" pieces=86d17f5
-#   bash tests/gpu/pack_revs.sh "cuda cuda_lora" wsp=fa190db
+#   bash tests/gpu/pack_revs.sh "cuda cuda_lora" wsp=f166787
 #
 #   variant-tests  every test binary packed with a variant (.device/NAME/<test>)
 #   lora-ab        ab_rounds.sh ROUNDS "--shapes lora" over main and the variants in $LORA
@@ -66,10 +66,15 @@ run() {
   tar czf "$top/session.tgz" -C "$top" "$(basename "$results")" summary.txt
 }
 
-# ab NAME "BENCH ARGS" VARIANTS: ab_rounds.sh over main and each packed variant named
+# ab NAME "BENCH ARGS" "VARIANT ...": ab_rounds.sh over main and each variant whose build is
+# packed; a VARIANT is a build's NAME (its bench as it is) or LABEL@NAME=OPTIONS.
 ab() {
-  local name=$1 args=$2 specs=(main=) v
-  for v in $3; do [ -x ".device/$v/bench" ] && specs+=("$v@$v="); done
+  local name=$1 args=$2 specs=(main=) v build
+  for v in $3; do
+    [[ $v == *@* ]] || v="$v@$v="
+    build=${v#*@} build=${build%%=*}
+    [ -x ".device/$build/bench" ] && specs+=("$v")
+  done
   RESULTS=$results/$name run "$name" bash tests/gpu/ab_rounds.sh "${ROUNDS:-2}" "$args" "${specs[@]}"
 }
 
@@ -90,9 +95,8 @@ for s in "${steps[@]}"; do
   decode-ab) ab decode-ab "--shapes mixtral,qwen3,deepseek,gpt-oss --tokens 1,4,16,64" "${DECODE:-pieces}" ;;
   ws-ab)
     ws_tile() { echo "cuda.wgmma_ws=1;tile.block_m=$1;tile.block_n=$2;tile.block_k=64;tile.num_warps=$3;tile.num_stages=4"; }
-    [ -x .device/wsp/bench ] && RESULTS=$results/ws-ab run ws-ab bash tests/gpu/ab_rounds.sh \
-      "${ROUNDS:-2}" "--shapes ${WS_SHAPES:-qwen3,deepseek} --tokens 4096,16384" main= \
-      wsp@wsp="cuda.wgmma_ws=1" wsp64@wsp="$(ws_tile 64 128 4)" wsp256@wsp="$(ws_tile 128 256 8)" ;;
+    ab ws-ab "--shapes ${WS_SHAPES:-qwen3,deepseek} --tokens 4096,16384" \
+      "wsp@wsp=cuda.wgmma_ws=1 wsp64@wsp=$(ws_tile 64 128 4) wsp256@wsp=$(ws_tile 128 256 8)" ;;
   ncu) run ncu bash tests/gpu/ncu_kernels.sh "$results/ncu_qwen3_m1024.csv" 40 'moe_' -- \
     .device/bench --shapes qwen3,lora --tokens 1024 --reps 1 ;;
   regs) run regs bash tests/gpu/kernel_regs.sh "$FUSEDMOE_CACHE_DIR" ;;
