@@ -275,7 +275,7 @@ fn candidates(m: &Model, tokens: usize, quick: bool, split_k: bool) -> Vec<TileC
     if split_k && tokens > GRAPH_MAX_TOKENS {
         let ws: Vec<TileConfig> = out
             .iter()
-            .filter(|c| wgmma_shaped(c))
+            .filter(|c| c.wgmma_shaped())
             .map(|c| c.with_wgmma_ws(true))
             .collect();
         out.extend(ws);
@@ -293,16 +293,6 @@ fn candidates(m: &Model, tokens: usize, quick: bool, split_k: bool) -> Vec<TileC
         }
     }
     out
-}
-
-/// Whether the CUDA backend runs `c` on the wgmma loop on sm_90a (its variant.rs rule: BLOCK_K
-/// 64, a warpgroup per 64 rows, each warpgroup 64, 128 or 256 columns, 3 stages or more).
-fn wgmma_shaped(c: &TileConfig) -> bool {
-    let (groups, groups_m) = (c.num_warps / 4, c.block_m / 64);
-    if c.block_k != 64 || c.block_m % 64 != 0 || c.num_warps % 4 != 0 || c.num_stages < 3 {
-        return false;
-    }
-    groups % groups_m == 0 && matches!(c.block_n / (groups / groups_m), 64 | 128 | 256)
 }
 
 // ---------------------------------------------------------------- estimates

@@ -124,6 +124,19 @@ impl TileConfig {
         self.flags & WS_FLAG != 0
     }
 
+    /// Whether the CUDA backend runs this tile on the wgmma main loop on sm_90a (its shape
+    /// rule), so that `wgmma_ws` can change anything.
+    pub fn wgmma_shaped(&self) -> bool {
+        crate::backend::cuda::variant::wgmma_layout(
+            self.block_m,
+            self.block_n,
+            self.block_k,
+            self.num_warps,
+            self.num_stages,
+        )
+        .is_some()
+    }
+
     pub fn with_wgmma_ws(self, on: bool) -> TileConfig {
         TileConfig {
             flags: (self.flags & !WS_FLAG) | if on { WS_FLAG } else { 0 },
