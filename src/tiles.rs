@@ -792,6 +792,22 @@ mod tests {
         assert!(Override::from_options(&Options::default())
             .apply(c)
             .wgmma_ws());
+
+        // the tuner tries WS only where it changes the kernel: tiles of wgmma's shape
+        let tile = |bm, bn, bk, warps, stages| TileConfig {
+            block_m: bm,
+            block_n: bn,
+            block_k: bk,
+            group_m: 1,
+            num_warps: warps,
+            num_stages: stages,
+            flags: 0,
+        };
+        assert!(tile(128, 256, 64, 8, 4).wgmma_shaped());
+        assert!(tile(64, 128, 64, 4, 3).wgmma_shaped());
+        assert!(!tile(128, 128, 64, 4, 4).wgmma_shaped()); // two 64-row slabs, one warpgroup
+        assert!(!tile(64, 128, 32, 4, 4).wgmma_shaped());
+        assert!(!tile(64, 128, 64, 4, 2).wgmma_shaped());
     }
 
     #[test]
