@@ -16,7 +16,7 @@
 #   bash tests/gpu/pack.sh
 #   bash tests/gpu/pack_revs.sh "cuda_lora" pf8=18b9df3 bsm=8c4dbbb bsmt=95cc549 cta3=94e9a40
 #   bash tests/gpu/pack_revs.sh "cuda" pieces=86d17f5
-#   bash tests/gpu/pack_revs.sh "cuda cuda_lora" wsp=f166787
+#   bash tests/gpu/pack_revs.sh "cuda cuda_lora" wsp=ea750e0
 #
 #   variant-tests  every test binary packed with a variant (.device/NAME/<test>)
 #   lora-ab        ab_rounds.sh ROUNDS "--shapes lora" over main and the variants in $LORA
