@@ -239,6 +239,18 @@ struct FmWarpgroup {
     }
 };
 
+// Whether the warpgroup's 64-row slab holds a route. Padding fills a block's rows from the
+// last route on (align order, and the LoRA grouping puts it last too), so the slab's first
+// row decides, the same for the whole warpgroup. An empty slab (the tail of an expert's last
+// block: at DeepSeek M = 4096 an expert's ~143 routes fill 128-row blocks 0 and 1, and block
+// 1's rows 64-127 are all padding) skips its wgmmas: the other warpgroup's then have the SM's
+// tensor cores to themselves, and its zero accumulators store nothing. A tile's first slab
+// always holds a route. Not in the LoRA GEMMs: there the branch cost the 128x256 expand
+// 20 registers and 328 bytes of spills (CUDA 13.0).
+__device__ __forceinline__ bool fm_wg_slab_live(const FmRows& rows, const FmWarpgroup& g) {
+    return FM_BM == 64 || FM_LORA || rows.route[g.m * 64] >= 0;
+}
+
 // A warpgroup's wgmmas of the k-tile in the stage at shared address `stage`, then the wait
 // that leaves them in flight and the previous k-tile's done (both Hopper main loops).
 __device__ __forceinline__ void fm_wg_mma_ktile(float (&acc)[FM_WG_COLS / 2], unsigned stage,
@@ -299,6 +311,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
 
     const fm_t* w_expert = (const fm_t*)p.w + (fm_i64)expert * p.n * p.kdim;
     const FmWarpgroup g;
+    const bool live = fm_wg_slab_live(rows, g);
 
     float acc[FM_WG_COLS / 2];
 #pragma unroll
@@ -316,7 +329,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
         fm_fence_proxy_async();
         __syncthreads();  // k-tile kt is in shared memory, every thread's part of it
 
-        fm_wg_mma_ktile(acc, tiles0 + (kt % FM_STAGES) * FM_STAGE_BYTES, g);
+        if (live) fm_wg_mma_ktile(acc, tiles0 + (kt % FM_STAGES) * FM_STAGE_BYTES, g);
         __syncthreads();  // every warpgroup's wgmma of kt - 1 is done: its slot takes k-tile
                           // kt + STAGES - 1
 
