@@ -627,9 +627,6 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
             fm_t* st = stages + (next % FM_STAGES) * stage_elems;
             fm_load_stage(st, st + FM_BM * FM_LDS, rows, p, w_expert, n0, (kt0 + next) * FM_BK);
         }
-#if FM_LORA_GROUPED
-        if (kt == fm_lora_prefetch_at(k_tiles)) fm_lora_prefetch_b(lora, p, rows.slots, expert, n0);
-#endif
         fm_cp_async_commit();
         fm_cp_async_wait<FM_STAGES - 1>();
         __syncthreads();

@@ -424,7 +424,9 @@ __device__ void fm_shrink_mma(const FmLoraShrinkParams& p, int expert, int slot0
 
 #endif  // FM_DTYPE != 0
 
-extern "C" __global__ void __launch_bounds__(FM_SHRINK_THREADS)
+// Three CTAs per SM: CUDA 13.0's NVRTC gives the tensor-core path 172 registers unbounded (two
+// CTAs), 168 with this bound (16 bytes of stack, spilled outside the k loop).
+extern "C" __global__ void __launch_bounds__(FM_SHRINK_THREADS, 3)
     moe_lora_shrink(const __grid_constant__ FmLoraShrinkParams p) {
     const int slot0 = blockIdx.x * p.block_m;
     if (slot0 >= *p.num_padded) return;
