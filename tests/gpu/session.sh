@@ -14,7 +14,7 @@
 # BENCHMARKS.md lists them), packed beside the baseline on the build machine, by name only:
 #
 #   bash tests/gpu/pack.sh
-#   bash tests/gpu/pack_revs.sh "cuda_lora" pf8=18b9df3 bsm=8c4dbbb bsmt=95cc549 cta3=94e9a40
+#   bash tests/gpu/pack_revs.sh "cuda_lora" lorax=wip-lora-x bsmt=95cc549
 #   bash tests/gpu/pack_revs.sh "cuda" pieces=86d17f5
 #   bash tests/gpu/pack_revs.sh "cuda cuda_lora" wsp=ea750e0
 #
@@ -22,11 +22,11 @@
 #   lora-ab        ab_rounds.sh ROUNDS "--shapes lora" over main and the variants in $LORA
 #   decode-ab      ab_rounds.sh ROUNDS over main and $DECODE at M = 1, 4, 16, 64, four shapes
 #   ws-ab          the persistent warp-specialised GEMMs (.device/wsp, cuda.wgmma_ws=1) against
-#                  main at M = 4096 and 16384 ($WS_SHAPES, default qwen3,deepseek): with the
-#                  table's tiles, 64x128 (two CTAs per SM) and 128x256
+#                  main at M = 4096 ($WS_SHAPES, default qwen3,deepseek,gpt-oss: 128x128
+#                  tiles): with the table's 4 stages and with 6 (the twelfth session's lead)
 #   ncu            the base and the LoRA path's kernels at Qwen3 M = 1024 (ncu_kernels.sh)
 #   regs           the registers of every cached cubin (kernel_regs.sh)
-# ROUNDS (default 2), LORA (default "pf8 bsm bsmt cta3"), DECODE (default "pieces"); a name
+# ROUNDS (default 2), LORA (default "lorax bsmt"), DECODE (default "pieces"); a name
 # with no .device/NAME/bench is left out.
 #
 # SESSION_SECONDS (default 560) bounds the whole: a step starts only with 60 s left, and is
@@ -91,12 +91,11 @@ for s in "${steps[@]}"; do
         [ "$(basename "$t")" = bench ] || run "test_$(basename "$d")_$(basename "$t")" "$t"
       done
     done ;;
-  lora-ab) ab lora-ab "--shapes lora" "${LORA:-pf8 bsm bsmt cta3}" ;;
+  lora-ab) ab lora-ab "--shapes lora" "${LORA:-lorax bsmt}" ;;
   decode-ab) ab decode-ab "--shapes mixtral,qwen3,deepseek,gpt-oss --tokens 1,4,16,64" "${DECODE:-pieces}" ;;
   ws-ab)
-    ws_tile() { echo "cuda.wgmma_ws=1;tile.block_m=$1;tile.block_n=$2;tile.block_k=64;tile.num_warps=$3;tile.num_stages=4"; }
-    ab ws-ab "--shapes ${WS_SHAPES:-qwen3,deepseek} --tokens 4096,16384" \
-      "wsp@wsp=cuda.wgmma_ws=1 wsp64@wsp=$(ws_tile 64 128 4) wsp256@wsp=$(ws_tile 128 256 8)" ;;
+    ab ws-ab "--shapes ${WS_SHAPES:-qwen3,deepseek,gpt-oss} --tokens 4096" \
+      "wsp@wsp=cuda.wgmma_ws=1 ws6@wsp=cuda.wgmma_ws=1;tile.num_stages=6" ;;
   ncu) run ncu bash tests/gpu/ncu_kernels.sh "$results/ncu_qwen3_m1024.csv" 40 'moe_' -- \
     .device/bench --shapes qwen3,lora --tokens 1024 --reps 1 ;;
   regs) run regs bash tests/gpu/kernel_regs.sh "$FUSEDMOE_CACHE_DIR" ;;
