@@ -164,9 +164,10 @@ unsafe fn launch_programmatic(
     .result()
 }
 
-/// The align kernels for one id type (int32, int64): the one-block kernel, and the count and
-/// scatter of the many-block align step.
+/// The align kernels for one id type (int32, int64): the one-warp and the one-block kernel,
+/// and the count and scatter of the many-block align step.
 struct AlignKernels {
+    one_warp: Loaded,
     one_block: Loaded,
     count: Loaded,
     scatter: Loaded,
@@ -175,6 +176,7 @@ struct AlignKernels {
 impl AlignKernels {
     fn load(dev: &DeviceState, ids_i64: bool) -> Result<AlignKernels> {
         Ok(AlignKernels {
+            one_warp: Loaded::new(dev, variant::align_warp(ids_i64))?,
             one_block: Loaded::new(dev, variant::align(ids_i64))?,
             count: Loaded::new(dev, variant::align_count(ids_i64))?,
             scatter: Loaded::new(dev, variant::align_scatter(ids_i64))?,
@@ -341,9 +343,9 @@ impl KernelSet {
         })
     }
 
-    /// SPEC §4 on the device (kernels/moe_align.cu): the routes in pieces ranked per warp, the
-    /// scans and the scatter, in one block; for many routes in three launches over chunks of
-    /// them (variant::align_chunks).
+    /// SPEC §4 on the device (kernels/moe_align.cu): up to 32 routes in one warp, a route per
+    /// lane; then the routes in pieces ranked per warp, the scans and the scatter, in one
+    /// block; for many routes in three launches over chunks of them (variant::align_chunks).
     pub fn align(&self, stream: &Arc<CudaStream>, ids_i64: bool, a: AlignArgs) -> Result<()> {
         let k = &self.align[ids_i64 as usize];
         let l = a.layout;
@@ -370,6 +372,25 @@ impl KernelSet {
             let name = f.v.name.clone();
             move |e| driver_error(&format!("kernel {name}"), e)
         };
+        if l.route_slot.len <= variant::ALIGN_WARP_ROUTES {
+            let f = &k.one_warp;
+            let mut b = stream.launch_builder(&f.f);
+            b.arg(&a.ids)
+                .arg(&numel)
+                .arg(&experts)
+                .arg(&block_m)
+                .arg(&capacity)
+                .arg(&max_blocks)
+                .arg(&sorted)
+                .arg(&blocks)
+                .arg(&padded)
+                .arg(&offsets)
+                .arg(&slots)
+                .arg(&a.bad_ids);
+            return unsafe { b.launch(launch(f, 1, 0)) }
+                .map(|_| ())
+                .map_err(fail(f));
+        }
         if chunks == 1 {
             let f = &k.one_block;
             let mut b = stream.launch_builder(&f.f);
