@@ -16,6 +16,7 @@
 #   bash tests/gpu/pack.sh
 #   bash tests/gpu/pack_revs.sh "cuda_lora" lorax=wip-lora-x bsmt=95cc549
 #   bash tests/gpu/pack_revs.sh "cuda" pieces=86d17f5
+#   bash tests/gpu/pack_revs.sh "cuda cuda_gated" awarp=wip-align-warp
 #   bash tests/gpu/pack_revs.sh "cuda cuda_lora" wsp=ea750e0
 #
 #   variant-tests  every test binary packed with a variant (.device/NAME/<test>)
@@ -26,7 +27,7 @@
 #                  tiles): with the table's 4 stages and with 6 (the twelfth session's lead)
 #   ncu            the base and the LoRA path's kernels at Qwen3 M = 1024 (ncu_kernels.sh)
 #   regs           the registers of every cached cubin (kernel_regs.sh)
-# ROUNDS (default 2), LORA (default "lorax bsmt"), DECODE (default "pieces"); a name
+# ROUNDS (default 2), LORA (default "lorax bsmt"), DECODE (default "pieces awarp"); a name
 # with no .device/NAME/bench is left out.
 #
 # SESSION_SECONDS (default 560) bounds the whole: a step starts only with 60 s left, and is
@@ -92,7 +93,7 @@ for s in "${steps[@]}"; do
       done
     done ;;
   lora-ab) ab lora-ab "--shapes lora" "${LORA:-lorax bsmt}" ;;
-  decode-ab) ab decode-ab "--shapes mixtral,qwen3,deepseek,gpt-oss --tokens 1,4,16,64" "${DECODE:-pieces}" ;;
+  decode-ab) ab decode-ab "--shapes mixtral,qwen3,deepseek,gpt-oss --tokens 1,4,16,64" "${DECODE:-pieces awarp}" ;;
   ws-ab)
     ab ws-ab "--shapes ${WS_SHAPES:-qwen3,deepseek,gpt-oss} --tokens 4096" \
       "wsp@wsp=cuda.wgmma_ws=1 ws6@wsp=cuda.wgmma_ws=1;tile.num_stages=6" ;;
