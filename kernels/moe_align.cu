@@ -234,8 +234,9 @@ __device__ void moe_align_warp(const Id* __restrict__ topk_ids, int numel, int e
 #define FM_ALIGN_WARP_ENTRY(name, Id)                                                          \
     extern "C" __global__ void __launch_bounds__(32) name(                                    \
         const Id* topk_ids, int numel, int experts, int block_m, int capacity, int max_blocks, \
-        int* sorted_route_ids, int* block_expert, int* num_padded, int* expert_offsets,       \
-        int* route_slot, unsigned* bad_ids) {                                                  \
+        int /* segments: moe_align's arguments, unused */, int* sorted_route_ids,              \
+        int* block_expert, int* num_padded, int* expert_offsets, int* route_slot,              \
+        unsigned* bad_ids) {                                                                   \
         fm_pdl_launch_dependents(); /* as moe_align's */                                       \
         moe_align_warp<Id>(topk_ids, numel, experts, block_m, capacity, max_blocks,            \
                            sorted_route_ids, block_expert, num_padded, expert_offsets,         \

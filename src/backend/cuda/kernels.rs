@@ -372,27 +372,13 @@ impl KernelSet {
             let name = f.v.name.clone();
             move |e| driver_error(&format!("kernel {name}"), e)
         };
-        if l.route_slot.len <= variant::ALIGN_WARP_ROUTES {
-            let f = &k.one_warp;
-            let mut b = stream.launch_builder(&f.f);
-            b.arg(&a.ids)
-                .arg(&numel)
-                .arg(&experts)
-                .arg(&block_m)
-                .arg(&capacity)
-                .arg(&max_blocks)
-                .arg(&sorted)
-                .arg(&blocks)
-                .arg(&padded)
-                .arg(&offsets)
-                .arg(&slots)
-                .arg(&a.bad_ids);
-            return unsafe { b.launch(launch(f, 1, 0)) }
-                .map(|_| ())
-                .map_err(fail(f));
-        }
         if chunks == 1 {
-            let f = &k.one_block;
+            // one launch: one warp for a few routes, else one block; the same arguments (the
+            // warp kernel ignores segments)
+            let (f, shared) = match l.route_slot.len <= variant::ALIGN_WARP_ROUTES {
+                true => (&k.one_warp, 0),
+                false => (&k.one_block, shared_bytes),
+            };
             let mut b = stream.launch_builder(&f.f);
             b.arg(&a.ids)
                 .arg(&numel)
@@ -407,7 +393,7 @@ impl KernelSet {
                 .arg(&offsets)
                 .arg(&slots)
                 .arg(&a.bad_ids);
-            return unsafe { b.launch(launch(f, 1, shared_bytes)) }
+            return unsafe { b.launch(launch(f, 1, shared)) }
                 .map(|_| ())
                 .map_err(fail(f));
         }
