@@ -10,21 +10,21 @@
 #   tune    the decode re-tune: .device/tune --quick --tokens 1,4,16,64 (the table goes to
 #           tiles.json after each M, so a cut run keeps what it finished); not by default
 #
-# Steps for the changes kept off main until they run on a GPU (a merge and its revert each;
-# BENCHMARKS.md lists them), packed beside the baseline on the build machine, by name only:
+# Steps for the changes kept off main until they run on a GPU (a merge and its revert, or a
+# branch kept by an unapplied merge; BENCHMARKS.md lists them), packed beside the baseline on the build machine, by name only:
 #
 #   bash tests/gpu/pack.sh
-#   bash tests/gpu/pack_revs.sh "cuda_lora" lorax=wip-lora-x bsmt=95cc549
+#   bash tests/gpu/pack_revs.sh "cuda_lora" lorax=wip-lora-x
 #   bash tests/gpu/pack_revs.sh "cuda" pieces=86d17f5
 #   bash tests/gpu/pack_revs.sh "cuda cuda_gated" awarp=wip-align-warp
-#   bash tests/gpu/pack_revs.sh "cuda cuda_lora" wsp=ea750e0
+#   bash tests/gpu/pack_revs.sh "" bsmt=95cc549 wsp=ea750e0    # benches only (tests passed)
 #
 #   variant-tests  every test binary packed with a variant (.device/NAME/<test>)
 #   lora-ab        ab_rounds.sh ROUNDS "--shapes lora" over main and the variants in $LORA
 #   decode-ab      ab_rounds.sh ROUNDS over main and $DECODE at M = 1, 4, 16, 64, four shapes
 #   ws-ab          the persistent warp-specialised GEMMs (.device/wsp, cuda.wgmma_ws=1) against
 #                  main at M = 4096 ($WS_SHAPES, default qwen3,deepseek,gpt-oss: 128x128
-#                  tiles): with the table's 4 stages and with 6 (the twelfth session's lead)
+#                  tiles): with the table's 3 stages and with 6 (the twelfth session's lead)
 #   ncu            the base and the LoRA path's kernels at Qwen3 M = 1024 (ncu_kernels.sh)
 #   regs           the registers of every cached cubin (kernel_regs.sh)
 # ROUNDS (default 2), LORA (default "lorax bsmt"), DECODE (default "pieces awarp"); a name
