@@ -1,6 +1,7 @@
 // SPEC §4 on the device: the align step, the same arrays as the CPU's src/align.rs, stable
-// (route order within each expert) without atomics on the order. In one block (moe_align), or
-// for many routes over chunks of them in three launches (the second half of this file).
+// (route order within each expert) without atomics on the order. In one block (moe_align), in
+// one warp for at most 32 routes (moe_align_warp), or for many routes over chunks of them in
+// three launches (the end of this file).
 //
 // The routes are cut into `segments` contiguous pieces, one warp each (segments ≤ warps). A
 // warp walks its piece in order, 32 routes at a time: lanes with the same expert find each
@@ -162,6 +163,88 @@ __device__ void moe_align(const Id* __restrict__ topk_ids,  // [numel]: ids in [
 
 FM_ALIGN_ENTRY(moe_align__i32, int)
 FM_ALIGN_ENTRY(moe_align__i64, long long)
+
+// ---------------------------------------------------------------- the same, in one warp
+// Decode's few routes (numel <= 32: M = 1 to 4 at top-8) in one warp, a route per lane, with
+// no shared memory and no block barrier: ncu had the one-block kernel at 6.2 us for Qwen3's 8
+// routes (cold, base clocks), its 32 warps waiting on each other at four __syncthreads, and
+// GEMM1 waits for all of it. Lanes with the same expert find each other with
+// __match_any_sync (rank = lanes below); an expert's padded start and kept routes before it
+// come from the other lanes' groups by shuffles. The same arrays as moe_align.
+template <typename Id>
+__device__ void moe_align_warp(const Id* __restrict__ topk_ids, int numel, int experts,
+                               int block_m, int capacity, int max_blocks,
+                               int* __restrict__ sorted_route_ids, int* __restrict__ block_expert,
+                               int* __restrict__ num_padded, int* __restrict__ expert_offsets,
+                               int* __restrict__ route_slot, unsigned* __restrict__ bad_ids) {
+    const unsigned lane = threadIdx.x & 31u;
+    const int r = (int)lane;
+    int e = -1;  // this lane's route's expert; -1: no route, filtered (-1) or out of range
+    bool bad = false;
+    if (r < numel) {
+        const long long id = (long long)topk_ids[r];
+        if (id >= 0 && id < experts) e = (int)id;
+        else bad = id != -1;
+    }
+    const unsigned peers = __match_any_sync(FM_FULL_MASK, e);
+    const bool leader = e >= 0 && (int)lane == __ffs(peers) - 1;  // one lane per expert
+    const int count = __popc(peers);
+    const int padded = (count + block_m - 1) / block_m * block_m;
+    // Over the experts' leaders: the padded start and the kept routes before this lane's
+    // expert, and the totals.
+    int start = 0, total_padded = 0;
+    for (int j = 0; j < 32; ++j) {
+        const int ej = __shfl_sync(FM_FULL_MASK, e, j);
+        const int pj = __shfl_sync(FM_FULL_MASK, padded, j);
+        const bool lj = __shfl_sync(FM_FULL_MASK, leader, j);
+        if (lj) {
+            total_padded += pj;
+            if (ej < e) start += pj;
+        }
+    }
+    // 1. Sentinels everywhere, then (after __syncwarp orders them) the routes over them.
+    for (int i = r; i < capacity; i += 32) sorted_route_ids[i] = numel;
+    for (int i = r; i < max_blocks; i += 32) block_expert[i] = -1;
+    __syncwarp();
+    if (r < numel) {
+        const int at = e >= 0 ? start + __popc(peers & fm_lanes_below(lane)) : -1;
+        if (at >= 0) sorted_route_ids[at] = r;
+        route_slot[r] = at;
+    }
+    if (leader)
+        for (int b = start / block_m; b < (start + padded) / block_m; ++b) block_expert[b] = e;
+    // 2. expert_offsets[x] = kept routes of experts below x, x in [0, E]: each lane takes every
+    //    32nd x and counts over the routes, whose experts it gathers first.
+    int ids[32];
+#pragma unroll
+    for (int j = 0; j < 32; ++j) ids[j] = __shfl_sync(FM_FULL_MASK, e, j);
+    for (int x = r; x <= experts; x += 32) {
+        int kept = 0;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) kept += ids[j] >= 0 && ids[j] < x;
+        expert_offsets[x] = kept;
+    }
+    const unsigned bad_count = __popc(__ballot_sync(FM_FULL_MASK, bad));
+    if (lane == 0) {
+        *num_padded = total_padded;
+        if (bad_count != 0) *(volatile unsigned*)bad_ids += bad_count;
+    }
+}
+
+#define FM_ALIGN_WARP_ENTRY(name, Id)                                                          \
+    extern "C" __global__ void __launch_bounds__(32) name(                                    \
+        const Id* topk_ids, int numel, int experts, int block_m, int capacity, int max_blocks, \
+        int /* segments: moe_align's arguments, unused */, int* sorted_route_ids,              \
+        int* block_expert, int* num_padded, int* expert_offsets, int* route_slot,              \
+        unsigned* bad_ids) {                                                                   \
+        fm_pdl_launch_dependents(); /* as moe_align's */                                       \
+        moe_align_warp<Id>(topk_ids, numel, experts, block_m, capacity, max_blocks,            \
+                           sorted_route_ids, block_expert, num_padded, expert_offsets,         \
+                           route_slot, bad_ids);                                               \
+    }
+
+FM_ALIGN_WARP_ENTRY(moe_align_warp__i32, int)
+FM_ALIGN_WARP_ENTRY(moe_align_warp__i64, long long)
 
 // ---------------------------------------------------------------- the same, over many blocks
 // One block is bound by its SM: ncu at M = 4096, E = 257, top 9 (36864 routes) had its L1 50 %

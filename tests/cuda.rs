@@ -682,13 +682,19 @@ fn cuda_plan_arrays_equal_the_cpu_plan() {
     let Some(ctx) = gpu("cuda_plan_arrays_equal_the_cpu_plan") else {
         return;
     };
-    // (tokens, experts, top_k, BLOCK_M): the align kernel cuts the routes into one piece per
-    // warp up to E = 744 and fewer above (4 at E = 4096), so both sides of that are here; from
-    // 4096 routes the align step runs over many blocks (18, 11 and 16 chunks below).
+    // (tokens, experts, top_k, BLOCK_M): up to 32 routes the align step runs in one warp
+    // (the first five: one route per expert, several, two experts' blocks, int64 ids); above,
+    // the align kernel cuts the routes into one piece per warp up to E = 744 and fewer above
+    // (4 at E = 4096), so both sides of that are here; from 4096 routes the align step runs
+    // over many blocks (18, 11 and 16 chunks below).
     let shapes = [
+        (1, 257, 9, "16"),
+        (4, 8, 8, "16"),
+        (4, 2, 8, "16"),
+        (3, 128, 8, "64"),
+        (2, 64, 8, "16"),
         (100, 16, 4, "16"),
         (100, 16, 4, "64"),
-        (1, 257, 9, "16"),
         (257, 257, 9, "16"),
         (4096, 257, 9, "64"),
         (3000, 1024, 8, "32"),
@@ -703,6 +709,7 @@ fn cuda_plan_arrays_equal_the_cpu_plan() {
             hidden: 8,
             inter: 8,
             drop: 0.2,
+            ids_i64: n == 4,
             options: vec![("tile.block_m".into(), block_m.into())],
             ..base(Dt::Bf16, 4500 + n as u64)
         };

@@ -26,8 +26,15 @@ fn out_of_range_ids_are_dropped_and_reported_by_the_next_call() {
     let Some(ctx) = gpu("out_of_range_ids_are_dropped_and_reported_by_the_next_call") else {
         return;
     };
-    // 2048 tokens of top 2: 4096 routes take the many-block align step (two chunks)
-    for (ids_i64, tokens) in [(false, 64), (true, 64), (false, 2048)] {
+    // 16 tokens of top 2: 32 routes take the one-warp align step; 2048 tokens: 4096 routes take
+    // the many-block align step (two chunks)
+    for (ids_i64, tokens) in [
+        (false, 16),
+        (true, 16),
+        (false, 64),
+        (true, 64),
+        (false, 2048),
+    ] {
         let c = Case {
             tokens,
             ids_i64,
@@ -50,6 +57,9 @@ fn bad_ids_case(ctx: &Arc<CudaContext>, c: &Case) -> Result<(), String> {
     } else {
         bad.extend([(51, i32::MAX as f64), (77, i32::MIN as f64)]);
     }
+    // fewer routes than that: the same ids at other routes (32 routes: 3, 10, 17, 8, 19, 13)
+    let numel = c.tokens * c.top_k;
+    let bad: Vec<(usize, f64)> = bad.into_iter().map(|(r, v)| (r % numel, v)).collect();
     for &(r, v) in &bad {
         s.ids.set(r, v);
     }

@@ -164,9 +164,10 @@ unsafe fn launch_programmatic(
     .result()
 }
 
-/// The align kernels for one id type (int32, int64): the one-block kernel, and the count and
-/// scatter of the many-block align step.
+/// The align kernels for one id type (int32, int64): the one-warp and the one-block kernel,
+/// and the count and scatter of the many-block align step.
 struct AlignKernels {
+    one_warp: Loaded,
     one_block: Loaded,
     count: Loaded,
     scatter: Loaded,
@@ -175,6 +176,7 @@ struct AlignKernels {
 impl AlignKernels {
     fn load(dev: &DeviceState, ids_i64: bool) -> Result<AlignKernels> {
         Ok(AlignKernels {
+            one_warp: Loaded::new(dev, variant::align_warp(ids_i64))?,
             one_block: Loaded::new(dev, variant::align(ids_i64))?,
             count: Loaded::new(dev, variant::align_count(ids_i64))?,
             scatter: Loaded::new(dev, variant::align_scatter(ids_i64))?,
@@ -341,9 +343,9 @@ impl KernelSet {
         })
     }
 
-    /// SPEC §4 on the device (kernels/moe_align.cu): the routes in pieces ranked per warp, the
-    /// scans and the scatter, in one block; for many routes in three launches over chunks of
-    /// them (variant::align_chunks).
+    /// SPEC §4 on the device (kernels/moe_align.cu): up to 32 routes in one warp, a route per
+    /// lane; then the routes in pieces ranked per warp, the scans and the scatter, in one
+    /// block; for many routes in three launches over chunks of them (variant::align_chunks).
     pub fn align(&self, stream: &Arc<CudaStream>, ids_i64: bool, a: AlignArgs) -> Result<()> {
         let k = &self.align[ids_i64 as usize];
         let l = a.layout;
@@ -371,7 +373,12 @@ impl KernelSet {
             move |e| driver_error(&format!("kernel {name}"), e)
         };
         if chunks == 1 {
-            let f = &k.one_block;
+            // one launch: one warp for a few routes, else one block; the same arguments (the
+            // warp kernel ignores segments)
+            let (f, shared) = match l.route_slot.len <= variant::ALIGN_WARP_ROUTES {
+                true => (&k.one_warp, 0),
+                false => (&k.one_block, shared_bytes),
+            };
             let mut b = stream.launch_builder(&f.f);
             b.arg(&a.ids)
                 .arg(&numel)
@@ -386,7 +393,7 @@ impl KernelSet {
                 .arg(&offsets)
                 .arg(&slots)
                 .arg(&a.bad_ids);
-            return unsafe { b.launch(launch(f, 1, shared_bytes)) }
+            return unsafe { b.launch(launch(f, 1, shared)) }
                 .map(|_| ())
                 .map_err(fail(f));
         }

@@ -68,6 +68,24 @@ pub fn align(ids_i64: bool) -> Variant {
     )
 }
 
+/// The align step in one warp, for at most ALIGN_WARP_ROUTES routes (decode).
+pub fn align_warp(ids_i64: bool) -> Variant {
+    Variant {
+        threads: 32,
+        ..align_entry(
+            if ids_i64 {
+                "moe_align_warp__i64"
+            } else {
+                "moe_align_warp__i32"
+            },
+            0,
+        )
+    }
+}
+
+/// Up to this many routes the align step runs in one warp (a route per lane).
+pub const ALIGN_WARP_ROUTES: usize = 32;
+
 /// The align step over many blocks (kernels/moe_align.cu: count and scatter a block per chunk
 /// of the routes, the scan in one block), for batches with many routes.
 pub fn align_count(ids_i64: bool) -> Variant {
