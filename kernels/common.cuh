@@ -73,6 +73,11 @@ __device__ __forceinline__ void fm_cp_async16(void* smem, const void* gmem, bool
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
                  "r"(src_bytes));
 }
+// Asks L2 for the 128-byte line holding p and to keep it ahead of lines streamed at normal
+// priority (evict_last): nothing waits for it.
+__device__ __forceinline__ void fm_prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2::evict_last [%0];\n" ::"l"(p));
+}
 __device__ __forceinline__ void fm_cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::);
 }

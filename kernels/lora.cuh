@@ -146,19 +146,20 @@ __device__ __forceinline__ unsigned fm_lora_pack(float lo, float hi) {
 }
 
 // One A fragment of t (rows lo and hi, ranks k0 + 2·(lane%4) + {0, 1, 8, 9}) at offset `off`
-// into each route's t row; zero for a row that is off, and past the rank. t holds values
+// into each row's t (t_lo, t_hi: the rows of L.t, or their copies in shared memory); zero for
+// a row that is off, and past the rank. t holds values
 // already rounded to the layer dtype, so the repacking is exact. PAIRS: r even and t 8-byte
 // aligned, so ranks k, k + 1 (k even) are one float2 with one predicate: half the loads.
 template <bool PAIRS>
-__device__ __forceinline__ void fm_lora_t_frag(const FmLoraExpand& L, int route_lo,
-                                               int route_hi, bool lo_on, bool hi_on, int off,
-                                               int k0, unsigned (&a)[4]) {
+__device__ __forceinline__ void fm_lora_t_frag(const FmLoraExpand& L, const float* t_lo,
+                                               const float* t_hi, bool lo_on, bool hi_on,
+                                               int off, int k0, unsigned (&a)[4]) {
     const int k = k0 + 2 * (threadIdx.x % 4);
     float v[2][4];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         const bool on = h == 0 ? lo_on : hi_on;
-        const float* t = L.t + (fm_i64)(h == 0 ? route_lo : route_hi) * L.t_stride + off;
+        const float* t = (h == 0 ? t_lo : t_hi) + off;
 #pragma unroll
         for (int q = 0; q < 4; q += 2) {
             const int kq = k + (q / 2) * 8;
@@ -250,19 +251,64 @@ __device__ __forceinline__ void fm_lora_b_frags(const FmLoraExpand& L, const fm_
     }
 }
 
+// Where an expand pass finds B with FM_LORA_B_SMEM (fm_lora_stage_b): the CTA's copy of its
+// tile's B rows, row j of a slot's tile holding B's row for tile column j (fm_w_row), `pitch`
+// bytes apart. Null `tile`: B is read from global memory.
+struct FmLoraBTile {
+    const unsigned char* tile;  // the first slot's tile (generic address of shared memory)
+    int pitch;       // bytes between rows
+    int slot_bytes;  // bytes between slots' tiles
+    int n0;          // the tile's first column
+    // this lane's two rows of t (rows lo and hi) in shared memory; null: from L.t
+    const float* t_lo;
+    const float* t_hi;
+};
+
+// fm_lora_b_frags from the CTA's shared copy: the same words, the same zeros.
+template <int NJ, bool PAIRED, int C>
+__device__ __forceinline__ void fm_lora_b_frags_shared(const FmLoraExpand& L,
+                                                       const FmLoraBTile& bt, int col0, int u0,
+                                                       int kb, unsigned (&bw)[C][2]) {
+    const int g = threadIdx.x % 32 / 4;
+    const int col = PAIRED ? col0 + 8 * (g & 1) + 2 * (g >> 1) : col0 + g;
+    const int j0 = col - bt.n0;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+        const int u = u0 + c;
+        bool on;
+        int j;  // the tile column whose W row (and so B row) this unit's word comes from
+        if (PAIRED) {
+            on = u < FM_LORA_UNITS(NJ, PAIRED) && 2 * (u / 2) + (g & 1) < NJ &&
+                 col + 16 * (u / 2) < L.n;
+            j = j0 + 16 * (u / 2) + u % 2;
+        } else {
+            on = u < NJ && col + 8 * u < L.n;
+            j = j0 + 8 * u;
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int k = kb + 8 * h;
+            const bool ok = on && k + 1 < L.rank;
+            const unsigned w = *(const unsigned*)(bt.tile + (ok ? j * bt.pitch + 2 * k : 0));
+            bw[c][h] = ok ? w : 0u;
+        }
+    }
+}
+
 // One expand pass (slot a, whose B is at b; ranks k0 + [0, 16)) over the warp's units, C at a
 // time: the chunk's B loads, then its MMAs, acc += s · the outputs (fm_lora_expand_frags).
-template <int NJ, bool PAIRED, bool WORDS, int C>
-__device__ __forceinline__ void fm_lora_pass(const FmLoraExpand& L, int route_lo, int route_hi,
-                                             bool lo_on, bool hi_on, const fm_t* b, int col0,
-                                             int k0, bool split, float scaling, float* acc) {
+template <int NJ, bool PAIRED, bool WORDS, bool SHARED, int C>
+__device__ __forceinline__ void fm_lora_pass(const FmLoraExpand& L, const float* t_lo,
+                                             const float* t_hi, bool lo_on, bool hi_on,
+                                             const fm_t* b,
+                                             const FmLoraBTile& bt, int col0, int k0,
+                                             bool split, float scaling, float* acc) {
     constexpr int U = FM_LORA_UNITS(NJ, PAIRED);
     const int lane = threadIdx.x % 32;
     // t's loads in the same block as the first chunk's, so that they are in flight together
     unsigned t_gate[4], t_up[4];
-    fm_lora_t_frag<WORDS>(L, route_lo, route_hi, lo_on, hi_on, 0, k0, t_gate);
-    fm_lora_t_frag<WORDS>(L, route_lo, route_hi, split && lo_on, split && hi_on, L.rank, k0,
-                          t_up);
+    fm_lora_t_frag<WORDS>(L, t_lo, t_hi, lo_on, hi_on, 0, k0, t_gate);
+    fm_lora_t_frag<WORDS>(L, t_lo, t_hi, split && lo_on, split && hi_on, L.rank, k0, t_up);
     const int kb = k0 + 2 * (lane % 4);
 #pragma unroll
     for (int u0 = 0; u0 < U; u0 += C) {
@@ -271,7 +317,10 @@ __device__ __forceinline__ void fm_lora_pass(const FmLoraExpand& L, int route_lo
         // pass's MMAs, all their words live at once.
         if (u0 > 0 && col0 + 8 * (PAIRED ? u0 & ~1 : u0) >= L.n) break;
         unsigned bw[C][2];
-        fm_lora_b_frags<NJ, PAIRED, WORDS, C>(L, b, col0, u0, kb, bw);
+        if (SHARED)
+            fm_lora_b_frags_shared<NJ, PAIRED, C>(L, bt, col0, u0, kb, bw);
+        else
+            fm_lora_b_frags<NJ, PAIRED, WORDS, C>(L, b, col0, u0, kb, bw);
 #pragma unroll
         for (int c = 0; c < C; ++c) {
             const int u = u0 + c;
@@ -318,10 +367,14 @@ __device__ __forceinline__ void fm_lora_pass(const FmLoraExpand& L, int route_lo
 //
 // PAIRED (a GEMM1 with the activation fused, halves layout, so split): tile column n is W
 // row n / 2 + (n odd) · I, so B's row is that and odd columns are the up half.
+//
+// a_lo, a_hi: the rows' slots (fm_lora_slot_of). With `batch`, the slots in it only; with bt.tile set (fm_lora_stage_b), B from there: slot
+// a's tile is the popc(batch below a)-th.
 template <int NJ, bool PAIRED>
 __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int route_lo,
-                                                     int route_hi, int expert, int col0,
-                                                     float* acc) {
+                                                     int route_hi, int a_lo, int a_hi,
+                                                     int expert, int col0, float* acc,
+                                                     const FmLoraBTile& bt, fm_u64 batch) {
     constexpr int U = FM_LORA_UNITS(NJ, PAIRED);
     // a unit of a split GEMM1 without PAIRED holds two MMAs' outputs (a third of the chunk:
     // at half, the interleaved f16 64×64 mma.sync GEMM1 spilled)
@@ -331,9 +384,12 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
     // the 16-bit path has twice the loads per unit: half the chunk keeps this rare path from
     // setting the kernel's register count
     constexpr int C_HALVES = (C + 1) / 2;
-    const int a_lo = fm_lora_slot_of(L, route_lo), a_hi = fm_lora_slot_of(L, route_hi);
     const bool split = PAIRED || (!FM_LORA_ONE_HALF && L.split != FM_LORA_SPLIT_NONE);
-    int pending_lo = a_lo, pending_hi = a_hi;  // -1 once this lane's row is done
+    // -1 once this lane's row is done, or where its slot is not in the batch
+    int pending_lo = a_lo >= 0 && (batch >> a_lo & 1) ? a_lo : -1;
+    int pending_hi = a_hi >= 0 && (batch >> a_hi & 1) ? a_hi : -1;
+    const float* t_lo = bt.t_lo != nullptr ? bt.t_lo : L.t + (fm_i64)max(route_lo, 0) * L.t_stride;
+    const float* t_hi = bt.t_hi != nullptr ? bt.t_hi : L.t + (fm_i64)max(route_hi, 0) * L.t_stride;
     for (;;) {
         const int mine = min(pending_lo < 0 ? FM_LORA_SLOTS : pending_lo,
                              pending_hi < 0 ? FM_LORA_SLOTS : pending_hi);
@@ -343,18 +399,38 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
         if (pending_hi == a) pending_hi = -1;
         const FmLoraSlot& s = L.b.slot[a];
         const fm_t* b = (const fm_t*)s.w + (fm_i64)(s.shared_outer ? 0 : expert) * L.n * L.rank;
+        if (bt.tile != nullptr) {  // fm_lora_stage_b checked what the word loads need
+            FmLoraBTile slot_tile = bt;
+            slot_tile.tile += __popcll(batch & ((1ull << a) - 1)) * bt.slot_bytes;
+            for (int k0 = 0; k0 < L.rank; k0 += 16)
+                fm_lora_pass<NJ, PAIRED, true, true, C>(L, t_lo, t_hi, a_lo == a,
+                                                        a_hi == a, b, slot_tile, col0, k0, split,
+                                                        s.scaling, acc);
+            continue;
+        }
         const bool words = L.rank % 2 == 0 && ((unsigned long long)b & 3ull) == 0 &&
                            ((unsigned long long)L.t & 7ull) == 0;
         for (int k0 = 0; k0 < L.rank; k0 += 16) {
             if (words)
-                fm_lora_pass<NJ, PAIRED, true, C>(L, route_lo, route_hi, a_lo == a, a_hi == a, b,
-                                                  col0, k0, split, s.scaling, acc);
+                fm_lora_pass<NJ, PAIRED, true, false, C>(L, t_lo, t_hi, a_lo == a,
+                                                         a_hi == a, b, bt, col0, k0, split,
+                                                         s.scaling, acc);
             else
-                fm_lora_pass<NJ, PAIRED, false, C_HALVES>(L, route_lo, route_hi, a_lo == a,
-                                                          a_hi == a, b, col0, k0, split,
-                                                          s.scaling, acc);
+                fm_lora_pass<NJ, PAIRED, false, false, C_HALVES>(L, t_lo, t_hi,
+                                                                 a_lo == a, a_hi == a, b, bt,
+                                                                 col0, k0, split, s.scaling,
+                                                                 acc);
         }
     }
+}
+
+template <int NJ, bool PAIRED>
+__device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int route_lo,
+                                                     int route_hi, int expert, int col0,
+                                                     float* acc) {
+    fm_lora_expand_frags<NJ, PAIRED>(L, route_lo, route_hi, fm_lora_slot_of(L, route_lo),
+                                     fm_lora_slot_of(L, route_hi), expert, col0, acc,
+                                     FmLoraBTile{nullptr, 0, 0, 0, nullptr, nullptr}, ~0ull);
 }
 #endif  // FM_DTYPE != 0
 

@@ -105,6 +105,7 @@ struct FmRows {
     int route[FM_BM];
 #if FM_LORA_GROUPED
     int at[FM_BM];
+    fm_u64 slots;  // bit a: a row's route has active slot a (fm_lora_prefetch_b)
 #endif
 };
 
@@ -144,6 +145,7 @@ __device__ __forceinline__ void fm_rows_put(FmRows& rows, const FmGemmParams& p,
 // memory that nothing uses before the main loop. Every thread of the CTA calls it.
 __device__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0, int* keys,
                               const FmLoraExpand& lora) {
+    if (threadIdx.x == 0) rows.slots = 0;
     for (int i = threadIdx.x; i < FM_BM; i += blockDim.x) {
         const int route = p.sorted_route_ids[slot0 + i];
         const int a = route < p.numel ? fm_lora_slot_of(lora, route) : -1;
@@ -152,6 +154,7 @@ __device__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0, in
     __syncthreads();
     for (int i = threadIdx.x; i < FM_BM; i += blockDim.x) {
         const int key = keys[i];
+        if (key < FM_LORA_SLOTS) atomicOr(&rows.slots, 1ull << key);
         int at = 0;  // rows before it: smaller keys, and equal keys earlier in the block
         for (int j = 0; j < FM_BM; ++j) {
             const int kj = keys[j];  // the same word in every lane: a broadcast
@@ -161,6 +164,144 @@ __device__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0, in
     }
 }
 #define FM_ROWS_SETUP(rows, p, slot0, keys) fm_rows_setup(rows, p, slot0, keys, lora)
+
+// The expand in the epilogue reads B[a, e] for the tile's columns, per slot a of its rows:
+// from DRAM, one round trip per chunk of fragments, while the base GEMM streams the weights
+// near the copy rate (ncu at Qwen3 M = 1024: the expand made the LoRA GEMMs ~25 % slower).
+// FM_LORA_PREFETCH_KTILES k-tiles before its last, the CTA asks L2 for those lines, so that
+// the epilogue finds them there; as many or more than its k-tiles: at its first.
+#ifndef FM_LORA_PREFETCH_KTILES
+#define FM_LORA_PREFETCH_KTILES 8
+#endif
+
+__device__ __forceinline__ int fm_lora_prefetch_at(int k_tiles) {
+    return max(0, k_tiles - FM_LORA_PREFETCH_KTILES);
+}
+
+// Every thread of the CTA: a line request for each 128 bytes of B rows its columns take.
+__device__ __forceinline__ void fm_lora_prefetch_b(const FmLoraExpand& L, const FmGemmParams& p,
+                                                   fm_u64 slots, int expert, int n0) {
+    const int row_bytes = L.rank * (int)sizeof(fm_t);
+    while (slots != 0) {
+        const int a = __ffsll((long long)slots) - 1;
+        slots &= slots - 1;
+        const FmLoraSlot& s = L.b.slot[a];
+        if (s.w == nullptr) continue;
+        const char* b = (const char*)s.w + (fm_i64)(s.shared_outer ? 0 : expert) * L.n * row_bytes;
+        for (int c = threadIdx.x; c < FM_BN && n0 + c < p.n; c += FM_THREADS) {
+            const fm_i64 at = (fm_i64)fm_w_row(p, n0 + c) * row_bytes;
+            // the lines the row starts or crosses into: its first only where it starts one
+            // (a row shorter than a line shares it with its neighbours), and the tile's
+            // first two columns (the first rows of the gate and up halves)
+            const fm_i64 first = c < 2 || (at & 127) == 0 ? at : (at & ~(fm_i64)127) + 128;
+            for (fm_i64 line = first; line < at + row_bytes; line += 128) fm_prefetch_l2(b + line);
+        }
+    }
+}
+
+// The expand's B in shared memory (FM_LORA_B_SMEM: the plain wgmma loop, whose stages are
+// free once its k loop is done). Read from global memory, B costs a warp a round trip per
+// chunk of fragments and per slot, in series (ncu at Qwen3 M = 1024: the LoRA GEMM2 at 57 %
+// of DRAM bandwidth, its k loop only 12 k-tiles); copied first, it costs the CTA one round.
+#if FM_LORA_GROUPED && defined(FM_WGMMA) && FM_WGMMA == 1
+#define FM_LORA_B_SMEM 1
+#else
+#define FM_LORA_B_SMEM 0
+#endif
+
+#if FM_LORA_B_SMEM
+// What the copies and the word reads need: 16-byte rows of B and of t, 16-byte aligned
+// matrices. The same answer in every thread.
+__device__ __forceinline__ bool fm_lora_b_shared_ok(const FmLoraExpand& L, fm_u64 slots) {
+    if (L.rank * (int)sizeof(fm_t) % 16 != 0 || L.t_stride % 4 != 0 ||
+        ((unsigned long long)L.t & 15ull) != 0)
+        return false;
+    for (; slots != 0; slots &= slots - 1) {
+        const int a = __ffsll((long long)slots) - 1;
+        if (((unsigned long long)L.b.slot[a].w & 15ull) != 0) return false;
+    }
+    return true;
+}
+
+// Where the copies go in the stage buffers: the tiles of B, `pitch` bytes a row, then t's
+// rows of the tile, `t_pitch` floats a row.
+struct FmLoraStaged {
+    int pitch, slot_bytes, t_pitch, bytes;
+};
+
+__device__ __forceinline__ FmLoraStaged fm_lora_staged(const FmLoraExpand& L, fm_u64 slots) {
+    FmLoraStaged s;
+    // 16 bytes past a row of B and 8 floats past one of t: a warp's reads hit 32 banks (B at
+    // r = 16 and 64, t at r = 8 to 64)
+    s.pitch = L.rank * (int)sizeof(fm_t) + 16;
+    s.slot_bytes = FM_BN * s.pitch;
+    s.t_pitch = L.t_stride + 8;
+    s.bytes = __popcll(slots) * s.slot_bytes + FM_BM * s.t_pitch * (int)sizeof(float);
+    return s;
+}
+
+// Copies, for each slot of `slots` in turn, B[a, e]'s rows of the tile's columns (row j: W
+// row fm_w_row(n0 + j)), then t's rows of the tile's routes, to `stages` as `st` says. Every
+// thread of the CTA; all of it is in shared memory for every thread on return.
+__device__ __forceinline__ void fm_lora_stage(const FmLoraExpand& L, const FmGemmParams& p,
+                                              const FmRows& rows, fm_u64 slots, int expert,
+                                              int n0, unsigned char* stages,
+                                              const FmLoraStaged& st) {
+    const int chunks = L.rank * (int)sizeof(fm_t) / 16;  // 16-byte pieces a row of B
+    unsigned char* dst = stages;
+    for (; slots != 0; slots &= slots - 1, dst += st.slot_bytes) {
+        const FmLoraSlot& s = L.b.slot[__ffsll((long long)slots) - 1];
+        const fm_t* b = (const fm_t*)s.w + (fm_i64)(s.shared_outer ? 0 : expert) * L.n * L.rank;
+        for (int c = threadIdx.x; c < FM_BN * chunks; c += FM_THREADS) {
+            const int j = c / chunks, q = c % chunks;
+            if (n0 + j < p.n)
+                fm_cp_async16(dst + j * st.pitch + 16 * q,
+                              b + (fm_i64)fm_w_row(p, n0 + j) * L.rank + q * (16 / (int)sizeof(fm_t)),
+                              true);
+        }
+    }
+    const int t_chunks = L.t_stride / 4;  // 16-byte pieces a row of t
+    for (int c = threadIdx.x; c < FM_BM * t_chunks; c += FM_THREADS) {
+        const int i = c / t_chunks, q = c % t_chunks;
+        const int route = rows.route[i];
+        if (route >= 0)
+            fm_cp_async16(dst + (i * st.t_pitch + 4 * q) * (int)sizeof(float),
+                          L.t + (fm_i64)route * L.t_stride + 4 * q, true);
+    }
+    fm_cp_async_commit();
+    fm_cp_async_wait<0>();
+    __syncthreads();
+}
+
+// fm_lora_expand_frags with B and t from shared memory, where the tiles of all the CTA's
+// slots (FmRows.slots) and its rows of t fit the `stage_bytes` at `stages` (at r = 16, up to
+// ten slots in 64×128's three stages) and the word loads can serve; else from global memory.
+// Every thread of the CTA, after its last wgmma and cp.async; row_lo: this lane's first tile
+// row (row_lo + 8 the second).
+template <int NJ, bool PAIRED>
+__device__ __forceinline__ void fm_lora_expand_shared(const FmLoraExpand& L,
+                                                      const FmGemmParams& p, const FmRows& rows,
+                                                      int row_lo, int expert, int n0, int col0,
+                                                      float* acc, unsigned char* stages,
+                                                      int stage_bytes) {
+    const fm_u64 slots = rows.slots;
+    const int route_lo = rows.route[row_lo], route_hi = rows.route[row_lo + 8];
+    // loaded before the copies, to arrive during them
+    const int a_lo = fm_lora_slot_of(L, route_lo), a_hi = fm_lora_slot_of(L, route_hi);
+    const FmLoraStaged st = fm_lora_staged(L, slots);
+    FmLoraBTile bt{nullptr, st.pitch, st.slot_bytes, n0, nullptr, nullptr};
+    if (st.bytes <= stage_bytes && fm_lora_b_shared_ok(L, slots)) {
+        __syncthreads();  // every warpgroup's wgmmas are done reading the stages
+        fm_lora_stage(L, p, rows, slots, expert, n0, stages, st);
+        bt.tile = stages;
+        const float* t_rows = (const float*)(stages + __popcll(slots) * st.slot_bytes);
+        bt.t_lo = t_rows + row_lo * st.t_pitch;
+        bt.t_hi = t_rows + (row_lo + 8) * st.t_pitch;
+    }
+    fm_lora_expand_frags<NJ, PAIRED>(L, route_lo, route_hi, a_lo, a_hi, expert, col0, acc, bt,
+                                     slots);
+}
+#endif  // FM_LORA_B_SMEM
 #else
 __device__ __forceinline__ void fm_rows_setup(FmRows& rows, const FmGemmParams& p, int slot0) {
     for (int i = threadIdx.x; i < FM_BM; i += FM_THREADS) fm_rows_put(rows, p, slot0, i, i);

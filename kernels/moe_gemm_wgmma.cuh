@@ -260,13 +260,19 @@ __device__ __forceinline__ void fm_wg_mma_ktile(float (&acc)[FM_WG_COLS / 2], un
 // The accumulator fragment of m64nNk16: warp w of the warpgroup holds rows 16w + lane/4 (and
 // 8 further down); per 8 columns j, registers 4j, 4j+1 sit at columns 8j + 2(lane%4) + {0, 1}
 // of the first row, 4j+2, 4j+3 at the same columns of the second.
+// `stages`: the stage buffers (generic address), which the LoRA expand of FM_LORA_B_SMEM
+// takes over; every thread of the CTA calls it then.
 __device__ __forceinline__ void fm_wg_epilogue(const FmRows& rows, const FmGemmParams& p,
                                                const FmBlock& b, const FmWarpgroup& g,
-                                               float* acc FM_LORA_ARG) {
+                                               float* acc, unsigned char* stages FM_LORA_ARG) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row0 = g.m * 64 + (warp % 4) * 16 + lane / 4;
     const int col0 = b.n0 + g.n * FM_WG_COLS + (lane % 4) * 2;
-#if FM_LORA
+#if FM_LORA_B_SMEM
+    fm_lora_expand_shared<FM_WG_COLS / 8, FM_PAIRED_HALVES>(
+        lora, p, rows, row0, b.expert, b.n0, b.n0 + g.n * FM_WG_COLS, acc, stages,
+        FM_STAGES * FM_STAGE_BYTES);
+#elif FM_LORA
     fm_lora_expand_frags<FM_WG_COLS / 8, FM_PAIRED_HALVES>(
         lora, rows.route[row0], rows.route[row0 + 8], b.expert, b.n0 + g.n * FM_WG_COLS, acc);
 #endif
@@ -278,7 +284,13 @@ __device__ __forceinline__ void fm_wg_epilogue(const FmRows& rows, const FmGemmP
 // Two CTAs per SM where the accumulators allow (64 per thread fit the 128 registers that
 // leaves, without spills): one CTA's epilogue and pipeline fill then overlap the other's
 // main loop.
+// The LoRA 64×128 variant (one warpgroup) at three: its expand from shared memory alone would
+// take 173-182 registers under CUDA 13.0, one CTA fewer per SM.
+#if FM_LORA_B_SMEM && FM_THREADS == 128 && FM_WG_COLS <= 128
+#define FM_MIN_CTAS 3
+#else
 #define FM_MIN_CTAS (FM_WG_COLS <= 128 && FM_THREADS <= 256 ? 2 : 1)
+#endif
 
 extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
     fm_pdl_wait();  // (tile.pdl) the stage before this one
@@ -323,11 +335,14 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS, FM_MIN_CTAS) moe_gemm(c
         const int next = kt + FM_STAGES - 1;
         if (next < k_tiles) loader.load_next(tiles0 + (next % FM_STAGES) * FM_STAGE_BYTES, p);
         fm_cp_async_commit();
+#if FM_LORA_GROUPED
+        if (kt == fm_lora_prefetch_at(k_tiles)) fm_lora_prefetch_b(lora, p, rows.slots, expert, n0);
+#endif
     }
     fm_wg_wait<0>();
 #pragma unroll
     for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
     fm_cp_async_wait<0>();
-    fm_wg_epilogue(rows, p, b, g, acc FM_LORA_PASS);
+    fm_wg_epilogue(rows, p, b, g, acc, fm_smem + (tiles0 - smem0) FM_LORA_PASS);
 }
 #endif  // FM_WGMMA == 1

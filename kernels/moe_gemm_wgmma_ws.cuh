@@ -199,6 +199,6 @@ extern "C" __global__ void __launch_bounds__(FM_WS_THREADS, 1)
 #pragma unroll
         for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
 
-        fm_wg_epilogue(rows, p, b, g, acc FM_LORA_PASS);
+        fm_wg_epilogue(rows, p, b, g, acc, nullptr FM_LORA_PASS);
     }
 }

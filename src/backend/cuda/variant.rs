@@ -257,8 +257,13 @@ pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<
 /// the tensor-core LoRA GEMMs, which keep each row's place in the align block),
 /// 128-byte aligned: the tiles start after it.
 fn tile_rows_bytes(bm: u32, grouped: bool) -> usize {
-    let row = if grouped { 16 } else { 12 };
-    (bm as usize * row).div_ceil(128) * 128
+    // grouped: each row's place in the align block too, and the CTA's slot mask (8 bytes)
+    let bytes = if grouped {
+        bm as usize * 16 + 8
+    } else {
+        bm as usize * 12
+    };
+    bytes.div_ceil(128) * 128
 }
 
 /// The main loop a tile config takes on `path`: its warps (along M, along N), the loop, and
