@@ -12,7 +12,8 @@
 // FM_STAGES, FM_VEC (8: 16-byte cp.async chunks, rows 16-byte aligned; 1: element loads),
 // FM_MMA (1: mma.sync on 16-bit types; 0: SIMT in f32, the f32 layers' path), FM_WGMMA
 // (1: Hopper's wgmma, moe_gemm_wgmma.cuh; 2: its warp-specialised form, a producer warpgroup
-// beside the FM_THREADS of the tile, moe_gemm_wgmma_ws.cuh; sm_90a, 16-bit types, 16-byte
+// beside the FM_THREADS of the tile, moe_gemm_wgmma_ws.cuh; 3: wgmma with the weight tile
+// multicast by TMA over a pair of CTAs, moe_gemm_wgmma_mc.cuh; sm_90a, 16-bit types, 16-byte
 // loads), FM_LORA
 // (see the LoRA hook below), FM_FUSED_ACT (GEMM1 with the activation, below) and
 // FM_SPLIT_K (split-K over a thread-block cluster, below).
@@ -319,17 +320,21 @@ struct FmBlock {
 // then the next n-tile, so a weight tile is read from DRAM once and found in L2 by the other
 // m-blocks of its expert; m-block-major order streamed a large expert's whole weight matrix
 // once per m-block (Mixtral's w13 is 235 MB per expert, L2 50 MB).
-__device__ __forceinline__ bool fm_block(const FmGemmParams& p, FmBlock& b) {
+// `index` is a CTA's place in that walk (blockIdx.x; FM_WGMMA 3 also asks of its peer's).
+__device__ __forceinline__ bool fm_block_at(const FmGemmParams& p, int index, FmBlock& b) {
     const int per_group = p.group_m * p.n_tiles;
-    const int group = blockIdx.x / per_group, first_m = group * p.group_m;
+    const int group = index / per_group, first_m = group * p.group_m;
     const int group_rows = min(p.m_blocks - first_m, p.group_m);
-    const int in_group = blockIdx.x - group * per_group;
+    const int in_group = index - group * per_group;
     const int m_block = first_m + in_group % group_rows, n_tile = in_group / group_rows;
     b.slot0 = m_block * FM_BM;
     b.n0 = n_tile * FM_BN;
     if (b.slot0 >= *p.num_padded) return false;
     b.expert = p.block_expert[m_block];
     return b.expert >= 0;
+}
+__device__ __forceinline__ bool fm_block(const FmGemmParams& p, FmBlock& b) {
+    return fm_block_at(p, blockIdx.x, b);
 }
 
 // The shared-memory tiles start after the row table, 128-byte aligned.
@@ -496,6 +501,8 @@ static_assert(FM_SPLIT_K == 1, "split-K takes the mma.sync main loop");
 #include "moe_gemm_wgmma.cuh"
 #if FM_WGMMA == 2
 #include "moe_gemm_wgmma_ws.cuh"
+#elif FM_WGMMA == 3
+#include "moe_gemm_wgmma_mc.cuh"
 #endif
 
 #elif FM_MMA

@@ -15,9 +15,10 @@
 // load waits for a second barrier per k-tile, after every warpgroup has waited for its wgmma
 // of kt − 1; with one barrier the prefetch would reach only STAGES − 2 k-tiles ahead.
 //
-// Everything above the kernel (swizzle, descriptors, wgmma wrappers, the stage loader) is
-// shared with the warp-specialised main loop of moe_gemm_wgmma_ws.cuh (FM_WGMMA 2), which
-// includes this header after it; the kernel at the bottom is FM_WGMMA 1's alone.
+// Everything above the kernel (swizzle, descriptors, wgmma wrappers, mbarriers, the stage
+// loader) is shared with the warp-specialised main loop of moe_gemm_wgmma_ws.cuh (FM_WGMMA 2)
+// and the multicast one of moe_gemm_wgmma_mc.cuh (FM_WGMMA 3), which include this header
+// after it; the kernel at the bottom is FM_WGMMA 1's alone.
 
 #define FM_WG_M (FM_WARPS_M / 4)
 #define FM_WG_N FM_WARPS_N
@@ -147,6 +148,29 @@ __device__ __forceinline__ void fm_wgmma_n256(float (&d)[128], fm_u64 da, fm_u64
 #define FM_WGMMA_TILE fm_wgmma_n256
 #endif
 
+// mbarrier at shared address `bar` (8-byte aligned).
+__device__ __forceinline__ void fm_mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Release (the default of mbarrier.arrive): this thread's shared-memory accesses before it
+// happen before the waiter's after its wait.
+__device__ __forceinline__ void fm_mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Until the phase of parity `parity` has completed (acquire, the default of try_wait).
+__device__ __forceinline__ void fm_mbar_wait(unsigned bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\n"
+            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
 // 16 bytes global -> shared address `dst`, zero-filled where `valid` is false.
 __device__ __forceinline__ void fm_cp_async16_to(unsigned dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
@@ -162,8 +186,9 @@ __device__ __forceinline__ void fm_cp_async16_to(unsigned dst, const void* src, 
 // k0 is set up once; recomputing it per chunk and k-tile (row tests, swizzle, 64-bit index
 // math, behind branches) took about 30 instructions per 16-byte copy, and at 128x128 tiles
 // that issue work, not the tensor cores, bounded the main loop (ncu: issue slots 53 % busy,
-// tensor pipe 45 %).
-template <int LOADERS>
+// tensor pipe 45 %). With LOAD_W false it copies the A rows alone (FM_WGMMA 3's W tile comes
+// by TMA).
+template <int LOADERS, bool LOAD_W = true>
 struct FmWgLoader {
     static constexpr int ROWS_PER_PASS = LOADERS / 8;
     static constexpr int A_CHUNKS = FM_BM / ROWS_PER_PASS;
@@ -194,6 +219,7 @@ struct FmWgLoader {
             a_src[i] = a + (off >= 0 ? off : 0) + k;
             valid |= (off >= 0 ? 1u : 0u) << i;
         }
+        if (!LOAD_W) return;
         // rows ROWS_PER_PASS apart (even) keep their half with FM_PAIRED_HALVES
         b_stride = (fm_i64)(ROWS_PER_PASS / FM_W_ROW_STEP) * p.kdim;
         const int n = n0 + row;
@@ -212,6 +238,8 @@ struct FmWgLoader {
             fm_cp_async16_to(d + i * ROWS_PER_PASS * FM_ROW_BYTES, a_src[i], (live >> i) & 1u);
             a_src[i] += FM_BK;
         }
+        k += FM_BK;
+        if (!LOAD_W) return;
         const fm_t* b = b_src;
 #pragma unroll
         for (int i = 0; i < B_CHUNKS; ++i) {
@@ -221,7 +249,6 @@ struct FmWgLoader {
             if (i + 1 < B_CHUNKS && ((valid >> (A_CHUNKS + i + 1)) & 1u)) b += b_stride;
         }
         b_src += FM_BK;
-        k += FM_BK;
     }
 };
 

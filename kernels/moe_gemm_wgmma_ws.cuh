@@ -78,29 +78,6 @@ __device__ __forceinline__ void fm_setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
 }
 
-// mbarrier at shared address `bar` (8-byte aligned).
-__device__ __forceinline__ void fm_mbar_init(unsigned bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-// Release (the default of mbarrier.arrive): this thread's shared-memory accesses before it
-// happen before the waiter's after its wait.
-__device__ __forceinline__ void fm_mbar_arrive(unsigned bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Until the phase of parity `parity` has completed (acquire, the default of try_wait).
-__device__ __forceinline__ void fm_mbar_wait(unsigned bar, unsigned parity) {
-    unsigned done;
-    do {
-        asm volatile(
-            "{\n.reg .pred p;\n"
-            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-            "selp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    } while (!done);
-}
-
 // The producer warpgroup (`tid` in [0, 128)): every stage load, and the full barriers.
 __device__ __forceinline__ void fm_ws_produce(const FmRows& rows, const FmGemmParams& p,
                                               const FmBlock& b, const fm_t* w_expert,

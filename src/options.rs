@@ -138,6 +138,16 @@ const KEYS: &[Key] = &[
         doc: "1: GEMM tiles that take wgmma (cuda.wgmma) use its warp-specialised main loop, a producer warpgroup issuing the loads beside the tile's warpgroups (refused where the wgmma loop does not run); 0 (default): every warp loads and multiplies",
     },
     Key {
+        name: "cuda.wgmma_multicast",
+        rule: Rule::Int {
+            min: 0,
+            max: 1,
+            pow2: false,
+        },
+        device: Some(DeviceKind::Cuda),
+        doc: "1: GEMM tiles that take wgmma (cuda.wgmma), LoRA's aside, run as CTA pairs on consecutive blocks of one expert that load the weight tile once by TMA and multicast it to both (refused where the wgmma loop does not run, and with cuda.wgmma_ws); 0 (default): each CTA loads its own",
+    },
+    Key {
         name: "cuda.fuse_act",
         rule: Rule::Int {
             min: 0,

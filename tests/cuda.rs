@@ -377,6 +377,80 @@ fn wgmma_ws_tiles_match_the_cpu() {
     );
 }
 
+/// The same tiles and cases on the multicast wgmma main loop (cuda.wgmma_multicast=1: CTA
+/// pairs on consecutive m-blocks of one expert load the W tile once by TMA into both). Each
+/// must keep the pair in step and tell shared pairs from lone CTAs: experts of several
+/// blocks (700 routes over 4 experts; 3000 over 6, odd block counts among them), pairs
+/// straddling two experts, blocks past num_padded, rows past N in both halves of the tile,
+/// K tails the tensor map zero-fills (H 200), the fused activation over the halves layout
+/// (the map's paired rows) and the interleaved one.
+#[test]
+fn wgmma_multicast_tiles_match_the_cpu() {
+    let Some(ctx) = gpu("wgmma_multicast_tiles_match_the_cpu") else {
+        return;
+    };
+    let mut cases = wgmma_tile_cases(&[("cuda.wgmma_multicast", 1)]);
+    for (n, (bm, bn, warps)) in [(128, 128, 8), (64, 256, 8), (128, 256, 8)]
+        .into_iter()
+        .enumerate()
+    {
+        let options = number_options(&[
+            ("tile.block_m", bm),
+            ("tile.block_n", bn),
+            ("tile.block_k", 64),
+            ("tile.num_warps", warps),
+            ("tile.num_stages", 3),
+            ("tile.group_m", 3),
+            ("cuda.wgmma_multicast", 1),
+        ]);
+        cases.push(Case {
+            tokens: 1000,
+            experts: 6,
+            top_k: 3,
+            hidden: 320,
+            inter: 200,
+            drop: 0.05,
+            b13: true,
+            b2: true,
+            options,
+            ..base([Dt::Bf16, Dt::F16][n % 2], 6200 + n as u64)
+        });
+    }
+    run_cases(
+        "wgmma_multicast tiles",
+        &ctx,
+        &select(cases, |c| c.tokens == 37 && c.options[1].1 == "128"),
+    );
+}
+
+/// cuda.wgmma_multicast where the wgmma loop does not run, or beside cuda.wgmma_ws, is refused
+/// at layer creation, naming the option.
+#[test]
+fn wgmma_multicast_without_the_wgmma_loop_is_refused_by_name() {
+    let Some(ctx) = gpu("wgmma_multicast_without_the_wgmma_loop_is_refused_by_name") else {
+        return;
+    };
+    let mut refused = vec![vec![("cuda.wgmma_multicast", 1), ("cuda.wgmma", 0)]];
+    if has_clusters(&ctx) {
+        refused.push(vec![("cuda.wgmma_multicast", 1), ("cuda.wgmma_ws", 1)]);
+    }
+    for options in refused {
+        let case = Case {
+            options: number_options(&options),
+            ..base(Dt::Bf16, 6300)
+        };
+        let s = Setup::new(&case);
+        let stream = ctx.new_stream().unwrap();
+        match CudaLayer::new(&s, &stream) {
+            Ok(_) => panic!("a layer with {options:?} was created"),
+            Err(e) => assert!(
+                e.contains("MOE_ERR_UNSUPPORTED") && e.contains("cuda.wgmma_multicast"),
+                "{e}"
+            ),
+        }
+    }
+}
+
 /// The cases of the wgmma tests, with `extra` options after the tile's.
 fn wgmma_tile_cases(extra: &[(&str, u32)]) -> Vec<Case> {
     // (BLOCK_M, BLOCK_N, warps, stages)

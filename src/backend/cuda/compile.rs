@@ -26,6 +26,10 @@ pub const HEADERS: &[Source] = &[
         text: include_str!("../../../kernels/moe_gemm_wgmma_ws.cuh"),
     },
     Source {
+        name: "moe_gemm_wgmma_mc.cuh",
+        text: include_str!("../../../kernels/moe_gemm_wgmma_mc.cuh"),
+    },
+    Source {
         name: "act.cuh",
         text: include_str!("../../../kernels/act.cuh"),
     },
@@ -175,7 +179,13 @@ mod tests {
             return;
         }
         let (major, minor) = unsafe { version() }.unwrap();
-        let variants = super::super::variant::ci_set();
+        // FUSEDMOE_CI_VARIANTS=TEXT compiles only the variants whose name contains TEXT (a
+        // quick check of one kernel while it is written)
+        let only = std::env::var("FUSEDMOE_CI_VARIANTS").unwrap_or_default();
+        let variants: Vec<_> = super::super::variant::ci_set()
+            .into_iter()
+            .filter(|v| v.name.contains(&only))
+            .collect();
         eprintln!("NVRTC {major}.{minor}: {} variants", variants.len());
         let jobs: Vec<_> = variants
             .iter()

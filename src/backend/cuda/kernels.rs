@@ -3,7 +3,9 @@
 
 use super::device::{driver_error, DeviceState};
 use super::lora;
+use super::tma;
 use super::variant::{self, dtype_code, Variant};
+use crate::activation::GateUpLayout;
 use crate::config::Validated;
 use crate::error::{unsupported, Result};
 use crate::layer::{Bias, Layer};
@@ -289,12 +291,39 @@ fn bias_parts(b: &Option<Bias>) -> (u64, i32) {
 }
 
 impl KernelSet {
+    /// One GEMM over the grid its params describe (m_blocks × n_tiles CTAs; grid y: the CTAs
+    /// of a split-K cluster, moe_gemm.cu FM_SPLIT_K). A multicast GEMM
+    /// (moe_gemm_wgmma_mc.cuh) runs in CTA pairs on consecutive m-blocks of one n-tile, so its
+    /// m_blocks and GROUP_M are made even (the extra m-block lies past num_padded and exits),
+    /// and it takes the weights' tensor map where LoRA's GEMMs take the expand's parameters.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_gemm<Q: DeviceRepr>(
+        &self,
+        (mode, gemm): (u8, &Loaded),
+        stream: &Arc<CudaStream>,
+        mut params: GemmParams,
+        w: tma::WeightRows,
+        lora: Option<&Q>,
+        start: Start,
+    ) -> Result<()> {
+        if gemm.v.multicasts_w() {
+            params.m_blocks += params.m_blocks & 1;
+            params.group_m += params.group_m & 1;
+            let map = tma::weight_map(&w, self.tile.block_n)?;
+            let ctas = params.m_blocks as usize * params.n_tiles as usize;
+            return gemm.launch_with(stream, (ctas, 1), &params, Some(&map), start);
+        }
+        let ctas = params.m_blocks as usize * params.n_tiles as usize;
+        let split = self.tile.split_k(mode) as usize;
+        gemm.launch_with(stream, (ctas, split), &params, lora, start)
+    }
+
     pub fn load(
         dev: &DeviceState,
         v: &Validated,
         tile: TileConfig,
         (gemm1_vec8, gemm2_vec8): (bool, bool),
-        (hopper, wgmma_ws): (bool, bool),
+        (hopper, wgmma_ws, multicast): (bool, bool, bool),
         with_lora: bool,
         fuse_act: bool,
     ) -> Result<KernelSet> {
@@ -309,6 +338,7 @@ impl KernelSet {
             vec8,
             hopper,
             wgmma_ws,
+            multicast,
             clusters: dev.traits.compute_capability.0 >= 9,
             lora: with_lora,
             act,
@@ -499,11 +529,10 @@ impl KernelSet {
         };
         let (b13, b13_kind) = bias_parts(&layer.b13);
         let n_tiles1 = d.n1.div_ceil(bn);
-        // grid y: the CTAs of a split-K cluster (moe_gemm.cu, FM_SPLIT_K)
-        self.gemm1.launch_with(
+        self.launch_gemm(
+            (1, &self.gemm1),
             stream,
-            (max_blocks * n_tiles1, self.tile.split_k(1) as usize),
-            &GemmParams {
+            GemmParams {
                 a: io.hidden.data as u64,
                 w: layer.weights.w13.data as u64,
                 bias: b13,
@@ -527,6 +556,15 @@ impl KernelSet {
                 alpha,
                 limit,
                 early_dependents: early_gemm2 as i32,
+            },
+            tma::WeightRows {
+                base: layer.weights.w13.data as u64,
+                dtype: v.dtype,
+                experts: d.experts,
+                rows: d.n1,
+                kdim: d.hidden,
+                // GEMM1 pairs gate and up columns where it applies a gated activation
+                paired_halves: self.act.is_none() && v.gated && v.layout == GateUpLayout::Halves,
             },
             lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
             start,
@@ -559,10 +597,10 @@ impl KernelSet {
         } else {
             s.y
         };
-        self.gemm2.launch_with(
+        self.launch_gemm(
+            (2, &self.gemm2),
             stream,
-            (max_blocks * n_tiles2, self.tile.split_k(2) as usize),
-            &GemmParams {
+            GemmParams {
                 a: s.act,
                 w: layer.weights.w2.data as u64,
                 bias: b2,
@@ -585,6 +623,14 @@ impl KernelSet {
                 alpha,
                 limit,
                 early_dependents: early_gemm2 as i32,
+            },
+            tma::WeightRows {
+                base: layer.weights.w2.data as u64,
+                dtype: v.dtype,
+                experts: d.experts,
+                rows: d.hidden,
+                kdim: d.inter,
+                paired_halves: false,
             },
             lora.map(|(run, _)| run.expand_down()).as_ref(),
             start,

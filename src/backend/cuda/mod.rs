@@ -11,6 +11,7 @@ mod kernels;
 mod lora;
 mod mapped;
 pub mod probe;
+mod tma;
 pub mod variant;
 
 use super::{Backend, LayerState};
@@ -83,6 +84,8 @@ pub struct CudaLayer {
     hopper: bool,
     /// Those wgmma tiles take the warp-specialised main loop (option cuda.wgmma_ws).
     wgmma_ws: bool,
+    /// Or, LoRA's aside, the multicast one (option cuda.wgmma_multicast).
+    wgmma_multicast: bool,
     /// f16/bf16 GEMM1s apply the activation in their epilogue (option cuda.fuse_act).
     fuse_act: bool,
     /// Compute capability 9.0 or newer: tile configs with PDL launch programmatically.
@@ -119,7 +122,7 @@ impl CudaLayer {
             v,
             key.tile,
             vec8,
-            (self.hopper, self.wgmma_ws),
+            (self.hopper, self.wgmma_ws, self.wgmma_multicast),
             key.lora,
             self.fuse_act,
         )?);
@@ -262,6 +265,17 @@ impl Backend for CudaBackend {
                 if dev.arch == "sm_90a" { "cuda.wgmma is 0" } else { "compute capability 9.0 only" }
             ));
         }
+        let wgmma_multicast = options.int("cuda.wgmma_multicast") == Some(1);
+        if wgmma_multicast && (!hopper || wgmma_ws) {
+            return Err(crate::error::unsupported!(
+                "option \"cuda.wgmma_multicast\": the multicast loop is a form of the wgmma one, which {}",
+                if wgmma_ws {
+                    "cuda.wgmma_ws=1 replaces; set one of them".to_string()
+                } else {
+                    format!("{} ({}) does not run", dev.name, if dev.arch == "sm_90a" { "cuda.wgmma is 0" } else { "compute capability 9.0 only" })
+                }
+            ));
+        }
         let pdl_capable = dev.traits.compute_capability.0 >= 9;
         if options.int("tile.pdl").unwrap_or(0) > 0 && !pdl_capable {
             return Err(crate::error::unsupported!(
@@ -278,6 +292,7 @@ impl Backend for CudaBackend {
             gemm2_vec8: d.inter % 8 == 0 && aligned(&weights.w2),
             hopper,
             wgmma_ws,
+            wgmma_multicast,
             fuse_act: options.int("cuda.fuse_act") != Some(0),
             pdl_capable,
             kernels: Mutex::new(HashMap::new()),

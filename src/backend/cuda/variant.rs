@@ -174,6 +174,10 @@ pub struct GemmPath {
     /// (kernels/moe_gemm_wgmma_ws.cuh: a producer warpgroup beside the tile's; option
     /// cuda.wgmma_ws).
     pub wgmma_ws: bool,
+    /// With `hopper`, a tile of wgmma's shape in a GEMM without LoRA takes the main loop
+    /// whose CTA pairs multicast their shared weight tile by TMA (moe_gemm_wgmma_mc.cuh;
+    /// option cuda.wgmma_multicast).
+    pub multicast: bool,
     /// The device has thread-block clusters (sm_90), which a split-K GEMM needs.
     pub clusters: bool,
     /// The moe_run_lora variant, whose epilogue adds the LoRA delta (kernels/lora.cuh).
@@ -291,10 +295,14 @@ fn main_loop(
         if let Some(layout) = wgmma_layout(bm, bn, bk, warps, stages) {
             // the row table, 1024 bytes to align the first stage, the swizzled stages
             let shared_bytes = rows_bytes + 1024 + stages as usize * (bm + bn) as usize * 128;
+            // and, for the two loops with mbarriers, a full and an empty one (8 bytes each)
+            // per stage after them
+            let barriers = 2 * stages as usize * 8;
             if path.wgmma_ws {
-                // and a full and an empty mbarrier (8 bytes each) per stage after them
-                let barriers = 2 * stages as usize * 8;
                 return Ok((layout, MainLoop::WgmmaWs, shared_bytes + barriers));
+            }
+            if path.multicast && !path.lora {
+                return Ok((layout, MainLoop::WgmmaMulticast, shared_bytes + barriers));
             }
             return Ok((layout, MainLoop::Wgmma, shared_bytes));
         }
@@ -329,7 +337,12 @@ enum MainLoop {
     Wgmma,
     // with a producer warpgroup (FM_WGMMA 2): WS_PRODUCER_THREADS beside the tile's warps
     WgmmaWs,
+    // CTA pairs multicasting the weight tile (FM_WGMMA 3): a cluster of two, a tensor map
+    WgmmaMulticast,
 }
+
+/// FM_WGMMA of the multicast main loop.
+const MULTICAST_WGMMA: i64 = 3;
 
 /// The warp-specialised loop's producer warpgroup (FM_WS_PRODUCERS in moe_gemm_wgmma_ws.cuh).
 const WS_PRODUCER_THREADS: u32 = 128;
@@ -353,6 +366,7 @@ fn gemm_variant(
         MainLoop::MmaSync { vec8 } => (1, 0, if vec8 { 8 } else { 1 }),
         MainLoop::Wgmma => (1, 1, 8),
         MainLoop::WgmmaWs => (1, 2, 8),
+        MainLoop::WgmmaMulticast => (1, MULTICAST_WGMMA, 8),
     };
     let act = fused.map_or(String::new(), |a| {
         format!(
@@ -369,6 +383,7 @@ fn gemm_variant(
         match wgmma {
             1 => "_wgmma",
             2 => "_wgmma_ws",
+            MULTICAST_WGMMA => "_wgmma_mc",
             _ => "",
         },
         if split > 1 {
@@ -433,6 +448,13 @@ pub fn wgmma_layout(bm: u32, bn: u32, bk: u32, warps: u32, stages: u32) -> Optio
 }
 
 impl Variant {
+    /// Whether this is a GEMM of the multicast main loop: its CTAs launch in pairs (an even
+    /// grid, even GROUP_M and m-blocks) and take the weights' tensor map as a second argument
+    /// (kernels.rs).
+    pub fn multicasts_w(&self) -> bool {
+        self.defines.contains(&("FM_WGMMA", MULTICAST_WGMMA))
+    }
+
     /// Whether this variant compiles for sm_90a only (a wgmma main loop, or a split-K
     /// GEMM's cluster).
     #[cfg(test)]
@@ -631,6 +653,7 @@ pub fn ci_set() -> Vec<Variant> {
                     vec8,
                     hopper,
                     wgmma_ws: false,
+                    multicast: false,
                     clusters: hopper,
                     lora: false,
                     act: None,
@@ -681,6 +704,7 @@ pub fn ci_set() -> Vec<Variant> {
                         vec8: true,
                         hopper,
                         wgmma_ws: false,
+                        multicast: false,
                         clusters: hopper,
                         lora: false,
                         act: fused,
@@ -713,6 +737,7 @@ pub fn ci_set() -> Vec<Variant> {
                     vec8: true,
                     hopper: true,
                     wgmma_ws: false,
+                    multicast: false,
                     clusters: true,
                     lora,
                     act,
@@ -740,12 +765,42 @@ pub fn ci_set() -> Vec<Variant> {
                     vec8: true,
                     hopper: true,
                     wgmma_ws: true,
+                    multicast: false,
                     clusters: true,
                     lora,
                     act,
                 };
                 let g = gemm(dtype, mode, tile, path).expect("a CI tile");
                 assert!(g.name.contains("_wgmma_ws"), "{}", g.name);
+                if !all.contains(&g) {
+                    all.push(g);
+                }
+            }
+        }
+        // the multicast wgmma loop (sm_90a): its three widths per warpgroup for both GEMMs,
+        // GEMM1 with the activation at 128×128 in both gate/up layouts (the halves one takes
+        // the tensor map's paired rows)
+        if fuses_act(dtype) {
+            let fused = |layout| Some(FusedAct::new(ActFn::Silu, true, layout));
+            let mc_cases = wgmma_tiles
+                .iter()
+                .flat_map(|&t| [(t, 1, None), (t, 2, None)])
+                .chain([
+                    (tiles[2], 1, fused(GateUpLayout::Halves)),
+                    (tiles[2], 1, fused(GateUpLayout::Interleaved)),
+                ]);
+            for (tile, mode, act) in mc_cases {
+                let path = GemmPath {
+                    vec8: true,
+                    hopper: true,
+                    wgmma_ws: false,
+                    multicast: true,
+                    clusters: true,
+                    lora: false,
+                    act,
+                };
+                let g = gemm(dtype, mode, tile, path).expect("a CI tile");
+                assert!(g.multicasts_w(), "{}", g.name);
                 if !all.contains(&g) {
                     all.push(g);
                 }
@@ -762,6 +817,7 @@ pub fn ci_set() -> Vec<Variant> {
                     vec8: true,
                     hopper,
                     wgmma_ws: false,
+                    multicast: false,
                     clusters: hopper,
                     lora: true,
                     act: Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves)),
@@ -824,6 +880,7 @@ mod tests {
             vec8,
             hopper,
             wgmma_ws: false,
+            multicast: false,
             clusters: hopper,
             lora: false,
             act: None,
@@ -850,6 +907,7 @@ mod tests {
             vec8: true,
             hopper: true,
             wgmma_ws: false,
+            multicast: false,
             clusters: true,
             lora: false,
             act: None,
@@ -875,6 +933,7 @@ mod tests {
             tile,
             GemmPath {
                 wgmma_ws: true,
+                multicast: false,
                 ..path
             },
         )
@@ -896,6 +955,7 @@ mod tests {
             let off = GemmPath { hopper, ..path };
             let on = GemmPath {
                 wgmma_ws: true,
+                multicast: false,
                 ..off
             };
             assert_eq!(
