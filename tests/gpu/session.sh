@@ -25,6 +25,10 @@
 #   ws-ab          the persistent warp-specialised GEMMs (.device/wsp, cuda.wgmma_ws=1) against
 #                  main at M = 4096 ($WS_SHAPES, default qwen3,deepseek,gpt-oss: 128x128
 #                  tiles): with the table's 3 stages and with 6 (the twelfth session's lead)
+#   mc-tests       the multicast build's CUDA tests (.device/mc/cuda: pack_revs.sh "cuda" mc=REV)
+#   mc-ab          main against the multicast build with cuda.wgmma_multicast=1 (mc) and
+#                  without (mc0), $MC_SHAPES (default all four) at $MC_TOKENS (1024,4096,16384)
+#   ncu-mc         the multicast GEMMs at Qwen3 M = 4096 (ncu_kernels.sh)
 #   ncu            the base and the LoRA path's kernels at Qwen3 M = 1024 (ncu_kernels.sh)
 #   regs           the registers of every cached cubin (kernel_regs.sh)
 # ROUNDS (default 2), LORA (default "lorax bsmt"), DECODE (default "pieces awarp"); a name
@@ -97,13 +101,21 @@ for s in "${steps[@]}"; do
   ws-ab)
     ab ws-ab "--shapes ${WS_SHAPES:-qwen3,deepseek,gpt-oss} --tokens 4096" \
       "wsp@wsp=cuda.wgmma_ws=1 ws6@wsp=cuda.wgmma_ws=1;tile.num_stages=6" ;;
+  mc-tests) run mc-tests timeout 300 .device/mc/cuda ;;  # a hung pair must not take the call
+  mc-ab)
+    grep -q "^PASS mc-tests" "$summary" || { echo "SKIPPED mc-ab (mc-tests did not pass)" | tee -a "$summary"; continue; }
+    ab mc-ab "--shapes ${MC_SHAPES:-mixtral,qwen3,deepseek,gpt-oss} --tokens ${MC_TOKENS:-1024,4096,16384}" \
+      "mc@mc=cuda.wgmma_multicast=1 mc0@mc=" ;;
+  ncu-mc) grep -q "^PASS mc-tests" "$summary" || continue
+    run ncu-mc timeout 240 bash tests/gpu/ncu_kernels.sh "$results/ncu_mc_qwen3_m4096.csv" 8 'moe_gemm' -- \
+    .device/mc/bench --shapes qwen3 --tokens 4096 --reps 1 --option cuda.wgmma_multicast=1 ;;
   ncu) run ncu bash tests/gpu/ncu_kernels.sh "$results/ncu_qwen3_m1024.csv" 40 'moe_' -- \
     .device/bench --shapes qwen3,lora --tokens 1024 --reps 1 ;;
   regs) run regs bash tests/gpu/kernel_regs.sh "$FUSEDMOE_CACHE_DIR" ;;
-  *) echo "unknown step $s (tests bench torch tune variant-tests lora-ab decode-ab ws-ab ncu regs)" | tee -a "$summary" ;;
+  *) echo "unknown step $s (tests bench torch tune variant-tests lora-ab decode-ab ws-ab mc-tests mc-ab ncu-mc ncu regs)" | tee -a "$summary" ;;
   esac
 done
-for f in check/summary.txt bench.log torch.log tune.log lora-ab.log decode-ab.log ws-ab.log ncu.log; do
+for f in check/summary.txt bench.log torch.log tune.log lora-ab.log decode-ab.log ws-ab.log mc-tests.log mc-ab.log ncu-mc.log ncu.log; do
   [ -f "$results/$f" ] && { echo "== $f"; tail -n 40 "$results/$f"; }
 done
 cat "$summary"
