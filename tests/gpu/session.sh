@@ -19,13 +19,15 @@
 #   bash tests/gpu/pack_revs.sh "cuda cuda_gated" awarp=wip-align-warp
 #   bash tests/gpu/pack_revs.sh "" bsmt=95cc549 wsp=ea750e0    # benches only (tests passed)
 #
-#   variant-tests  every test binary packed with a variant (.device/NAME/<test>)
+#   variant-tests  every test binary packed with a variant (.device/NAME/<test>; VARIANTS: only
+#                  these names)
 #   lora-ab        ab_rounds.sh ROUNDS "--shapes lora" over main and the variants in $LORA
 #   decode-ab      ab_rounds.sh ROUNDS over main and $DECODE at M = 1, 4, 16, 64, four shapes
 #   ws-ab          the persistent warp-specialised GEMMs (.device/wsp, cuda.wgmma_ws=1) against
 #                  main at M = 4096 ($WS_SHAPES, default qwen3,deepseek,gpt-oss: 128x128
 #                  tiles): with the table's 3 stages and with 6 (the twelfth session's lead)
-#   mc-tests       the multicast build's CUDA tests (.device/mc/cuda: pack_revs.sh "cuda" mc=REV)
+#   mc-tests       the multicast build's CUDA tests (.device/mc/cuda: pack_revs.sh "cuda" mc=REV;
+#                  MC_TESTS: a test-name filter)
 #   mc-ab          main against the multicast build with cuda.wgmma_multicast=1 (mc) and
 #                  without (mc0), $MC_SHAPES (default all four) at $MC_TOKENS (1024,4096,16384)
 #   ncu-mc         the multicast GEMMs at Qwen3 M = 4096 (ncu_kernels.sh)
@@ -92,6 +94,7 @@ for s in "${steps[@]}"; do
   variant-tests)
     for d in .device/*/; do
       [ -x "$d/bench" ] || continue  # a variant's folder (pack_variant.sh)
+      [ -z "${VARIANTS:-}" ] || [[ " $VARIANTS " == *" $(basename "$d") "* ]] || continue
       for t in "$d"*; do
         [ "$(basename "$t")" = bench ] || run "test_$(basename "$d")_$(basename "$t")" "$t"
       done
@@ -101,7 +104,8 @@ for s in "${steps[@]}"; do
   ws-ab)
     ab ws-ab "--shapes ${WS_SHAPES:-qwen3,deepseek,gpt-oss} --tokens 4096" \
       "wsp@wsp=cuda.wgmma_ws=1 ws6@wsp=cuda.wgmma_ws=1;tile.num_stages=6" ;;
-  mc-tests) run mc-tests timeout 300 .device/mc/cuda ;;  # a hung pair must not take the call
+  # a hung pair must not take the call; MC_TESTS: a name filter
+  mc-tests) run mc-tests timeout 300 .device/mc/cuda ${MC_TESTS:-} ;;
   mc-ab)
     grep -q "^PASS mc-tests" "$summary" || { echo "SKIPPED mc-ab (mc-tests did not pass)" | tee -a "$summary"; continue; }
     ab mc-ab "--shapes ${MC_SHAPES:-mixtral,qwen3,deepseek,gpt-oss} --tokens ${MC_TOKENS:-1024,4096,16384}" \
