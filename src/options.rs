@@ -145,7 +145,7 @@ const KEYS: &[Key] = &[
             pow2: false,
         },
         device: Some(DeviceKind::Cuda),
-        doc: "1: GEMM tiles that take wgmma (cuda.wgmma), LoRA's aside, run as CTA pairs on consecutive blocks of one expert that load the weight tile once by TMA and multicast it to both (refused where the wgmma loop does not run, and with cuda.wgmma_ws); 0 (default): each CTA loads its own",
+        doc: "1: GEMM tiles that take wgmma (cuda.wgmma), LoRA's aside, run as CTA pairs on consecutive blocks of one expert that load the weight tile once by TMA and multicast it to both (refused where the wgmma loop does not run, and with cuda.wgmma_ws); 0: each CTA loads its own; unset (default): the pairs for tiles 256 columns wide, where they measured faster",
     },
     Key {
         name: "cuda.fuse_act",

@@ -323,7 +323,7 @@ impl KernelSet {
         v: &Validated,
         tile: TileConfig,
         (gemm1_vec8, gemm2_vec8): (bool, bool),
-        (hopper, wgmma_ws, multicast): (bool, bool, bool),
+        (hopper, wgmma_ws, multicast): (bool, bool, variant::Multicast),
         with_lora: bool,
         fuse_act: bool,
     ) -> Result<KernelSet> {

@@ -84,8 +84,8 @@ pub struct CudaLayer {
     hopper: bool,
     /// Those wgmma tiles take the warp-specialised main loop (option cuda.wgmma_ws).
     wgmma_ws: bool,
-    /// Or, LoRA's aside, the multicast one (option cuda.wgmma_multicast).
-    wgmma_multicast: bool,
+    /// Or, LoRA's aside, which take the multicast one (option cuda.wgmma_multicast).
+    wgmma_multicast: variant::Multicast,
     /// f16/bf16 GEMM1s apply the activation in their epilogue (option cuda.fuse_act).
     fuse_act: bool,
     /// Compute capability 9.0 or newer: tile configs with PDL launch programmatically.
@@ -265,8 +265,12 @@ impl Backend for CudaBackend {
                 if dev.arch == "sm_90a" { "cuda.wgmma is 0" } else { "compute capability 9.0 only" }
             ));
         }
-        let wgmma_multicast = options.int("cuda.wgmma_multicast") == Some(1);
-        if wgmma_multicast && (!hopper || wgmma_ws) {
+        let wgmma_multicast = match options.int("cuda.wgmma_multicast") {
+            None => variant::Multicast::Wide,
+            Some(0) => variant::Multicast::Off,
+            Some(_) => variant::Multicast::All,
+        };
+        if wgmma_multicast == variant::Multicast::All && (!hopper || wgmma_ws) {
             return Err(crate::error::unsupported!(
                 "option \"cuda.wgmma_multicast\": the multicast loop is a form of the wgmma one, which {}",
                 if wgmma_ws {

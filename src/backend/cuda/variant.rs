@@ -174,10 +174,10 @@ pub struct GemmPath {
     /// (kernels/moe_gemm_wgmma_ws.cuh: a producer warpgroup beside the tile's; option
     /// cuda.wgmma_ws).
     pub wgmma_ws: bool,
-    /// With `hopper`, a tile of wgmma's shape in a GEMM without LoRA takes the main loop
+    /// With `hopper`, which tiles of wgmma's shape in a GEMM without LoRA take the main loop
     /// whose CTA pairs multicast their shared weight tile by TMA (moe_gemm_wgmma_mc.cuh;
     /// option cuda.wgmma_multicast).
-    pub multicast: bool,
+    pub multicast: Multicast,
     /// The device has thread-block clusters (sm_90), which a split-K GEMM needs.
     pub clusters: bool,
     /// The moe_run_lora variant, whose epilogue adds the LoRA delta (kernels/lora.cuh).
@@ -185,6 +185,31 @@ pub struct GemmPath {
     /// GEMM1 applies this activation in its epilogue (tensor-core paths only; see
     /// `fuses_act`).
     pub act: Option<FusedAct>,
+}
+
+/// Which wgmma tiles take the multicast main loop (option cuda.wgmma_multicast).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Multicast {
+    /// Tiles 256 columns wide (the option unset). On the H100 (BENCHMARKS.md, thirteenth
+    /// session) every such row measured 1.03-1.08x (Mixtral M = 1024-16384, Qwen3 16384): there
+    /// W is two thirds of a k-tile's bytes. At 128 columns, half, the pair's lockstep cost
+    /// more than the bytes saved (DeepSeek, gpt-oss, Qwen3 4096: 0.94-1.03x).
+    #[default]
+    Wide,
+    /// Every wgmma tile (cuda.wgmma_multicast=1).
+    All,
+    /// None (cuda.wgmma_multicast=0).
+    Off,
+}
+
+impl Multicast {
+    fn takes(self, block_n: u32) -> bool {
+        match self {
+            Multicast::Wide => block_n == 256,
+            Multicast::All => true,
+            Multicast::Off => false,
+        }
+    }
 }
 
 /// The activation a GEMM1 variant applies in its epilogue (moe_gemm.cu, FM_FUSED_ACT): the
@@ -301,7 +326,7 @@ fn main_loop(
             if path.wgmma_ws {
                 return Ok((layout, MainLoop::WgmmaWs, shared_bytes + barriers));
             }
-            if path.multicast && !path.lora {
+            if path.multicast.takes(bn) && !path.lora {
                 return Ok((layout, MainLoop::WgmmaMulticast, shared_bytes + barriers));
             }
             return Ok((layout, MainLoop::Wgmma, shared_bytes));
@@ -653,7 +678,7 @@ pub fn ci_set() -> Vec<Variant> {
                     vec8,
                     hopper,
                     wgmma_ws: false,
-                    multicast: false,
+                    multicast: Multicast::Off,
                     clusters: hopper,
                     lora: false,
                     act: None,
@@ -704,7 +729,7 @@ pub fn ci_set() -> Vec<Variant> {
                         vec8: true,
                         hopper,
                         wgmma_ws: false,
-                        multicast: false,
+                        multicast: Multicast::Off,
                         clusters: hopper,
                         lora: false,
                         act: fused,
@@ -737,7 +762,7 @@ pub fn ci_set() -> Vec<Variant> {
                     vec8: true,
                     hopper: true,
                     wgmma_ws: false,
-                    multicast: false,
+                    multicast: Multicast::Off,
                     clusters: true,
                     lora,
                     act,
@@ -765,7 +790,7 @@ pub fn ci_set() -> Vec<Variant> {
                     vec8: true,
                     hopper: true,
                     wgmma_ws: true,
-                    multicast: false,
+                    multicast: Multicast::Off,
                     clusters: true,
                     lora,
                     act,
@@ -794,7 +819,7 @@ pub fn ci_set() -> Vec<Variant> {
                     vec8: true,
                     hopper: true,
                     wgmma_ws: false,
-                    multicast: true,
+                    multicast: Multicast::All,
                     clusters: true,
                     lora: false,
                     act,
@@ -817,7 +842,7 @@ pub fn ci_set() -> Vec<Variant> {
                     vec8: true,
                     hopper,
                     wgmma_ws: false,
-                    multicast: false,
+                    multicast: Multicast::Off,
                     clusters: hopper,
                     lora: true,
                     act: Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves)),
@@ -880,7 +905,7 @@ mod tests {
             vec8,
             hopper,
             wgmma_ws: false,
-            multicast: false,
+            multicast: Multicast::Off,
             clusters: hopper,
             lora: false,
             act: None,
@@ -907,10 +932,57 @@ mod tests {
             vec8: true,
             hopper: true,
             wgmma_ws: false,
-            multicast: false,
+            multicast: Multicast::Off,
             clusters: true,
             lora: false,
             act: None,
+        }
+    }
+
+    /// By default (the option unset) the wgmma tiles 256 columns wide take the multicast
+    /// loop, with its barriers; 128-column tiles, LoRA's GEMMs and the warp-specialised loop
+    /// do not. With the option at 1 every wgmma tile does.
+    #[test]
+    fn multicast_takes_the_wide_tiles_by_default() {
+        let tile = |block_n| TileConfig {
+            block_m: 128,
+            block_n,
+            block_k: 64,
+            group_m: 8,
+            num_warps: 8,
+            num_stages: 3,
+            flags: 0,
+        };
+        let path = |multicast, lora, wgmma_ws| GemmPath {
+            multicast,
+            lora,
+            wgmma_ws,
+            ..hopper_path()
+        };
+        let wide = Multicast::default();
+        let cases = [
+            (256, wide, false, false, true),
+            (128, wide, false, false, false),
+            (256, wide, true, false, false),
+            (256, wide, false, true, false),
+            (128, Multicast::All, false, false, true),
+            (256, Multicast::Off, false, false, false),
+        ];
+        for (bn, mc, lora, ws, expect) in cases {
+            for mode in [1, 2] {
+                let g = gemm(DType::BF16, mode, tile(bn), path(mc, lora, ws)).unwrap();
+                assert_eq!(g.multicasts_w(), expect, "{} ({mc:?})", g.name);
+                if expect {
+                    let plain = gemm(DType::BF16, mode, tile(bn), path(Multicast::Off, lora, ws));
+                    let barriers = 2 * 3 * 8;
+                    assert_eq!(g.shared_bytes, plain.unwrap().shared_bytes + barriers);
+                    assert!(
+                        g.name.ends_with("_wgmma_mc") && g.needs_sm90a(),
+                        "{}",
+                        g.name
+                    );
+                }
+            }
         }
     }
 
@@ -933,7 +1005,7 @@ mod tests {
             tile,
             GemmPath {
                 wgmma_ws: true,
-                multicast: false,
+                multicast: Multicast::Off,
                 ..path
             },
         )
@@ -955,7 +1027,7 @@ mod tests {
             let off = GemmPath { hopper, ..path };
             let on = GemmPath {
                 wgmma_ws: true,
-                multicast: false,
+                multicast: Multicast::Off,
                 ..off
             };
             assert_eq!(
