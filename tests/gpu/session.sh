@@ -31,6 +31,8 @@
 #   mc-ab          main against the multicast build with cuda.wgmma_multicast=1 (mc) and
 #                  without (mc0), $MC_SHAPES (default all four) at $MC_TOKENS (1024,4096,16384)
 #   ncu-mc         the multicast GEMMs at Qwen3 M = 4096 (ncu_kernels.sh)
+#   final-ab       main against a build of the session's end (.device/final/bench), at
+#                  $FINAL_SHAPES (mixtral,qwen3,lora) and $FINAL_TOKENS (1024,4096,16384)
 #   ncu            the base and the LoRA path's kernels at Qwen3 M = 1024 (ncu_kernels.sh)
 #   regs           the registers of every cached cubin (kernel_regs.sh)
 # ROUNDS (default 2), LORA (default "lorax bsmt"), DECODE (default "pieces awarp"); a name
@@ -110,16 +112,17 @@ for s in "${steps[@]}"; do
     grep -q "^PASS mc-tests" "$summary" || { echo "SKIPPED mc-ab (mc-tests did not pass)" | tee -a "$summary"; continue; }
     ab mc-ab "--shapes ${MC_SHAPES:-mixtral,qwen3,deepseek,gpt-oss} --tokens ${MC_TOKENS:-1024,4096,16384}" \
       "mc@mc=cuda.wgmma_multicast=1 mc0@mc=" ;;
+  final-ab) ab final-ab "--shapes ${FINAL_SHAPES:-mixtral,qwen3,lora} --tokens ${FINAL_TOKENS:-1024,4096,16384}" final ;;
   ncu-mc) grep -q "^PASS mc-tests" "$summary" || continue
     run ncu-mc timeout 240 bash tests/gpu/ncu_kernels.sh "$results/ncu_mc_qwen3_m4096.csv" 8 'moe_gemm' -- \
     .device/mc/bench --shapes qwen3 --tokens 4096 --reps 1 --option cuda.wgmma_multicast=1 ;;
   ncu) run ncu bash tests/gpu/ncu_kernels.sh "$results/ncu_qwen3_m1024.csv" 40 'moe_' -- \
     .device/bench --shapes qwen3,lora --tokens 1024 --reps 1 ;;
   regs) run regs bash tests/gpu/kernel_regs.sh "$FUSEDMOE_CACHE_DIR" ;;
-  *) echo "unknown step $s (tests bench torch tune variant-tests lora-ab decode-ab ws-ab mc-tests mc-ab ncu-mc ncu regs)" | tee -a "$summary" ;;
+  *) echo "unknown step $s (tests bench torch tune variant-tests lora-ab decode-ab ws-ab mc-tests mc-ab ncu-mc final-ab ncu regs)" | tee -a "$summary" ;;
   esac
 done
-for f in check/summary.txt bench.log torch.log tune.log lora-ab.log decode-ab.log ws-ab.log mc-tests.log mc-ab.log ncu-mc.log ncu.log; do
+for f in check/summary.txt bench.log torch.log tune.log lora-ab.log decode-ab.log ws-ab.log mc-tests.log mc-ab.log ncu-mc.log final-ab.log ncu.log; do
   [ -f "$results/$f" ] && { echo "== $f"; tail -n 40 "$results/$f"; }
 done
 cat "$summary"
