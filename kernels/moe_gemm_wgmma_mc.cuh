@@ -210,6 +210,6 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(FM_THREAD
     for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
     fm_cp_async_wait<0>();
     if (shared) fm_mc_cluster_arrive();  // this CTA signals the peer no more
-    fm_wg_epilogue(rows, p, b, g, acc);
+    fm_wg_epilogue(rows, p, b, g, acc, nullptr);  // no LoRA: no stages to lend
     if (shared) fm_mc_cluster_wait();  // nor the peer this one: its shared memory may go
 }
