@@ -297,14 +297,18 @@ __device__ __forceinline__ void fm_lora_b_frags_shared(const FmLoraExpand& L,
 
 // One expand pass (slot a, whose B is at b; ranks k0 + [0, 16)) over the warp's units, C at a
 // time: the chunk's B loads, then its MMAs, acc += s · the outputs (fm_lora_expand_frags).
+// t's rows: with SHARED the CTA's copies (bt), else the routes' rows of L.t, addressed here
+// as before the shared path existed (hoisted out of the slot loop, the two 64-bit pointers
+// cost the mma.sync GEMMs registers; Qwen3 M = 64 ran 1.5 % slower).
 template <int NJ, bool PAIRED, bool WORDS, bool SHARED, int C>
-__device__ __forceinline__ void fm_lora_pass(const FmLoraExpand& L, const float* t_lo,
-                                             const float* t_hi, bool lo_on, bool hi_on,
-                                             const fm_t* b,
+__device__ __forceinline__ void fm_lora_pass(const FmLoraExpand& L, int route_lo, int route_hi,
+                                             bool lo_on, bool hi_on, const fm_t* b,
                                              const FmLoraBTile& bt, int col0, int k0,
                                              bool split, float scaling, float* acc) {
     constexpr int U = FM_LORA_UNITS(NJ, PAIRED);
     const int lane = threadIdx.x % 32;
+    const float* t_lo = SHARED ? bt.t_lo : L.t + (fm_i64)route_lo * L.t_stride;
+    const float* t_hi = SHARED ? bt.t_hi : L.t + (fm_i64)route_hi * L.t_stride;
     // t's loads in the same block as the first chunk's, so that they are in flight together
     unsigned t_gate[4], t_up[4];
     fm_lora_t_frag<WORDS>(L, t_lo, t_hi, lo_on, hi_on, 0, k0, t_gate);
@@ -388,8 +392,6 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
     // -1 once this lane's row is done, or where its slot is not in the batch
     int pending_lo = a_lo >= 0 && (batch >> a_lo & 1) ? a_lo : -1;
     int pending_hi = a_hi >= 0 && (batch >> a_hi & 1) ? a_hi : -1;
-    const float* t_lo = bt.t_lo != nullptr ? bt.t_lo : L.t + (fm_i64)max(route_lo, 0) * L.t_stride;
-    const float* t_hi = bt.t_hi != nullptr ? bt.t_hi : L.t + (fm_i64)max(route_hi, 0) * L.t_stride;
     for (;;) {
         const int mine = min(pending_lo < 0 ? FM_LORA_SLOTS : pending_lo,
                              pending_hi < 0 ? FM_LORA_SLOTS : pending_hi);
@@ -403,7 +405,7 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
             FmLoraBTile slot_tile = bt;
             slot_tile.tile += __popcll(batch & ((1ull << a) - 1)) * bt.slot_bytes;
             for (int k0 = 0; k0 < L.rank; k0 += 16)
-                fm_lora_pass<NJ, PAIRED, true, true, C>(L, t_lo, t_hi, a_lo == a,
+                fm_lora_pass<NJ, PAIRED, true, true, C>(L, route_lo, route_hi, a_lo == a,
                                                         a_hi == a, b, slot_tile, col0, k0, split,
                                                         s.scaling, acc);
             continue;
@@ -412,11 +414,11 @@ __device__ __forceinline__ void fm_lora_expand_frags(const FmLoraExpand& L, int 
                            ((unsigned long long)L.t & 7ull) == 0;
         for (int k0 = 0; k0 < L.rank; k0 += 16) {
             if (words)
-                fm_lora_pass<NJ, PAIRED, true, false, C>(L, t_lo, t_hi, a_lo == a,
+                fm_lora_pass<NJ, PAIRED, true, false, C>(L, route_lo, route_hi, a_lo == a,
                                                          a_hi == a, b, bt, col0, k0, split,
                                                          s.scaling, acc);
             else
-                fm_lora_pass<NJ, PAIRED, false, false, C_HALVES>(L, t_lo, t_hi,
+                fm_lora_pass<NJ, PAIRED, false, false, C_HALVES>(L, route_lo, route_hi,
                                                                  a_lo == a, a_hi == a, b, bt,
                                                                  col0, k0, split, s.scaling,
                                                                  acc);
