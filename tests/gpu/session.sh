@@ -14,10 +14,13 @@
 # branch kept by an unapplied merge; BENCHMARKS.md lists them), packed beside the baseline on the build machine, by name only:
 #
 #   bash tests/gpu/pack.sh
-#   bash tests/gpu/pack_revs.sh "cuda_lora" lorax=wip-lora-x
-#   bash tests/gpu/pack_revs.sh "cuda" pieces=86d17f5
-#   bash tests/gpu/pack_revs.sh "cuda cuda_gated" awarp=wip-align-warp
-#   bash tests/gpu/pack_revs.sh "" bsmt=95cc549 wsp=ea750e0    # benches only (tests passed)
+#   bash tests/gpu/pack_revs.sh "" wsp=ea750e0                 # benches only (tests passed)
+#   bash tests/gpu/pack_revs.sh "cuda" mc=HEAD                 # mc-tests, mc-ab, ncu-mc
+#   mkdir -p .device/final && cp <a build's bench> .device/final/   # final-ab
+#
+# The device tool's 64 MiB counts the tracked files too (about 6 MB): carry only the .device/
+# paths the steps use (.device/bench, .device/libfusedmoe.so, .device/check.sh, the named
+# variants; .device/tests for the tests step).
 #
 #   variant-tests  every test binary packed with a variant (.device/NAME/<test>; VARIANTS: only
 #                  these names)
