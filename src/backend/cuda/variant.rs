@@ -84,7 +84,7 @@ pub fn align_warp(ids_i64: bool) -> Variant {
 }
 
 /// Up to this many routes the align step runs in one warp (a route per lane).
-pub const ALIGN_WARP_ROUTES: usize = 32;
+pub(crate) const ALIGN_WARP_ROUTES: usize = 32;
 
 /// The align step over many blocks (kernels/moe_align.cu: count and scatter a block per chunk
 /// of the routes, the scan in one block), for batches with many routes.
