@@ -8,7 +8,9 @@
 #   bench   the full library-alone run: .device/bench --shapes mixtral,qwen3,deepseek,gpt-oss,ep,lora
 #   torch   the full same-process run: examples/python/bench_torch.py, JSON and PNG
 #   tune    the decode re-tune: .device/tune --quick --tokens 1,4,16,64 (the table goes to
-#           tiles.json after each M, so a cut run keeps what it finished); not by default
+#           tiles.json after each M, so a cut run keeps what it finished); not by default.
+#           TUNE_TOKENS and TUNE_SHAPES change the points: TUNE_TOKENS=4096,16384 re-tunes
+#           prefill, where 128x256 tiles now take the multicast loop and may win more entries
 #
 # Steps for the changes kept off main until they run on a GPU (a merge and its revert, or a
 # branch kept by an unapplied merge; BENCHMARKS.md lists them), packed beside the baseline on the build machine, by name only:
@@ -95,7 +97,8 @@ for s in "${steps[@]}"; do
   tests) run tests env OUT="$results/check" bash tests/gpu/check.sh nvidia-smi tests ;;
   bench) run bench .device/bench --shapes mixtral,qwen3,deepseek,gpt-oss,ep,lora --json "$results/bench.json" ;;
   torch) run torch python3 examples/python/bench_torch.py --json "$results/torch.json" --png "$results/torch.png" ;;
-  tune) run tune .device/tune --quick --tokens 1,4,16,64 --out "$results/tiles.json" --json "$results/tune.json" ;;
+  tune) run tune .device/tune --quick --shapes "${TUNE_SHAPES:-mixtral,qwen3,deepseek,gpt-oss}" \
+    --tokens "${TUNE_TOKENS:-1,4,16,64}" --out "$results/tiles.json" --json "$results/tune.json" ;;
   variant-tests)
     for d in .device/*/; do
       [ -x "$d/bench" ] || continue  # a variant's folder (pack_variant.sh)
