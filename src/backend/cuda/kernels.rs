@@ -8,7 +8,7 @@ use super::variant::{self, dtype_code, Variant};
 use crate::activation::GateUpLayout;
 use crate::config::Validated;
 use crate::error::{unsupported, Result};
-use crate::layer::{Bias, Layer};
+use crate::layer::{Bias, Layer, Weights};
 use crate::plan::{Prepared, RunIo};
 use crate::tiles::TileConfig;
 use crate::workspace::Layout;
@@ -199,6 +199,9 @@ pub struct KernelSet {
     /// A LoRA set (moe_run_lora): its map and shrink kernels; gemm1 and gemm2 are then the
     /// FM_LORA variants.
     lora: Option<lora::Kernels>,
+    /// The weights' tensor maps of GEMM1 and GEMM2 where they multicast (tma.rs), encoded
+    /// once with the set: the layer's weights stay where they are for its lifetime.
+    w_maps: [Option<tma::WeightMap>; 2],
     tile: TileConfig,
 }
 
@@ -296,31 +299,47 @@ impl KernelSet {
     /// (moe_gemm_wgmma_mc.cuh) runs in CTA pairs on consecutive m-blocks of one n-tile, so its
     /// m_blocks and GROUP_M are made even (the extra m-block lies past num_padded and exits),
     /// and it takes the weights' tensor map where LoRA's GEMMs take the expand's parameters.
-    #[allow(clippy::too_many_arguments)]
     fn launch_gemm<Q: DeviceRepr>(
         &self,
-        (mode, gemm): (u8, &Loaded),
+        mode: u8,
         stream: &Arc<CudaStream>,
         mut params: GemmParams,
-        w: tma::WeightRows,
         lora: Option<&Q>,
         start: Start,
     ) -> Result<()> {
-        if gemm.v.multicasts_w() {
+        let gemm = if mode == 1 { &self.gemm1 } else { &self.gemm2 };
+        let map = self.w_maps[mode as usize - 1].as_ref();
+        if map.is_some() {
             params.m_blocks += params.m_blocks & 1;
             params.group_m += params.group_m & 1;
-            let map = tma::weight_map(&w, self.tile.block_n)?;
-            let ctas = params.m_blocks as usize * params.n_tiles as usize;
-            return gemm.launch_with(stream, (ctas, 1), &params, Some(&map), start);
         }
         let ctas = params.m_blocks as usize * params.n_tiles as usize;
-        let split = self.tile.split_k(mode) as usize;
-        gemm.launch_with(stream, (ctas, split), &params, lora, start)
+        match map {
+            Some(map) => gemm.launch_with(stream, (ctas, 1), &params, Some(map), start),
+            None => {
+                let split = self.tile.split_k(mode) as usize;
+                gemm.launch_with(stream, (ctas, split), &params, lora, start)
+            }
+        }
     }
 
+    /// The tensor map of a GEMM that multicasts its weight tiles, else None.
+    fn weight_map(
+        gemm: &Loaded,
+        w: tma::WeightRows,
+        tile: TileConfig,
+    ) -> Result<Option<tma::WeightMap>> {
+        match gemm.v.multicasts_w() {
+            true => tma::weight_map(&w, tile.block_n).map(Some),
+            false => Ok(None),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         dev: &DeviceState,
         v: &Validated,
+        weights: &Weights,
         tile: TileConfig,
         (gemm1_vec8, gemm2_vec8): (bool, bool),
         (hopper, wgmma_ws, multicast): (bool, bool, variant::Multicast),
@@ -343,16 +362,43 @@ impl KernelSet {
             lora: with_lora,
             act,
         };
+        let gemm1 = Loaded::new(
+            dev,
+            variant::gemm(v.dtype, 1, tile, path(gemm1_vec8, fused))?,
+        )?;
+        let gemm2 = Loaded::new(
+            dev,
+            variant::gemm(v.dtype, 2, tile, path(gemm2_vec8, None))?,
+        )?;
+        let d = v.dims;
+        let w13 = tma::WeightRows {
+            base: weights.w13.data as u64,
+            dtype: v.dtype,
+            experts: d.experts,
+            rows: d.n1,
+            kdim: d.hidden,
+            // GEMM1 pairs gate and up columns where it applies a gated activation
+            paired_halves: fused.is_some() && v.gated && v.layout == GateUpLayout::Halves,
+        };
+        let w2 = tma::WeightRows {
+            base: weights.w2.data as u64,
+            dtype: v.dtype,
+            experts: d.experts,
+            rows: d.hidden,
+            kdim: d.inter,
+            paired_halves: false,
+        };
         Ok(KernelSet {
+            w_maps: [
+                Self::weight_map(&gemm1, w13, tile)?,
+                Self::weight_map(&gemm2, w2, tile)?,
+            ],
             align: [
                 AlignKernels::load(dev, false)?,
                 AlignKernels::load(dev, true)?,
             ],
             align_scan: Loaded::new(dev, variant::align_scan())?,
-            gemm1: Loaded::new(
-                dev,
-                variant::gemm(v.dtype, 1, tile, path(gemm1_vec8, fused))?,
-            )?,
+            gemm1,
             act: match fused {
                 Some(_) => None,
                 None => Some(Loaded::new(
@@ -360,10 +406,7 @@ impl KernelSet {
                     variant::act(v.dtype, v.act, v.gated, v.layout),
                 )?),
             },
-            gemm2: Loaded::new(
-                dev,
-                variant::gemm(v.dtype, 2, tile, path(gemm2_vec8, None))?,
-            )?,
+            gemm2,
             finish: Loaded::new(dev, variant::combine(v.dtype, finish))?,
             lora: match with_lora {
                 true => Some(lora::Kernels::load(dev, v.dtype)?),
@@ -530,7 +573,7 @@ impl KernelSet {
         let (b13, b13_kind) = bias_parts(&layer.b13);
         let n_tiles1 = d.n1.div_ceil(bn);
         self.launch_gemm(
-            (1, &self.gemm1),
+            1,
             stream,
             GemmParams {
                 a: io.hidden.data as u64,
@@ -556,15 +599,6 @@ impl KernelSet {
                 alpha,
                 limit,
                 early_dependents: early_gemm2 as i32,
-            },
-            tma::WeightRows {
-                base: layer.weights.w13.data as u64,
-                dtype: v.dtype,
-                experts: d.experts,
-                rows: d.n1,
-                kdim: d.hidden,
-                // GEMM1 pairs gate and up columns where it applies a gated activation
-                paired_halves: self.act.is_none() && v.gated && v.layout == GateUpLayout::Halves,
             },
             lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
             start,
@@ -598,7 +632,7 @@ impl KernelSet {
             s.y
         };
         self.launch_gemm(
-            (2, &self.gemm2),
+            2,
             stream,
             GemmParams {
                 a: s.act,
@@ -623,14 +657,6 @@ impl KernelSet {
                 alpha,
                 limit,
                 early_dependents: early_gemm2 as i32,
-            },
-            tma::WeightRows {
-                base: layer.weights.w2.data as u64,
-                dtype: v.dtype,
-                experts: d.experts,
-                rows: d.hidden,
-                kdim: d.inter,
-                paired_halves: false,
             },
             lora.map(|(run, _)| run.expand_down()).as_ref(),
             start,

@@ -112,14 +112,15 @@ fn cuda_layer(layer: &Layer) -> &CudaLayer {
 }
 
 impl CudaLayer {
-    fn kernel_set(&self, v: &Validated, key: SetKey) -> Result<Arc<KernelSet>> {
+    fn kernel_set(&self, layer: &Layer, key: SetKey) -> Result<Arc<KernelSet>> {
         if let Some(k) = self.kernels.lock().unwrap().get(&key) {
             return Ok(k.clone());
         }
         let vec8 = (key.vec8, self.gemm2_vec8);
         let k = Arc::new(KernelSet::load(
             &self.dev,
-            v,
+            &layer.v,
+            &layer.weights,
             key.tile,
             vec8,
             (self.hopper, self.wgmma_ws, self.wgmma_multicast),
@@ -136,7 +137,7 @@ impl CudaLayer {
     /// captures, with what to do instead.
     fn launch_kernel_set(
         &self,
-        v: &Validated,
+        layer: &Layer,
         key: SetKey,
         stream: &Arc<cudarc::driver::CudaStream>,
     ) -> Result<Arc<KernelSet>> {
@@ -163,7 +164,7 @@ impl CudaLayer {
                 ));
             }
         }
-        self.kernel_set(v, key)
+        self.kernel_set(layer, key)
     }
 }
 
@@ -216,7 +217,7 @@ fn run_stages(
         lora: lora.is_some(),
     };
     let (k, run) = match lora {
-        None => (c.launch_kernel_set(&layer.v, key, &stream)?, None),
+        None => (c.launch_kernel_set(layer, key, &stream)?, None),
         Some(batch) => {
             // moe_lora_create made the counters (Backend::attach_lora)
             let errors = c
@@ -224,7 +225,7 @@ fn run_stages(
                 .get()
                 .expect("a LoRA wrapper was attached to the layer");
             let run = lora::Run::new(layer, p, batch, errors)?;
-            (c.launch_kernel_set(&layer.v, key, &stream)?, Some(run))
+            (c.launch_kernel_set(layer, key, &stream)?, Some(run))
         }
     };
     let s = scratch(&layer.v, p.numel, p.layout.sorted_route_ids.len);
@@ -350,7 +351,7 @@ impl Backend for CudaBackend {
             // one, and compiling it later could fall inside the host's graph capture
             for vec8 in [c.gemm1_vec8, false] {
                 for lora in [false, with_lora] {
-                    c.kernel_set(&layer.v, SetKey { tile, vec8, lora })?;
+                    c.kernel_set(layer, SetKey { tile, vec8, lora })?;
                 }
             }
         }
@@ -373,7 +374,7 @@ impl Backend for CudaBackend {
             lora: false,
         };
         let stream = unsafe { c.dev.ctx.wrap_borrowed_stream(stream as _) };
-        let k = c.launch_kernel_set(&layer.v, key, &stream)?;
+        let k = c.launch_kernel_set(layer, key, &stream)?;
         let ids_i64 = ids.elem == crate::dtype::ElemType::I64;
         k.align(
             &stream,
