@@ -414,6 +414,29 @@ __device__ __forceinline__ void fm_epilogue(const FmRows& rows, const FmGemmPara
 #endif
 }
 
+// ---------------------------------------------------------------- clusters (sm_90)
+// For the kernels launched in thread-block clusters: split-K's (below) and the multicast
+// wgmma loop's CTA pairs (moe_gemm_wgmma_mc.cuh). Emitted only where called.
+__device__ __forceinline__ unsigned fm_cluster_rank() {
+    unsigned r;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+
+// Every thread of the cluster arrives (its shared-memory writes before it released to the
+// cluster) and, in fm_cluster_wait, waits for every other one (acquiring theirs); apart, so
+// that work needing neither can run between the two.
+__device__ __forceinline__ void fm_cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void fm_cluster_wait() {
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void fm_cluster_sync() {
+    fm_cluster_arrive();
+    fm_cluster_wait();
+}
+
 // ---------------------------------------------------------------- split-K (sm_90)
 // FM_SPLIT_K > 1 (mma.sync path): the grid's y is one thread-block cluster of FM_SPLIT_K
 // CTAs per output tile, each taking an equal run of the k-tiles. At decode a GEMM with a
@@ -427,19 +450,6 @@ __device__ __forceinline__ void fm_epilogue(const FmRows& rows, const FmGemmPara
 #endif
 #if FM_SPLIT_K > 1
 #define FM_CLUSTER __cluster_dims__(1, FM_SPLIT_K, 1)
-
-__device__ __forceinline__ unsigned fm_cluster_rank() {
-    unsigned r;
-    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-
-// Every thread of the cluster arrives; shared-memory writes before it are visible to the
-// cluster's reads after it.
-__device__ __forceinline__ void fm_cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n"
-                 "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
 
 // The float4 at `local` (a shared address of this CTA) in the shared memory of CTA `rank`.
 __device__ __forceinline__ float4 fm_ld_cluster_f4(const void* local, unsigned rank) {

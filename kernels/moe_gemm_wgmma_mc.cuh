@@ -53,18 +53,6 @@ struct __align__(64) FmTensorMap {
     unsigned long long opaque[16];
 };
 
-__device__ __forceinline__ unsigned fm_mc_rank() {
-    unsigned r;
-    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ void fm_mc_cluster_arrive() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void fm_mc_cluster_wait() {
-    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-
 __device__ __forceinline__ void fm_mbar_expect_tx(unsigned bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar),
                  "r"(bytes)
@@ -155,10 +143,7 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(FM_THREAD
     }
     FM_ROWS_SETUP(rows, p, slot0, (int*)(fm_smem + (tiles0 - smem0)));
     __syncthreads();
-    if (shared) {  // the peer's barriers exist before this CTA's TMA signals them
-        fm_mc_cluster_arrive();
-        fm_mc_cluster_wait();
-    }
+    if (shared) fm_cluster_sync();  // the peer's barriers exist before this CTA's TMA signals them
 
     const FmWarpgroup g;
     float acc[FM_WG_COLS / 2];
@@ -166,7 +151,7 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(FM_THREAD
     for (int q = 0; q < FM_WG_COLS / 2; ++q) acc[q] = 0.0f;
 
     FmWgLoader<FM_THREADS, false> loader(rows, p, nullptr, n0, threadIdx.x);
-    const FmMcWLoader w{w_map, expert, n0, shared, fm_mc_rank()};
+    const FmMcWLoader w{w_map, expert, n0, shared, fm_cluster_rank()};
     const bool producer = threadIdx.x == 0;
     const int k_tiles = (p.kdim + FM_BK - 1) / FM_BK;
 #pragma unroll
@@ -209,7 +194,7 @@ extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(FM_THREAD
 #pragma unroll
     for (int q = 0; q < FM_WG_COLS / 2; ++q) fm_wg_fence_operand(acc[q]);
     fm_cp_async_wait<0>();
-    if (shared) fm_mc_cluster_arrive();  // this CTA signals the peer no more
+    if (shared) fm_cluster_arrive();  // this CTA signals the peer no more
     fm_wg_epilogue(rows, p, b, g, acc, nullptr);  // no LoRA: no stages to lend
-    if (shared) fm_mc_cluster_wait();  // nor the peer this one: its shared memory may go
+    if (shared) fm_cluster_wait();  // nor the peer this one: its shared memory may go
 }
