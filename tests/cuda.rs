@@ -435,19 +435,21 @@ fn wgmma_multicast_without_the_wgmma_loop_is_refused_by_name() {
         refused.push(vec![("cuda.wgmma_multicast", 1), ("cuda.wgmma_ws", 1)]);
     }
     for options in refused {
-        let case = Case {
-            options: number_options(&options),
-            ..base(Dt::Bf16, 6300)
-        };
-        let s = Setup::new(&case);
-        let stream = ctx.new_stream().unwrap();
-        match CudaLayer::new(&s, &stream) {
-            Ok(_) => panic!("a layer with {options:?} was created"),
-            Err(e) => assert!(
-                e.contains("MOE_ERR_UNSUPPORTED") && e.contains("cuda.wgmma_multicast"),
-                "{e}"
-            ),
-        }
+        assert_layer_refused(&ctx, &options, 6300, "cuda.wgmma_multicast");
+    }
+}
+
+/// A layer with `options` is refused at creation with MOE_ERR_UNSUPPORTED naming `key`.
+fn assert_layer_refused(ctx: &Arc<CudaContext>, options: &[(&str, u32)], seed: u64, key: &str) {
+    let case = Case {
+        options: number_options(options),
+        ..base(Dt::Bf16, seed)
+    };
+    let s = Setup::new(&case);
+    let stream = ctx.new_stream().unwrap();
+    match CudaLayer::new(&s, &stream) {
+        Ok(_) => panic!("a layer with {options:?} was created"),
+        Err(e) => assert!(e.contains("MOE_ERR_UNSUPPORTED") && e.contains(key), "{e}"),
     }
 }
 
@@ -520,19 +522,7 @@ fn wgmma_ws_without_the_wgmma_loop_is_refused_by_name() {
     if has_clusters(&ctx) {
         options.push(("cuda.wgmma", 0)); // on sm_90a, only turning wgmma off leaves it alone
     }
-    let case = Case {
-        options: number_options(&options),
-        ..base(Dt::Bf16, 6100)
-    };
-    let s = Setup::new(&case);
-    let stream = ctx.new_stream().unwrap();
-    match CudaLayer::new(&s, &stream) {
-        Ok(_) => panic!("a layer with {options:?} was created"),
-        Err(e) => assert!(
-            e.contains("MOE_ERR_UNSUPPORTED") && e.contains("cuda.wgmma_ws"),
-            "{e}"
-        ),
-    }
+    assert_layer_refused(&ctx, &options, 6100, "cuda.wgmma_ws");
 }
 
 /// Split-K (sm_90 clusters; elsewhere refused by name): each GEMM's k loop over 2..8 CTAs
