@@ -18,7 +18,7 @@
 // two never touch each other's shared memory or barriers: both decide alike from the block
 // walk alone.
 //
-// The W tile by TMA: the host's 4-d tensor map (src/backend/cuda/kernels.rs) reads
+// The W tile by TMA: the host's 4-d tensor map (src/backend/cuda/tma.rs) reads
 // {k, half, row, expert}; the box is 64 k × FM_W_ROW_STEP halves × the rows of half a tile,
 // in the 128-byte swizzle of the stage layout. With FM_PAIRED_HALVES (gated, halves layout)
 // `half` is the gate / up half of w13 and `row` the row within it, so the box lands in tile

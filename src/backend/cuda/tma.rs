@@ -1,7 +1,7 @@
 //! The weights' tensor map for the multicast GEMMs (kernels/moe_gemm_wgmma_mc.cuh): the TMA
-//! unit reads half a W tile per CTA of a pair through it. Encoded on the host for each launch
-//! (no device work: the driver packs 128 bytes) and passed by value as the kernel's second
-//! argument.
+//! unit reads half a W tile per CTA of a pair through it. Encoded on the host once per kernel
+//! set (no device work: the driver packs 128 bytes; kernels.rs) and passed by value as the
+//! kernel's second argument.
 
 use super::device::driver_error;
 use crate::dtype::DType;
