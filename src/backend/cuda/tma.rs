@@ -5,7 +5,7 @@
 
 use super::device::driver_error;
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{unsupported, Result};
 use cudarc::driver::{sys, DeviceRepr, DriverError};
 
 /// A CUtensorMap as the kernel's `const __grid_constant__ FmTensorMap`.
@@ -49,7 +49,9 @@ pub fn weight_map(w: &WeightRows, block_n: u32) -> Result<WeightMap> {
     let element_strides = [1u32; 4];
     let data_type = match w.dtype {
         DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-        _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        // wgmma (and so the multicast loop) takes 16-bit layers only (variant::main_loop)
+        DType::F32 => return Err(unsupported!("the weights' tensor map: f32 weights")),
     };
     let mut map = WeightMap(unsafe { std::mem::zeroed() });
     let status = unsafe {
