@@ -40,6 +40,8 @@
 #                  $FINAL_SHAPES (mixtral,qwen3,lora) and $FINAL_TOKENS (1024,4096,16384)
 #   ncu            the base and the LoRA path's kernels at Qwen3 M = 1024 (ncu_kernels.sh)
 #   regs           the registers of every cached cubin (kernel_regs.sh)
+#   timeline       each kernel's start and end inside the bench's graph replays (nsys,
+#                  graph_timeline.sh) at $TL_SHAPES (qwen3,deepseek,gpt-oss), $TL_TOKENS (1,4)
 # ROUNDS (default 2), LORA (default "lorax bsmt"), DECODE (default "pieces awarp"); a name
 # with no .device/NAME/bench is left out.
 #
@@ -124,11 +126,13 @@ for s in "${steps[@]}"; do
     .device/mc/bench --shapes qwen3 --tokens 4096 --reps 1 --option cuda.wgmma_multicast=1 ;;
   ncu) run ncu bash tests/gpu/ncu_kernels.sh "$results/ncu_qwen3_m1024.csv" 40 'moe_' -- \
     .device/bench --shapes qwen3,lora --tokens 1024 --reps 1 ;;
+  timeline) run timeline bash tests/gpu/graph_timeline.sh "$results/timeline" \
+    --shapes "${TL_SHAPES:-qwen3,deepseek,gpt-oss}" --tokens "${TL_TOKENS:-1,4}" ;;
   regs) run regs bash tests/gpu/kernel_regs.sh "$FUSEDMOE_CACHE_DIR" ;;
-  *) echo "unknown step $s (tests bench torch tune variant-tests lora-ab decode-ab ws-ab mc-tests mc-ab ncu-mc final-ab ncu regs)" | tee -a "$summary" ;;
+  *) echo "unknown step $s (tests bench torch tune variant-tests lora-ab decode-ab ws-ab mc-tests mc-ab ncu-mc final-ab ncu regs timeline)" | tee -a "$summary" ;;
   esac
 done
-for f in check/summary.txt bench.log torch.log tune.log lora-ab.log decode-ab.log ws-ab.log mc-tests.log mc-ab.log ncu-mc.log final-ab.log ncu.log; do
+for f in check/summary.txt bench.log torch.log tune.log lora-ab.log decode-ab.log ws-ab.log mc-tests.log mc-ab.log ncu-mc.log final-ab.log ncu.log timeline.log; do
   [ -f "$results/$f" ] && { echo "== $f"; tail -n 40 "$results/$f"; }
 done
 cat "$summary"
