@@ -47,6 +47,10 @@ struct FmGemmParams {
     const int* sorted_route_ids;  // [capacity]
     const int* block_expert;      // [max_blocks]
     const int* num_padded;        // [1]
+    // The fused combine (fm_combine_arrive; null combine_counts: moe_combine runs instead)
+    int* combine_counts;          // [combine_tokens, combine_tiles]: GEMM2 tiles arrived
+    const int* route_slot;        // [numel]: -1 where the route was dropped
+    void* combine_out;            // out [combine_tokens, hidden]
     int n, kdim, numel, top_k;
     int bias_kind;                // 0 f32, else the layer dtype's kind
     int router_kind;
@@ -57,6 +61,9 @@ struct FmGemmParams {
     int inter;                    // I: the activation's columns (FM_FUSED_ACT)
     float alpha, limit;           // the activation's parameters (FM_FUSED_ACT)
     int early_dependents;         // GEMM1 (mma.sync loop) lets GEMM2 start at once (tile.pdl)
+    int combine_tokens;           // M (the fused combine)
+    int combine_tiles;            // GEMM2's n-tiles (the fused combine)
+    float rsf;                    // routed_scaling_factor (the fused combine)
 };
 
 #ifdef FM_GEMM_PARAMS_BYTES
@@ -342,6 +349,84 @@ __device__ __forceinline__ fm_t* fm_tiles(unsigned char* smem) {
     return (fm_t*)(smem + ((sizeof(FmRows) + 127) / 128) * 128);
 }
 
+#if FM_MMA && !FM_WGMMA
+// ---------------------------------------------------------------- fused combine
+// At decode (combine_counts set; the mma.sync loop, no LoRA) GEMM2's CTAs do SPEC §2's
+// combine themselves, so that its launch and its wait for GEMM2's last CTA go. A CTA counts
+// its arrival per token of its rows and its n-tile; the one whose arrival completes a token's
+// live routes sums that token's K rows over the tile's columns, in k order in f32 as
+// moe_combine does (the same bits), and writes them. GEMM1 zeroes the counts first (GEMM2
+// waits for all of GEMM1 before its epilogue) and writes the zero rows of tokens with no live
+// route, which no GEMM2 tile reaches. The routes' rows are all read by then (inplace: out is
+// hidden), since a token's GEMM2 tiles come after its GEMM1 tiles.
+
+// GEMM1: every thread of every CTA, after the align step's arrays are there.
+__device__ void fm_combine_reset(const FmGemmParams& p) {
+    const int cta = blockIdx.x + blockIdx.y * gridDim.x, ctas = gridDim.x * gridDim.y;
+    const int counts = p.combine_tokens * p.combine_tiles;
+    for (int i = cta * blockDim.x + threadIdx.x; i < counts; i += ctas * blockDim.x)
+        p.combine_counts[i] = 0;
+    for (int t = cta; t < p.combine_tokens; t += ctas) {
+        bool live = false;
+        for (int k = 0; k < p.top_k; ++k) live |= p.route_slot[(fm_i64)t * p.top_k + k] >= 0;
+        if (live) continue;
+        fm_t* out = (fm_t*)p.combine_out + (fm_i64)t * p.kdim;  // GEMM1's kdim is H
+        for (int h = threadIdx.x; h < p.kdim; h += blockDim.x) out[h] = fm_store(0.0f);
+    }
+}
+
+// A 16-bit load from L2: other CTAs' rows, which this SM's L1 never held in this kernel.
+__device__ __forceinline__ fm_t fm_load_l2(const fm_t* at) {
+    fm_u16 v;
+    asm volatile("ld.global.cg.u16 %0, [%1];\n" : "=h"(v) : "l"(at));
+    return v;
+}
+
+// Routes of a token summed per batch of loads: the loads of a batch are in flight together.
+#define FM_COMBINE_BATCH 8
+
+// GEMM2: every thread of the CTA, after its stores of y.
+__device__ void fm_combine_arrive(const FmRows& rows, const FmGemmParams& p, int n0) {
+    __shared__ int last[FM_BM + 1];  // [0]: the tokens this CTA completes; then which
+    __threadfence();                 // this thread's rows of y, before the arrivals count them
+    if (threadIdx.x == 0) last[0] = 0;
+    __syncthreads();
+    if (threadIdx.x < FM_BM && rows.route[threadIdx.x] >= 0) {
+        const int token = rows.route[threadIdx.x] / p.top_k;
+        const int* slots = p.route_slot + (fm_i64)token * p.top_k;
+        int live = 0;
+        for (int k = 0; k < p.top_k; ++k) live += slots[k] >= 0;
+        const int before =
+            atomicAdd(p.combine_counts + (fm_i64)token * p.combine_tiles + n0 / FM_BN, 1);
+        if (before == live - 1) last[1 + atomicAdd(&last[0], 1)] = token;
+    }
+    __syncthreads();
+    const int tokens = last[0];
+    if (tokens == 0) return;
+    __threadfence();  // the other routes' rows, after the count that says they are written
+    const int cols = min(FM_BN, p.n - n0);
+    for (int c = threadIdx.x; c < tokens * cols; c += blockDim.x) {
+        const int token = last[1 + c / cols], col = n0 + c % cols;
+        const int* slots = p.route_slot + (fm_i64)token * p.top_k;
+        const fm_t* y = (const fm_t*)p.out + (fm_i64)token * p.top_k * p.n + col;
+        float sum = 0.0f;
+        for (int k0 = 0; k0 < p.top_k; k0 += FM_COMBINE_BATCH) {
+            bool live[FM_COMBINE_BATCH];
+            fm_t v[FM_COMBINE_BATCH];
+#pragma unroll
+            for (int j = 0; j < FM_COMBINE_BATCH; ++j) {
+                live[j] = k0 + j < p.top_k && slots[k0 + j] >= 0;
+                v[j] = live[j] ? fm_load_l2(y + (fm_i64)(k0 + j) * p.n) : fm_store(0.0f);
+            }
+#pragma unroll
+            for (int j = 0; j < FM_COMBINE_BATCH; ++j)
+                if (live[j]) sum += fm_load(v[j]);
+        }
+        ((fm_t*)p.combine_out)[(fm_i64)token * p.n + col] = fm_store(p.rsf * sum);
+    }
+}
+#endif
+
 #if FM_MMA
 // The epilogue of one row of a tensor-core accumulator fragment (mma.sync's m16n8 and
 // wgmma's m64nN give a thread the same shape): tile row `i`, columns col0 + 8j and the one
@@ -586,6 +671,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     // at gpt-oss M = 1 (0.85x), where GEMM2's early CTAs got in GEMM1's way (BENCHMARKS.md).
     fm_pdl_wait();
     if (p.early_dependents) fm_pdl_launch_dependents();
+    if (p.combine_counts) fm_combine_reset(p);
 #endif
     FmBlock b;
     if (!fm_block(p, b)) return;
@@ -709,6 +795,9 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
         fm_store_row<FM_NI, 0>(rows, p, expert, slot0, row, col0, &acc[i][0][0]);
         fm_store_row<FM_NI, 2>(rows, p, expert, slot0, row + 8, col0, &acc[i][0][0]);
     }
+#if FM_GEMM_MODE == 2
+    if (p.combine_counts) fm_combine_arrive(rows, p, n0);
+#endif
 }
 
 #else

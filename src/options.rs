@@ -158,6 +158,16 @@ const KEYS: &[Key] = &[
         doc: "1 (default): f16/bf16 layers apply the activation in GEMM1's epilogue; 0: a kernel of its own",
     },
     Key {
+        name: "cuda.fuse_combine",
+        rule: Rule::Int {
+            min: 0,
+            max: 256,
+            pow2: false,
+        },
+        device: Some(DeviceKind::Cuda),
+        doc: "up to this many tokens GEMM2 does the combine where both GEMMs take the mma.sync loop (0, the default: never; a kernel of its own)",
+    },
+    Key {
         name: "cpu.num_threads",
         rule: Rule::Int {
             min: 1,

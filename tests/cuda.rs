@@ -740,6 +740,142 @@ fn programmatic_dependent_launches_match_the_cpu() {
     graph_case(&ctx, &graph).unwrap_or_else(|e| panic!("graph capture: {graph:?}\n    {e}"));
 }
 
+/// GEMM2 doing the combine (cuda.fuse_combine): dropped routes and tokens with none live
+/// (GEMM1 writes their zero rows), inplace, rsf, biases, on-input weights, split-K GEMM2s,
+/// GEMM2 let in at GEMM1's start, f32 (which keeps moe_combine), past the option's token
+/// count, and graph replays (GEMM1 zeroes the counts of each).
+#[test]
+fn gemm2_combining_matches_the_cpu() {
+    let Some(ctx) = gpu("gemm2_combining_matches_the_cpu") else {
+        return;
+    };
+    let fused = |extra: &[(&str, u32)]| {
+        let mut o = number_options(extra);
+        o.push(("cuda.fuse_combine".into(), "256".into()));
+        o
+    };
+    let decode = [
+        ("tile.block_m", 16),
+        ("tile.block_n", 32),
+        ("tile.block_k", 128),
+        ("tile.num_warps", 4),
+        ("tile.num_stages", 3),
+    ];
+    let split_down = [
+        ("tile.block_m", 16),
+        ("tile.block_n", 32),
+        ("tile.block_k", 64),
+        ("tile.num_warps", 4),
+        ("tile.num_stages", 3),
+        ("tile.split_k_down", 2),
+    ];
+    let mut cases = Vec::new();
+    for (i, dt) in DTYPES.into_iter().enumerate() {
+        let seed = 7400 + 20 * i as u64;
+        cases.extend([
+            Case {
+                tokens: 1,
+                b13: true,
+                b2: true,
+                options: fused(&decode),
+                ..base(dt, seed)
+            },
+            Case {
+                tokens: 3,
+                experts: 16,
+                top_k: 8,
+                drop: 0.3,
+                rsf: 2.5,
+                options: fused(&decode),
+                ..base(dt, seed + 1)
+            },
+            Case {
+                tokens: 37,
+                drop: 1.0,
+                b2: true,
+                options: fused(&[]),
+                ..base(dt, seed + 2)
+            },
+            Case {
+                tokens: 37,
+                inplace: true,
+                on_input: true,
+                b13: true,
+                drop: 0.2,
+                options: fused(&decode),
+                ..base(dt, seed + 3)
+            }
+            .with_activation(MOE_ACTIVATION_GELU),
+            Case {
+                tokens: 5,
+                hidden: 1030,
+                inter: 520,
+                b2: true,
+                rsf: 0.75,
+                router_in_dtype: true,
+                options: fused(&split_down),
+                ..base(dt, seed + 4)
+            },
+            Case {
+                tokens: 256,
+                experts: 8,
+                drop: 0.1,
+                options: fused(&[]),
+                ..base(dt, seed + 5)
+            },
+            Case {
+                tokens: 300,
+                options: fused(&[]),
+                ..base(dt, seed + 6)
+            },
+            Case {
+                tokens: 16,
+                layout: MOE_GATE_UP_INTERLEAVED,
+                b13: true,
+                b2: true,
+                options: fused(&decode),
+                ..base(dt, seed + 7)
+            }
+            .with_activation(MOE_ACTIVATION_SWIGLU_OAI),
+            non_gated(
+                Case {
+                    tokens: 9,
+                    drop: 0.2,
+                    options: fused(&decode),
+                    ..base(dt, seed + 8)
+                },
+                MOE_ACTIVATION_RELU2,
+            ),
+        ]);
+        if has_clusters(&ctx) {
+            let mut early = fused(&decode);
+            early.push(("tile.pdl".into(), "2".into()));
+            cases.push(Case {
+                tokens: 4,
+                drop: 0.2,
+                b2: true,
+                options: early,
+                ..base(dt, seed + 9)
+            });
+        }
+    }
+    run_cases(
+        "GEMM2 combining",
+        &ctx,
+        &select(cases, |c| c.dt == Dt::Bf16),
+    );
+
+    let graph = Case {
+        tokens: 64,
+        b13: true,
+        b2: true,
+        drop: 0.1,
+        options: fused(&decode),
+        ..base(Dt::Bf16, 7490)
+    };
+    graph_case(&ctx, &graph).unwrap_or_else(|e| panic!("graph capture: {graph:?}\n    {e}"));
+}
+
 /// With the same BLOCK_M, the CUDA align step gives the CPU's plan (SPEC §4 fixes the order).
 #[test]
 fn cuda_plan_arrays_equal_the_cpu_plan() {

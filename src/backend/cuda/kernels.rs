@@ -218,6 +218,8 @@ pub struct ScratchPtrs {
     pub g1: u64,
     pub act: u64,
     pub y: u64,
+    /// GEMM2's arrival counts where it does the combine (fuses_combine), else 0.
+    pub combine_counts: u64,
 }
 
 #[repr(C)]
@@ -230,6 +232,10 @@ struct GemmParams {
     sorted_route_ids: u64,
     block_expert: u64,
     num_padded: u64,
+    /// The fused combine (moe_gemm.cu fm_combine_arrive); 0: moe_combine runs instead
+    combine_counts: u64,
+    route_slot: u64,
+    combine_out: u64,
     n: i32,
     kdim: i32,
     numel: i32,
@@ -247,6 +253,10 @@ struct GemmParams {
     limit: f32,
     /// GEMM1 (mma.sync loop) lets GEMM2 start at once instead of after its k loop (tile.pdl)
     early_dependents: i32,
+    /// M and GEMM2's n-tiles (the counts' shape) and routed_scaling_factor: the fused combine
+    combine_tokens: i32,
+    combine_tiles: i32,
+    rsf: f32,
 }
 
 /// The size moe_gemm.cu checks FmGemmParams against (FM_GEMM_PARAMS_BYTES).
@@ -321,6 +331,12 @@ impl KernelSet {
                 gemm.launch_with(stream, (ctas, split), &params, lora, start)
             }
         }
+    }
+
+    /// Whether GEMM2 may do the combine (moe_gemm.cu fm_combine_arrive): both GEMMs take the
+    /// mma.sync loop, whose GEMM1 zeroes the counts and GEMM2 counts its arrivals.
+    pub fn fuses_combine(&self) -> bool {
+        self.gemm1.v.mma_sync_loop() && self.gemm2.v.mma_sync_loop()
     }
 
     /// The tensor map of a GEMM that multicasts its weight tiles, else None.
@@ -572,6 +588,12 @@ impl KernelSet {
         };
         let (b13, b13_kind) = bias_parts(&layer.b13);
         let n_tiles1 = d.n1.div_ceil(bn);
+        let n_tiles2 = d.hidden.div_ceil(bn);
+        // GEMM2 combines where the caller gave it counts (fuses_combine), LoRA's GEMMs never
+        let combine_counts = match lora {
+            None if !v.no_combine => s.combine_counts,
+            _ => 0,
+        };
         self.launch_gemm(
             1,
             stream,
@@ -585,6 +607,9 @@ impl KernelSet {
                 sorted_route_ids: sorted,
                 block_expert: blocks,
                 num_padded: padded,
+                combine_counts,
+                route_slot: slots,
+                combine_out: io.out.data as u64,
                 n: d.n1 as i32,
                 kdim: d.hidden as i32,
                 numel: p.numel as i32,
@@ -599,6 +624,9 @@ impl KernelSet {
                 alpha,
                 limit,
                 early_dependents: early_gemm2 as i32,
+                combine_tokens: p.num_tokens as i32,
+                combine_tiles: n_tiles2 as i32,
+                rsf: v.rsf,
             },
             lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
             start,
@@ -625,7 +653,6 @@ impl KernelSet {
             k.shrink(stream, &run.shrink_down(&align, s.act))?;
         }
         let (b2, b2_kind) = bias_parts(&layer.b2);
-        let n_tiles2 = d.hidden.div_ceil(bn);
         let y = if v.no_combine {
             io.out.data as u64
         } else {
@@ -643,6 +670,9 @@ impl KernelSet {
                 sorted_route_ids: sorted,
                 block_expert: blocks,
                 num_padded: padded,
+                combine_counts,
+                route_slot: slots,
+                combine_out: io.out.data as u64,
                 n: d.hidden as i32,
                 kdim: d.inter as i32,
                 numel: p.numel as i32,
@@ -657,11 +687,16 @@ impl KernelSet {
                 alpha,
                 limit,
                 early_dependents: early_gemm2 as i32,
+                combine_tokens: p.num_tokens as i32,
+                combine_tiles: n_tiles2 as i32,
+                rsf: v.rsf,
             },
             lora.map(|(run, _)| run.expand_down()).as_ref(),
             start,
         )?;
-        if v.no_combine {
+        if combine_counts != 0 {
+            Ok(()) // GEMM2 combined
+        } else if v.no_combine {
             self.finish.launch_rows(
                 stream,
                 p.numel,

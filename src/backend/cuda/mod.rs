@@ -88,6 +88,8 @@ pub struct CudaLayer {
     wgmma_multicast: variant::Multicast,
     /// f16/bf16 GEMM1s apply the activation in their epilogue (option cuda.fuse_act).
     fuse_act: bool,
+    /// Up to this many tokens GEMM2 does the combine (option cuda.fuse_combine; 0: never).
+    fuse_combine_tokens: usize,
     /// Compute capability 9.0 or newer: tile configs with PDL launch programmatically.
     pdl_capable: bool,
     kernels: Mutex<HashMap<SetKey, Arc<KernelSet>>>,
@@ -168,11 +170,20 @@ impl CudaLayer {
     }
 }
 
-/// Where GEMM1's output, the activation and GEMM2's route rows sit in the scratch section.
+/// Up to how many tokens GEMM2 does the combine where option cuda.fuse_combine is not given.
+const DEFAULT_FUSE_COMBINE_TOKENS: usize = 0;
+
+/// The most tokens option cuda.fuse_combine may name: up to these the scratch section holds
+/// GEMM2's combine counts (M times H / 16 ints at most: 458 KB at H = 7168).
+const FUSE_COMBINE_MAX_TOKENS: usize = 256;
+
+/// Where GEMM1's output, the activation, GEMM2's route rows and its combine counts (None
+/// past FUSE_COMBINE_MAX_TOKENS, or without a combine) sit in the scratch section.
 struct Scratch {
     g1: usize,
     act: usize,
     y: usize,
+    combine_counts: Option<usize>,
     total: usize,
 }
 
@@ -183,12 +194,34 @@ fn scratch(v: &Validated, numel: usize, capacity: usize) -> Scratch {
     let g1 = 0;
     let act = up(g1 + capacity * d.n1 * e);
     let y = up(act + capacity * d.inter * e);
-    let total = if v.no_combine {
-        y
-    } else {
-        up(y + numel * d.hidden * e)
-    };
-    Scratch { g1, act, y, total }
+    if v.no_combine {
+        return Scratch {
+            g1,
+            act,
+            y,
+            combine_counts: None,
+            total: y,
+        };
+    }
+    let counts = up(y + numel * d.hidden * e);
+    let tokens = numel / d.top_k.max(1);
+    match tokens <= FUSE_COMBINE_MAX_TOKENS {
+        // a count per token and GEMM2 n-tile, of 16 columns at the narrowest
+        true => Scratch {
+            g1,
+            act,
+            y,
+            combine_counts: Some(counts),
+            total: up(counts + tokens * d.hidden.div_ceil(16) * 4),
+        },
+        false => Scratch {
+            g1,
+            act,
+            y,
+            combine_counts: None,
+            total: counts,
+        },
+    }
 }
 
 /// How a base run's kernels launch: as its tile config's PDL says, where the GPU can.
@@ -230,10 +263,16 @@ fn run_stages(
     };
     let s = scratch(&layer.v, p.numel, p.layout.sorted_route_ids.len);
     let base = p.workspace as u64 + p.layout.scratch.offset as u64;
+    // GEMM2 combines up to the option's token count, where both GEMMs can (fuses_combine)
+    let fuse_combine = lora.is_none() && p.num_tokens <= c.fuse_combine_tokens && k.fuses_combine();
     let ptrs = kernels::ScratchPtrs {
         g1: base + s.g1 as u64,
         act: base + s.act as u64,
         y: base + s.y as u64,
+        combine_counts: match s.combine_counts {
+            Some(at) if fuse_combine => base + at as u64,
+            _ => 0,
+        },
     };
     let stages = match &run {
         Some(run) => kernels::Stages::Lora(run),
@@ -299,6 +338,9 @@ impl Backend for CudaBackend {
             wgmma_ws,
             wgmma_multicast,
             fuse_act: options.int("cuda.fuse_act") != Some(0),
+            fuse_combine_tokens: options
+                .int("cuda.fuse_combine")
+                .map_or(DEFAULT_FUSE_COMBINE_TOKENS, |t| t as usize),
             pdl_capable,
             kernels: Mutex::new(HashMap::new()),
             lora: once_cell::sync::OnceCell::new(),

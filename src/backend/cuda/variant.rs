@@ -473,6 +473,11 @@ pub fn wgmma_layout(bm: u32, bn: u32, bk: u32, warps: u32, stages: u32) -> Optio
 }
 
 impl Variant {
+    /// Whether this GEMM variant takes the mma.sync main loop (FM_MMA 1, no wgmma).
+    pub fn mma_sync_loop(&self) -> bool {
+        self.defines.contains(&("FM_MMA", 1)) && self.defines.contains(&("FM_WGMMA", 0))
+    }
+
     /// Whether this is a GEMM of the multicast main loop: its CTAs launch in pairs (an even
     /// grid, even GROUP_M and m-blocks) and take the weights' tensor map as a second argument
     /// (kernels.rs).
