@@ -40,6 +40,9 @@
 #                  $FINAL_SHAPES (mixtral,qwen3,lora) and $FINAL_TOKENS (1024,4096,16384)
 #   ncu            the base and the LoRA path's kernels at Qwen3 M = 1024 (ncu_kernels.sh)
 #   regs           the registers of every cached cubin (kernel_regs.sh)
+#   fc-tests       the CUDA test of GEMM2 doing the combine (.device/tests/cuda gemm2_combining)
+#   fc-ab          main against cuda.fuse_combine=64 (fc) at decode, four shapes, M = 1, 4, 16,
+#                  64; only after fc-tests passed
 #   timeline       each kernel's start and end inside the bench's graph replays (nsys,
 #                  graph_timeline.sh) at $TL_SHAPES (qwen3,deepseek,gpt-oss), $TL_TOKENS (1,4)
 # ROUNDS (default 2), LORA (default "lorax bsmt"), DECODE (default "pieces awarp"); a name
@@ -126,13 +129,18 @@ for s in "${steps[@]}"; do
     .device/mc/bench --shapes qwen3 --tokens 4096 --reps 1 --option cuda.wgmma_multicast=1 ;;
   ncu) run ncu bash tests/gpu/ncu_kernels.sh "$results/ncu_qwen3_m1024.csv" 40 'moe_' -- \
     .device/bench --shapes qwen3,lora --tokens 1024 --reps 1 ;;
+  fc-tests) run fc-tests timeout 300 .device/tests/cuda gemm2_combining ;;
+  fc-ab)
+    grep -q "^PASS fc-tests" "$summary" || { echo "SKIPPED fc-ab (fc-tests did not pass)" | tee -a "$summary"; continue; }
+    RESULTS=$results/fc-ab run fc-ab bash tests/gpu/ab_rounds.sh "${ROUNDS:-2}" \
+      "--shapes mixtral,qwen3,deepseek,gpt-oss --tokens 1,4,16,64" main= fc=cuda.fuse_combine=64 ;;
   timeline) run timeline bash tests/gpu/graph_timeline.sh "$results/timeline" \
-    --shapes "${TL_SHAPES:-qwen3,deepseek,gpt-oss}" --tokens "${TL_TOKENS:-1,4}" ;;
+    --shapes "${TL_SHAPES:-qwen3,deepseek,gpt-oss}" --tokens "${TL_TOKENS:-1,4}" ${TL_ARGS:-} ;;
   regs) run regs bash tests/gpu/kernel_regs.sh "$FUSEDMOE_CACHE_DIR" ;;
-  *) echo "unknown step $s (tests bench torch tune variant-tests lora-ab decode-ab ws-ab mc-tests mc-ab ncu-mc final-ab ncu regs timeline)" | tee -a "$summary" ;;
+  *) echo "unknown step $s (tests bench torch tune variant-tests lora-ab decode-ab ws-ab mc-tests mc-ab ncu-mc final-ab ncu regs timeline fc-tests fc-ab)" | tee -a "$summary" ;;
   esac
 done
-for f in check/summary.txt bench.log torch.log tune.log lora-ab.log decode-ab.log ws-ab.log mc-tests.log mc-ab.log ncu-mc.log final-ab.log ncu.log timeline.log; do
+for f in check/summary.txt bench.log torch.log tune.log lora-ab.log decode-ab.log ws-ab.log mc-tests.log mc-ab.log ncu-mc.log final-ab.log ncu.log timeline.log fc-tests.log fc-ab.log; do
   [ -f "$results/$f" ] && { echo "== $f"; tail -n 40 "$results/$f"; }
 done
 cat "$summary"
