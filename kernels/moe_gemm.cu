@@ -385,14 +385,15 @@ __device__ __forceinline__ fm_t fm_load_l2(const fm_t* at) {
 // Routes of a token summed per batch of loads: the loads of a batch are in flight together.
 #define FM_COMBINE_BATCH 8
 
-// GEMM2: every thread of the CTA, after its stores of y.
-__device__ void fm_combine_arrive(const FmRows& rows, const FmGemmParams& p, int n0) {
-    __shared__ int last[FM_BM + 1];  // [0]: the tokens this CTA completes; then which
-    __threadfence();                 // this thread's rows of y, before the arrivals count them
-    if (threadIdx.x == 0) last[0] = 0;
+// GEMM2: every thread of the CTA, after its stores of y. `last`: FM_BM + 1 ints of shared
+// memory the main loop is done with (its stages).
+__device__ void fm_combine_arrive(const FmRows& rows, const FmGemmParams& p, int n0, int* last) {
+    __threadfence();  // this thread's rows of y, before the arrivals count them
+    if (threadIdx.x == 0) last[0] = 0;  // the tokens this CTA completes; then which
     __syncthreads();
-    if (threadIdx.x < FM_BM && rows.route[threadIdx.x] >= 0) {
-        const int token = rows.route[threadIdx.x] / p.top_k;
+    for (int i = threadIdx.x; i < FM_BM; i += blockDim.x) {
+        if (rows.route[i] < 0) continue;
+        const int token = rows.route[i] / p.top_k;
         const int* slots = p.route_slot + (fm_i64)token * p.top_k;
         int live = 0;
         for (int k = 0; k < p.top_k; ++k) live += slots[k] >= 0;
@@ -796,7 +797,7 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
         fm_store_row<FM_NI, 2>(rows, p, expert, slot0, row + 8, col0, &acc[i][0][0]);
     }
 #if FM_GEMM_MODE == 2
-    if (p.combine_counts) fm_combine_arrive(rows, p, n0);
+    if (p.combine_counts) fm_combine_arrive(rows, p, n0, (int*)stages);  // the k loop is done
 #endif
 }
 
