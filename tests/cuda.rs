@@ -749,11 +749,8 @@ fn gemm2_combining_matches_the_cpu() {
     let Some(ctx) = gpu("gemm2_combining_matches_the_cpu") else {
         return;
     };
-    let fused = |extra: &[(&str, u32)]| {
-        let mut o = number_options(extra);
-        o.push(("cuda.fuse_combine".into(), "256".into()));
-        o
-    };
+    let fused =
+        |tile: &[(&str, u32)]| number_options(&[tile, &[("cuda.fuse_combine", 256)]].concat());
     let decode = [
         ("tile.block_m", 16),
         ("tile.block_n", 32),
@@ -848,13 +845,11 @@ fn gemm2_combining_matches_the_cpu() {
             ),
         ]);
         if has_clusters(&ctx) {
-            let mut early = fused(&decode);
-            early.push(("tile.pdl".into(), "2".into()));
             cases.push(Case {
                 tokens: 4,
                 drop: 0.2,
                 b2: true,
-                options: early,
+                options: fused(&[&decode[..], &[("tile.pdl", 2)]].concat()),
                 ..base(dt, seed + 9)
             });
         }
