@@ -557,9 +557,12 @@ fn table() -> Vec<Bad> {
             "out: overlaps topk_weights",
             |s| {
                 ok(s.prepare(), "prepare");
-                let (hidden, router) = (s.hidden.raw(), s.router.raw());
-                let mut out = s.out.raw();
-                out.data = s.router.ptr() as *mut _;
+                // both in one allocation of out's size: out at topk_weights' address would
+                // also reach whatever the allocator put after topk_weights (hidden, at times)
+                let both = HostTensor::zeros(s.out.dt, &s.out.shape);
+                let (hidden, mut router, mut out) = (s.hidden.raw(), s.router.raw(), s.out.raw());
+                router.data = both.ptr() as *mut _;
+                out.data = both.ptr() as *mut _;
                 unsafe { moe_run(s.layer, null(), s.plan, &hidden, &router, &out, null_mut()) }
             },
         ),
