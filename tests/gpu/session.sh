@@ -44,7 +44,8 @@
 #   fc-ab          main against cuda.fuse_combine=64 (fc) at decode, four shapes, M = 1, 4, 16,
 #                  64; only after fc-tests passed
 #   timeline       each kernel's start and end inside the bench's graph replays (nsys,
-#                  graph_timeline.sh) at $TL_SHAPES (qwen3,deepseek,gpt-oss), $TL_TOKENS (1,4); TL_ARGS: more bench args (nsys only)
+#                  graph_timeline.sh) at $TL_SHAPES (qwen3,deepseek,gpt-oss), $TL_TOKENS (1,4);
+#                  TL_ARGS: more bench args (nsys only; without it torch's profiler)
 # ROUNDS (default 2), LORA (default "lorax bsmt"), DECODE (default "pieces awarp"); a name
 # with no .device/NAME/bench is left out.
 #
