@@ -741,7 +741,7 @@ fn programmatic_dependent_launches_match_the_cpu() {
 }
 
 /// GEMM2 doing the combine (cuda.fuse_combine): dropped routes and tokens with none live
-/// (GEMM1 writes their zero rows), inplace, rsf, biases, on-input weights, split-K GEMM2s,
+/// (GEMM1 writes their zero rows), inplace, rsf, biases, on-input weights, split-K GEMMs,
 /// GEMM2 let in at GEMM1's start, f32 (which keeps moe_combine), past the option's token
 /// count, and graph replays (GEMM1 zeroes the counts of each).
 #[test]
@@ -758,12 +758,13 @@ fn gemm2_combining_matches_the_cpu() {
         ("tile.num_warps", 4),
         ("tile.num_stages", 3),
     ];
-    let split_down = [
+    let split = [
         ("tile.block_m", 16),
         ("tile.block_n", 32),
         ("tile.block_k", 64),
         ("tile.num_warps", 4),
         ("tile.num_stages", 3),
+        ("tile.split_k", 2),
         ("tile.split_k_down", 2),
     ];
     let mut cases = Vec::new();
@@ -811,7 +812,7 @@ fn gemm2_combining_matches_the_cpu() {
                 rsf: 0.75,
                 router_in_dtype: true,
                 // split-K is the tensor-core path's; f32 layers take the tile without it
-                options: fused(&split_down[..split_down.len() - (dt == Dt::F32) as usize]),
+                options: fused(&split[..split.len() - 2 * (dt == Dt::F32) as usize]),
                 ..base(dt, seed + 4)
             },
             Case {
