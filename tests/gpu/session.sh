@@ -41,8 +41,8 @@
 #   ncu            the base and the LoRA path's kernels at Qwen3 M = 1024 (ncu_kernels.sh)
 #   regs           the registers of every cached cubin (kernel_regs.sh)
 #   fc-tests       the CUDA test of GEMM2 doing the combine (.device/tests/cuda gemm2_combining)
-#   fc-ab          main against cuda.fuse_combine=64 (fc) at decode, four shapes, M = 1, 4, 16,
-#                  64; only after fc-tests passed
+#   fc-ab          main against cuda.fuse_combine=64 (fc) at decode, $FC_SHAPES (the four) at
+#                  $FC_TOKENS (1,4,16,64); only after fc-tests passed
 #   timeline       each kernel's start and end inside the bench's graph replays (nsys,
 #                  graph_timeline.sh) at $TL_SHAPES (qwen3,deepseek,gpt-oss), $TL_TOKENS (1,4);
 #                  TL_ARGS: more bench args (nsys only; without it torch's profiler)
@@ -134,7 +134,8 @@ for s in "${steps[@]}"; do
   fc-ab)
     grep -q "^PASS fc-tests" "$summary" || { echo "SKIPPED fc-ab (fc-tests did not pass)" | tee -a "$summary"; continue; }
     RESULTS=$results/fc-ab run fc-ab bash tests/gpu/ab_rounds.sh "${ROUNDS:-2}" \
-      "--shapes mixtral,qwen3,deepseek,gpt-oss --tokens 1,4,16,64" main= fc=cuda.fuse_combine=64 ;;
+      "--shapes ${FC_SHAPES:-mixtral,qwen3,deepseek,gpt-oss} --tokens ${FC_TOKENS:-1,4,16,64}" \
+      main= fc=cuda.fuse_combine=64 ;;
   timeline) run timeline bash tests/gpu/graph_timeline.sh "$results/timeline" \
     --shapes "${TL_SHAPES:-qwen3,deepseek,gpt-oss}" --tokens "${TL_TOKENS:-1,4}" ${TL_ARGS:-} ;;
   regs) run regs bash tests/gpu/kernel_regs.sh "$FUSEDMOE_CACHE_DIR" ;;
