@@ -15,8 +15,9 @@
 // beside the FM_THREADS of the tile, moe_gemm_wgmma_ws.cuh; 3: wgmma with the weight tile
 // multicast by TMA over a pair of CTAs, moe_gemm_wgmma_mc.cuh; sm_90a, 16-bit types, 16-byte
 // loads), FM_LORA
-// (see the LoRA hook below), FM_FUSED_ACT (GEMM1 with the activation, below) and
-// FM_SPLIT_K (split-K over a thread-block cluster, below).
+// (see the LoRA hook below), FM_FUSED_ACT (GEMM1 with the activation, below),
+// FM_FUSED_COMBINE (GEMM2 with the combine, below) and FM_SPLIT_K (split-K over a
+// thread-block cluster, below).
 #include "common.cuh"
 
 // ---------------------------------------------------------------- LoRA hook (SPEC §7)
@@ -47,10 +48,6 @@ struct FmGemmParams {
     const int* sorted_route_ids;  // [capacity]
     const int* block_expert;      // [max_blocks]
     const int* num_padded;        // [1]
-    // The fused combine (fm_combine_arrive; null combine_counts: moe_combine runs instead)
-    int* combine_counts;          // [combine_tokens, combine_tiles]: GEMM2 tiles arrived
-    const int* route_slot;        // [numel]: -1 where the route was dropped
-    void* combine_out;            // out [combine_tokens, hidden]
     int n, kdim, numel, top_k;
     int bias_kind;                // 0 f32, else the layer dtype's kind
     int router_kind;
@@ -61,9 +58,6 @@ struct FmGemmParams {
     int inter;                    // I: the activation's columns (FM_FUSED_ACT)
     float alpha, limit;           // the activation's parameters (FM_FUSED_ACT)
     int early_dependents;         // GEMM1 (mma.sync loop) lets GEMM2 start at once (tile.pdl)
-    int combine_tokens;           // M (the fused combine)
-    int combine_tiles;            // GEMM2's n-tiles (the fused combine)
-    float rsf;                    // routed_scaling_factor (the fused combine)
 };
 
 #ifdef FM_GEMM_PARAMS_BYTES
@@ -349,10 +343,25 @@ __device__ __forceinline__ fm_t* fm_tiles(unsigned char* smem) {
     return (fm_t*)(smem + ((sizeof(FmRows) + 127) / 128) * 128);
 }
 
-#if FM_MMA && !FM_WGMMA
+#ifndef FM_FUSED_COMBINE
+#define FM_FUSED_COMBINE 0
+#endif
+#if FM_FUSED_COMBINE
+static_assert(FM_MMA && !FM_WGMMA && !FM_LORA, "the combine is the plain mma.sync loop's");
+// A second kernel argument (where LoRA's GEMMs take the expand's), so that the kernels
+// without the combine keep their parameters, and their code, as they were.
+struct FmCombine {
+    int* counts;           // [tokens, tiles]: GEMM2 tiles arrived; null: moe_combine runs
+    const int* route_slot; // [numel]: -1 where the route was dropped
+    void* out;             // [tokens, hidden]
+    int tokens;            // M
+    int tiles;             // GEMM2's n-tiles
+    float rsf;             // routed_scaling_factor
+};
+#define FM_COMBINE_KERNEL_ARG , const __grid_constant__ FmCombine combine
 // ---------------------------------------------------------------- fused combine
-// At decode (combine_counts set; the mma.sync loop, no LoRA) GEMM2's CTAs do SPEC §2's
-// combine themselves, so that its launch and its wait for GEMM2's last CTA go. A CTA counts
+// FM_FUSED_COMBINE (the mma.sync loop of a layer with cuda.fuse_combine, no LoRA): where a
+// run gives counts (combine.counts; decode) GEMM2's CTAs do SPEC §2's combine themselves, so that its launch and its wait for GEMM2's last CTA go. A CTA counts
 // its arrival per token of its rows and its n-tile; the one whose arrival completes a token's
 // live routes sums that token's K rows over the tile's columns, in k order in f32 as
 // moe_combine does (the same bits), and writes them. GEMM1 zeroes the counts first (GEMM2
@@ -361,16 +370,16 @@ __device__ __forceinline__ fm_t* fm_tiles(unsigned char* smem) {
 // hidden), since a token's GEMM2 tiles come after its GEMM1 tiles.
 
 // GEMM1: every thread of every CTA, after the align step's arrays are there.
-__device__ void fm_combine_reset(const FmGemmParams& p) {
+__device__ void fm_combine_reset(const FmGemmParams& p, const FmCombine& c) {
     const int cta = blockIdx.x + blockIdx.y * gridDim.x, ctas = gridDim.x * gridDim.y;
-    const int counts = p.combine_tokens * p.combine_tiles;
+    const int counts = c.tokens * c.tiles;
     for (int i = cta * blockDim.x + threadIdx.x; i < counts; i += ctas * blockDim.x)
-        p.combine_counts[i] = 0;
-    for (int t = cta; t < p.combine_tokens; t += ctas) {
+        c.counts[i] = 0;
+    for (int t = cta; t < c.tokens; t += ctas) {
         bool live = false;
-        for (int k = 0; k < p.top_k; ++k) live |= p.route_slot[(fm_i64)t * p.top_k + k] >= 0;
+        for (int k = 0; k < p.top_k; ++k) live |= c.route_slot[(fm_i64)t * p.top_k + k] >= 0;
         if (live) continue;
-        fm_t* out = (fm_t*)p.combine_out + (fm_i64)t * p.kdim;  // GEMM1's kdim is H
+        fm_t* out = (fm_t*)c.out + (fm_i64)t * p.kdim;  // GEMM1's kdim is H
         for (int h = threadIdx.x; h < p.kdim; h += blockDim.x) out[h] = fm_store(0.0f);
     }
 }
@@ -387,18 +396,18 @@ __device__ __forceinline__ fm_t fm_load_l2(const fm_t* at) {
 
 // GEMM2: every thread of the CTA, after its stores of y. `last`: FM_BM + 1 ints of shared
 // memory the main loop is done with (its stages).
-__device__ void fm_combine_arrive(const FmRows& rows, const FmGemmParams& p, int n0, int* last) {
+__device__ void fm_combine_arrive(const FmRows& rows, const FmGemmParams& p, const FmCombine& c,
+                                  int n0, int* last) {
     __threadfence();  // this thread's rows of y, before the arrivals count them
     if (threadIdx.x == 0) last[0] = 0;  // the tokens this CTA completes; then which
     __syncthreads();
     for (int i = threadIdx.x; i < FM_BM; i += blockDim.x) {
         if (rows.route[i] < 0) continue;
         const int token = rows.route[i] / p.top_k;
-        const int* slots = p.route_slot + (fm_i64)token * p.top_k;
+        const int* slots = c.route_slot + (fm_i64)token * p.top_k;
         int live = 0;
         for (int k = 0; k < p.top_k; ++k) live += slots[k] >= 0;
-        const int before =
-            atomicAdd(p.combine_counts + (fm_i64)token * p.combine_tiles + n0 / FM_BN, 1);
+        const int before = atomicAdd(c.counts + (fm_i64)token * c.tiles + n0 / FM_BN, 1);
         if (before == live - 1) last[1 + atomicAdd(&last[0], 1)] = token;
     }
     __syncthreads();
@@ -406,9 +415,9 @@ __device__ void fm_combine_arrive(const FmRows& rows, const FmGemmParams& p, int
     if (tokens == 0) return;
     __threadfence();  // the other routes' rows, after the count that says they are written
     const int cols = min(FM_BN, p.n - n0);
-    for (int c = threadIdx.x; c < tokens * cols; c += blockDim.x) {
-        const int token = last[1 + c / cols], col = n0 + c % cols;
-        const int* slots = p.route_slot + (fm_i64)token * p.top_k;
+    for (int at = threadIdx.x; at < tokens * cols; at += blockDim.x) {
+        const int token = last[1 + at / cols], col = n0 + at % cols;
+        const int* slots = c.route_slot + (fm_i64)token * p.top_k;
         const fm_t* y = (const fm_t*)p.out + (fm_i64)token * p.top_k * p.n + col;
         float sum = 0.0f;
         for (int k0 = 0; k0 < p.top_k; k0 += FM_COMBINE_BATCH) {
@@ -423,9 +432,11 @@ __device__ void fm_combine_arrive(const FmRows& rows, const FmGemmParams& p, int
             for (int j = 0; j < FM_COMBINE_BATCH; ++j)
                 if (live[j]) sum += fm_load(v[j]);
         }
-        ((fm_t*)p.combine_out)[(fm_i64)token * p.n + col] = fm_store(p.rsf * sum);
+        ((fm_t*)c.out)[(fm_i64)token * p.n + col] = fm_store(c.rsf * sum);
     }
 }
+#else
+#define FM_COMBINE_KERNEL_ARG
 #endif
 
 #if FM_MMA
@@ -664,7 +675,7 @@ __device__ __forceinline__ void fm_load_stage(fm_t* sa, fm_t* sb, const FmRows& 
 
 // A split-K cluster's CTAs share their tile (blockIdx.x), so they all exit here together.
 extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
-    moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG) {
+    moe_gemm(const FmGemmParams p FM_LORA_KERNEL_ARG FM_COMBINE_KERNEL_ARG) {
 #if FM_GEMM_MODE == 1
     // GEMM1 needs the align step's arrays first thing. Once they are there GEMM2 may start
     // (tile.pdl) and load its first weight stages: at once (early_dependents), or once every
@@ -672,7 +683,9 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
     // at gpt-oss M = 1 (0.85x), where GEMM2's early CTAs got in GEMM1's way (BENCHMARKS.md).
     fm_pdl_wait();
     if (p.early_dependents) fm_pdl_launch_dependents();
-    if (p.combine_counts) fm_combine_reset(p);
+#if FM_FUSED_COMBINE
+    if (combine.counts) fm_combine_reset(p, combine);
+#endif
 #endif
     FmBlock b;
     if (!fm_block(p, b)) return;
@@ -796,8 +809,8 @@ extern "C" __global__ void __launch_bounds__(FM_THREADS) FM_CLUSTER
         fm_store_row<FM_NI, 0>(rows, p, expert, slot0, row, col0, &acc[i][0][0]);
         fm_store_row<FM_NI, 2>(rows, p, expert, slot0, row + 8, col0, &acc[i][0][0]);
     }
-#if FM_GEMM_MODE == 2
-    if (p.combine_counts) fm_combine_arrive(rows, p, n0, (int*)stages);  // the k loop is done
+#if FM_FUSED_COMBINE && FM_GEMM_MODE == 2
+    if (combine.counts) fm_combine_arrive(rows, p, combine, n0, (int*)stages);  // k loop done
 #endif
 }
 

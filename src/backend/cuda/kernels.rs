@@ -232,10 +232,6 @@ struct GemmParams {
     sorted_route_ids: u64,
     block_expert: u64,
     num_padded: u64,
-    /// The fused combine (moe_gemm.cu fm_combine_arrive); 0: moe_combine runs instead
-    combine_counts: u64,
-    route_slot: u64,
-    combine_out: u64,
     n: i32,
     kdim: i32,
     numel: i32,
@@ -253,9 +249,18 @@ struct GemmParams {
     limit: f32,
     /// GEMM1 (mma.sync loop) lets GEMM2 start at once instead of after its k loop (tile.pdl)
     early_dependents: i32,
-    /// M and GEMM2's n-tiles (the counts' shape) and routed_scaling_factor: the fused combine
-    combine_tokens: i32,
-    combine_tiles: i32,
+}
+
+/// The GEMMs' second argument where they do the combine (moe_gemm.cu FmCombine,
+/// FM_FUSED_COMBINE): GEMM2's arrival counts (0: moe_combine runs), the route slots, out,
+/// the counts' shape (M, GEMM2's n-tiles) and routed_scaling_factor.
+#[repr(C)]
+struct CombineArgs {
+    counts: u64,
+    route_slot: u64,
+    out: u64,
+    tokens: i32,
+    tiles: i32,
     rsf: f32,
 }
 
@@ -292,6 +297,7 @@ struct ZeroParams {
 }
 
 unsafe impl DeviceRepr for GemmParams {}
+unsafe impl DeviceRepr for CombineArgs {}
 unsafe impl DeviceRepr for ActParams {}
 unsafe impl DeviceRepr for CombineParams {}
 unsafe impl DeviceRepr for ZeroParams {}
@@ -314,7 +320,7 @@ impl KernelSet {
         mode: u8,
         stream: &Arc<CudaStream>,
         mut params: GemmParams,
-        lora: Option<&Q>,
+        (lora, combine): (Option<&Q>, Option<&CombineArgs>),
         start: Start,
     ) -> Result<()> {
         let gemm = if mode == 1 { &self.gemm1 } else { &self.gemm2 };
@@ -324,19 +330,19 @@ impl KernelSet {
             params.group_m += params.group_m & 1;
         }
         let ctas = params.m_blocks as usize * params.n_tiles as usize;
-        match map {
-            Some(map) => gemm.launch_with(stream, (ctas, 1), &params, Some(map), start),
-            None => {
-                let split = self.tile.split_k(mode) as usize;
-                gemm.launch_with(stream, (ctas, split), &params, lora, start)
-            }
+        let split = self.tile.split_k(mode) as usize;
+        match (map, combine) {
+            (Some(map), _) => gemm.launch_with(stream, (ctas, 1), &params, Some(map), start),
+            (None, Some(c)) => gemm.launch_with(stream, (ctas, split), &params, Some(c), start),
+            (None, None) => gemm.launch_with(stream, (ctas, split), &params, lora, start),
         }
     }
 
-    /// Whether GEMM2 may do the combine (moe_gemm.cu fm_combine_arrive): both GEMMs take the
-    /// mma.sync loop, whose GEMM1 zeroes the counts and GEMM2 counts its arrivals.
+    /// Whether GEMM2 may do the combine (moe_gemm.cu fm_combine_arrive): both GEMMs have it
+    /// compiled in (the mma.sync loop of a layer with cuda.fuse_combine), GEMM1 zeroing the
+    /// counts and GEMM2 counting its arrivals.
     pub fn fuses_combine(&self) -> bool {
-        self.gemm1.v.mma_sync_loop() && self.gemm2.v.mma_sync_loop()
+        self.gemm1.v.combines() && self.gemm2.v.combines()
     }
 
     /// The tensor map of a GEMM that multicasts its weight tiles, else None.
@@ -360,7 +366,7 @@ impl KernelSet {
         (gemm1_vec8, gemm2_vec8): (bool, bool),
         (hopper, wgmma_ws, multicast): (bool, bool, variant::Multicast),
         with_lora: bool,
-        fuse_act: bool,
+        (fuse_act, fuse_combine): (bool, bool),
     ) -> Result<KernelSet> {
         let finish = if v.no_combine {
             "moe_zero_dropped"
@@ -377,6 +383,7 @@ impl KernelSet {
             clusters: dev.traits.compute_capability.0 >= 9,
             lora: with_lora,
             act,
+            combine: fuse_combine,
         };
         let gemm1 = Loaded::new(
             dev,
@@ -589,11 +596,19 @@ impl KernelSet {
         let (b13, b13_kind) = bias_parts(&layer.b13);
         let n_tiles1 = d.n1.div_ceil(bn);
         let n_tiles2 = d.hidden.div_ceil(bn);
-        // GEMM2 combines where the caller gave it counts (fuses_combine), LoRA's GEMMs never
-        let combine_counts = match lora {
-            None if !v.no_combine => s.combine_counts,
-            _ => 0,
-        };
+        // GEMMs with the combine compiled in take its argument, which has counts where the
+        // caller gave them (fuses_combine): then GEMM2 combines. LoRA's GEMMs never do.
+        let combine = self.fuses_combine().then_some(CombineArgs {
+            counts: match lora {
+                None if !v.no_combine => s.combine_counts,
+                _ => 0,
+            },
+            route_slot: slots,
+            out: io.out.data as u64,
+            tokens: p.num_tokens as i32,
+            tiles: n_tiles2 as i32,
+            rsf: v.rsf,
+        });
         self.launch_gemm(
             1,
             stream,
@@ -607,9 +622,6 @@ impl KernelSet {
                 sorted_route_ids: sorted,
                 block_expert: blocks,
                 num_padded: padded,
-                combine_counts,
-                route_slot: slots,
-                combine_out: io.out.data as u64,
                 n: d.n1 as i32,
                 kdim: d.hidden as i32,
                 numel: p.numel as i32,
@@ -624,11 +636,11 @@ impl KernelSet {
                 alpha,
                 limit,
                 early_dependents: early_gemm2 as i32,
-                combine_tokens: p.num_tokens as i32,
-                combine_tiles: n_tiles2 as i32,
-                rsf: v.rsf,
             },
-            lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
+            (
+                lora.map(|(run, _)| run.expand_gate_up()).as_ref(),
+                combine.as_ref(),
+            ),
             start,
         )?;
         if let Some(act) = &self.act {
@@ -670,9 +682,6 @@ impl KernelSet {
                 sorted_route_ids: sorted,
                 block_expert: blocks,
                 num_padded: padded,
-                combine_counts,
-                route_slot: slots,
-                combine_out: io.out.data as u64,
                 n: d.hidden as i32,
                 kdim: d.inter as i32,
                 numel: p.numel as i32,
@@ -687,14 +696,14 @@ impl KernelSet {
                 alpha,
                 limit,
                 early_dependents: early_gemm2 as i32,
-                combine_tokens: p.num_tokens as i32,
-                combine_tiles: n_tiles2 as i32,
-                rsf: v.rsf,
             },
-            lora.map(|(run, _)| run.expand_down()).as_ref(),
+            (
+                lora.map(|(run, _)| run.expand_down()).as_ref(),
+                combine.as_ref(),
+            ),
             start,
         )?;
-        if combine_counts != 0 {
+        if combine.is_some_and(|c| c.counts != 0) {
             Ok(()) // GEMM2 combined
         } else if v.no_combine {
             self.finish.launch_rows(

@@ -127,7 +127,7 @@ impl CudaLayer {
             vec8,
             (self.hopper, self.wgmma_ws, self.wgmma_multicast),
             key.lora,
-            self.fuse_act,
+            (self.fuse_act, self.fuse_combine_tokens > 0),
         )?);
         self.kernels.lock().unwrap().insert(key, k.clone());
         Ok(k)

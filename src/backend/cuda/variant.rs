@@ -185,6 +185,10 @@ pub struct GemmPath {
     /// GEMM1 applies this activation in its epilogue (tensor-core paths only; see
     /// `fuses_act`).
     pub act: Option<FusedAct>,
+    /// The mma.sync loop without LoRA compiles GEMM2's combine in (FM_FUSED_COMBINE; option
+    /// cuda.fuse_combine): GEMM1 zeroes the counts, GEMM2 counts and combines where a run
+    /// gives it counts. Elsewhere, and without the option, the kernels are as before.
+    pub combine: bool,
 }
 
 /// Which wgmma tiles take the multicast main loop (option cuda.wgmma_multicast).
@@ -401,9 +405,11 @@ fn gemm_variant(
             if a.interleaved { "i" } else { "" }
         )
     });
+    // GEMM2's combine (and GEMM1's zeroing of its counts): the mma.sync loop without LoRA
+    let combine = path.combine && !path.lora && matches!(main_loop, MainLoop::MmaSync { .. });
     let split = tile.split_k(mode);
     let name = format!(
-        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}{}{}{}{act}",
+        "moe_gemm{mode}__{}_m{bm}n{bn}k{bk}_w{wm}x{wn}_s{stages}_v{vec}{}{}{}{act}{}",
         dtype.name(),
         match wgmma {
             1 => "_wgmma",
@@ -416,7 +422,8 @@ fn gemm_variant(
         } else {
             String::new()
         },
-        if path.lora { "_lora" } else { "" }
+        if path.lora { "_lora" } else { "" },
+        if combine { "_fc" } else { "" }
     );
     let mut defines = vec![
         ("FM_DTYPE", dtype_code(dtype)),
@@ -442,6 +449,9 @@ fn gemm_variant(
     ];
     if path.lora {
         defines.extend(lora::expand_defines());
+    }
+    if combine {
+        defines.push(("FM_FUSED_COMBINE", 1));
     }
     if let Some(a) = fused {
         defines.extend(a.defines());
@@ -473,9 +483,9 @@ pub fn wgmma_layout(bm: u32, bn: u32, bk: u32, warps: u32, stages: u32) -> Optio
 }
 
 impl Variant {
-    /// Whether this GEMM variant takes the mma.sync main loop (FM_MMA 1, no wgmma).
-    pub fn mma_sync_loop(&self) -> bool {
-        self.defines.contains(&("FM_MMA", 1)) && self.defines.contains(&("FM_WGMMA", 0))
+    /// Whether this GEMM variant has GEMM2's combine compiled in (FM_FUSED_COMBINE).
+    pub fn combines(&self) -> bool {
+        self.defines.contains(&("FM_FUSED_COMBINE", 1))
     }
 
     /// Whether this is a GEMM of the multicast main loop: its CTAs launch in pairs (an even
@@ -687,6 +697,7 @@ pub fn ci_set() -> Vec<Variant> {
                     clusters: hopper,
                     lora: false,
                     act: None,
+                    combine: false,
                 };
                 if let Ok(g) = gemm(dtype, mode, tile, path) {
                     if !all.contains(&g) {
@@ -738,6 +749,7 @@ pub fn ci_set() -> Vec<Variant> {
                         clusters: hopper,
                         lora: false,
                         act: fused,
+                        combine: false,
                     };
                     let g = gemm(dtype, 1, tile, path).expect("a CI tile");
                     if !all.contains(&g) {
@@ -771,10 +783,33 @@ pub fn ci_set() -> Vec<Variant> {
                     clusters: true,
                     lora,
                     act,
+                    combine: false,
                 };
                 let g = gemm(dtype, mode, split, path).expect("a CI tile");
                 if !all.contains(&g) {
                     all.push(g);
+                }
+            }
+        }
+        // GEMM2's combine (cuda.fuse_combine): both GEMMs, at the smallest tile and split
+        if fuses_act(dtype) {
+            let silu = Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves));
+            for tile in [tiles[0], tiles[3].with_split_k(1, 4).with_split_k(2, 2)] {
+                for (mode, act) in [(1, silu), (2, None)] {
+                    let path = GemmPath {
+                        vec8: true,
+                        hopper: true,
+                        wgmma_ws: false,
+                        multicast: Multicast::Off,
+                        clusters: true,
+                        lora: false,
+                        act,
+                        combine: true,
+                    };
+                    let g = gemm(dtype, mode, tile, path).expect("a CI tile");
+                    if !all.contains(&g) {
+                        all.push(g);
+                    }
                 }
             }
         }
@@ -799,6 +834,7 @@ pub fn ci_set() -> Vec<Variant> {
                     clusters: true,
                     lora,
                     act,
+                    combine: false,
                 };
                 let g = gemm(dtype, mode, tile, path).expect("a CI tile");
                 assert!(g.name.contains("_wgmma_ws"), "{}", g.name);
@@ -828,6 +864,7 @@ pub fn ci_set() -> Vec<Variant> {
                     clusters: true,
                     lora: false,
                     act,
+                    combine: false,
                 };
                 let g = gemm(dtype, mode, tile, path).expect("a CI tile");
                 assert!(g.multicasts_w(), "{}", g.name);
@@ -851,6 +888,7 @@ pub fn ci_set() -> Vec<Variant> {
                     clusters: hopper,
                     lora: true,
                     act: Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves)),
+                    combine: false,
                 };
                 let g = gemm(dtype, mode, tile, path).expect("a CI tile");
                 if !all.contains(&g) {
@@ -914,6 +952,7 @@ mod tests {
             clusters: hopper,
             lora: false,
             act: None,
+            combine: false,
         };
         let on = gemm(DType::BF16, 1, tile, path(true, true)).unwrap();
         assert!(
@@ -931,6 +970,41 @@ mod tests {
         }
     }
 
+    /// cuda.fuse_combine compiles the combine into the plain mma.sync loop only: not into
+    /// LoRA's GEMMs, the wgmma loops or f32's SIMT loop, which keep moe_combine.
+    #[test]
+    fn only_the_plain_mma_sync_loop_takes_the_combine() {
+        let decode = crate::tiles::default_config(1, 8);
+        let wide = TileConfig {
+            block_m: 128,
+            block_n: 128,
+            block_k: 64,
+            num_warps: 8,
+            ..decode
+        };
+        let path = GemmPath {
+            combine: true,
+            ..hopper_path()
+        };
+        for mode in [1, 2] {
+            let plain = gemm(DType::BF16, mode, decode, path).unwrap();
+            assert!(
+                plain.combines() && plain.name.ends_with("_fc"),
+                "{}",
+                plain.name
+            );
+            let off = GemmPath {
+                combine: false,
+                ..path
+            };
+            assert!(!gemm(DType::BF16, mode, decode, off).unwrap().combines());
+            let lora = GemmPath { lora: true, ..path };
+            assert!(!gemm(DType::BF16, mode, decode, lora).unwrap().combines());
+            assert!(!gemm(DType::BF16, mode, wide, path).unwrap().combines());
+            assert!(!gemm(DType::F32, mode, decode, path).unwrap().combines());
+        }
+    }
+
     /// 16-byte loads on an sm_90a GPU with clusters, no LoRA, no fused activation.
     fn hopper_path() -> GemmPath {
         GemmPath {
@@ -941,6 +1015,7 @@ mod tests {
             clusters: true,
             lora: false,
             act: None,
+            combine: false,
         }
     }
 
