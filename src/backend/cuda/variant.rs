@@ -758,23 +758,22 @@ pub fn ci_set() -> Vec<Variant> {
                 }
             }
         }
-        // split-K (sm_90a): GEMM1 with the activation and LoRA, GEMM2 plain
+        // split-K (sm_90a): GEMM1 with the activation and LoRA, GEMM2 plain; GEMM2's combine
+        // (cuda.fuse_combine): both GEMMs, at the smallest tile and split
         if fuses_act(dtype) {
+            let silu = Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves));
             let split = tiles[3].with_split_k(1, 4).with_split_k(2, 2);
-            for (mode, lora, act) in [
-                (
-                    1,
-                    false,
-                    Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves)),
-                ),
-                (
-                    1,
-                    true,
-                    Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves)),
-                ),
-                (2, false, None),
-                (2, true, None),
-            ] {
+            let cases = [
+                (split, 1, false, silu, false),
+                (split, 1, true, silu, false),
+                (split, 2, false, None, false),
+                (split, 2, true, None, false),
+                (tiles[0], 1, false, silu, true),
+                (tiles[0], 2, false, None, true),
+                (split, 1, false, silu, true),
+                (split, 2, false, None, true),
+            ];
+            for (tile, mode, lora, act, combine) in cases {
                 let path = GemmPath {
                     vec8: true,
                     hopper: true,
@@ -783,33 +782,11 @@ pub fn ci_set() -> Vec<Variant> {
                     clusters: true,
                     lora,
                     act,
-                    combine: false,
+                    combine,
                 };
-                let g = gemm(dtype, mode, split, path).expect("a CI tile");
+                let g = gemm(dtype, mode, tile, path).expect("a CI tile");
                 if !all.contains(&g) {
                     all.push(g);
-                }
-            }
-        }
-        // GEMM2's combine (cuda.fuse_combine): both GEMMs, at the smallest tile and split
-        if fuses_act(dtype) {
-            let silu = Some(FusedAct::new(ActFn::Silu, true, GateUpLayout::Halves));
-            for tile in [tiles[0], tiles[3].with_split_k(1, 4).with_split_k(2, 2)] {
-                for (mode, act) in [(1, silu), (2, None)] {
-                    let path = GemmPath {
-                        vec8: true,
-                        hopper: true,
-                        wgmma_ws: false,
-                        multicast: Multicast::Off,
-                        clusters: true,
-                        lora: false,
-                        act,
-                        combine: true,
-                    };
-                    let g = gemm(dtype, mode, tile, path).expect("a CI tile");
-                    if !all.contains(&g) {
-                        all.push(g);
-                    }
                 }
             }
         }
