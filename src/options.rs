@@ -20,6 +20,10 @@ enum Rule {
     Path,
 }
 
+/// The most tokens for which cuda.fuse_combine lets GEMM2 combine (the CUDA backend sizes
+/// its counts by it).
+pub const FUSE_COMBINE_MAX_TOKENS: i64 = 256;
+
 const KEYS: &[Key] = &[
     Key {
         name: "tile.block_m",
@@ -161,7 +165,7 @@ const KEYS: &[Key] = &[
         name: "cuda.fuse_combine",
         rule: Rule::Int {
             min: 0,
-            max: 256,
+            max: FUSE_COMBINE_MAX_TOKENS,
             pow2: false,
         },
         device: Some(DeviceKind::Cuda),

@@ -597,12 +597,9 @@ impl KernelSet {
         let n_tiles1 = d.n1.div_ceil(bn);
         let n_tiles2 = d.hidden.div_ceil(bn);
         // GEMMs with the combine compiled in take its argument, which has counts where the
-        // caller gave them (fuses_combine): then GEMM2 combines. LoRA's GEMMs never do.
+        // caller gave them (fuses_combine; no_combine has none): then GEMM2 combines
         let combine = self.fuses_combine().then_some(CombineArgs {
-            counts: match lora {
-                None if !v.no_combine => s.combine_counts,
-                _ => 0,
-            },
+            counts: s.combine_counts,
             route_slot: slots,
             out: io.out.data as u64,
             tokens: p.num_tokens as i32,

@@ -175,7 +175,7 @@ const DEFAULT_FUSE_COMBINE_TOKENS: usize = 0;
 
 /// The most tokens option cuda.fuse_combine may name: up to these the scratch section holds
 /// GEMM2's combine counts (M times H / 16 ints at most: 458 KB at H = 7168).
-const FUSE_COMBINE_MAX_TOKENS: usize = 256;
+const FUSE_COMBINE_MAX_TOKENS: usize = crate::options::FUSE_COMBINE_MAX_TOKENS as usize;
 
 /// Where GEMM1's output, the activation, GEMM2's route rows and its combine counts (None
 /// past FUSE_COMBINE_MAX_TOKENS, or without a combine) sit in the scratch section.
@@ -194,33 +194,23 @@ fn scratch(v: &Validated, numel: usize, capacity: usize) -> Scratch {
     let g1 = 0;
     let act = up(g1 + capacity * d.n1 * e);
     let y = up(act + capacity * d.inter * e);
-    if v.no_combine {
-        return Scratch {
-            g1,
-            act,
-            y,
-            combine_counts: None,
-            total: y,
-        };
-    }
-    let counts = up(y + numel * d.hidden * e);
+    let end = match v.no_combine {
+        true => y,
+        false => up(y + numel * d.hidden * e),
+    };
+    // GEMM2's combine counts: a count per token and n-tile, of 16 columns at the narrowest
     let tokens = numel / d.top_k.max(1);
-    match tokens <= FUSE_COMBINE_MAX_TOKENS {
-        // a count per token and GEMM2 n-tile, of 16 columns at the narrowest
-        true => Scratch {
-            g1,
-            act,
-            y,
-            combine_counts: Some(counts),
-            total: up(counts + tokens * d.hidden.div_ceil(16) * 4),
-        },
-        false => Scratch {
-            g1,
-            act,
-            y,
-            combine_counts: None,
-            total: counts,
-        },
+    let combine_counts = (!v.no_combine && tokens <= FUSE_COMBINE_MAX_TOKENS).then_some(end);
+    let total = match combine_counts {
+        Some(at) => up(at + tokens * d.hidden.div_ceil(16) * 4),
+        None => end,
+    };
+    Scratch {
+        g1,
+        act,
+        y,
+        combine_counts,
+        total,
     }
 }
 
@@ -263,8 +253,9 @@ fn run_stages(
     };
     let s = scratch(&layer.v, p.numel, p.layout.sorted_route_ids.len);
     let base = p.workspace as u64 + p.layout.scratch.offset as u64;
-    // GEMM2 combines up to the option's token count, where both GEMMs can (fuses_combine)
-    let fuse_combine = lora.is_none() && p.num_tokens <= c.fuse_combine_tokens && k.fuses_combine();
+    // GEMM2 combines up to the option's token count, where both GEMMs can (fuses_combine:
+    // never LoRA's, whose kernel set has no combine)
+    let fuse_combine = p.num_tokens <= c.fuse_combine_tokens && k.fuses_combine();
     let ptrs = kernels::ScratchPtrs {
         g1: base + s.g1 as u64,
         act: base + s.act as u64,
