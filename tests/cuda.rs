@@ -352,11 +352,7 @@ fn wgmma_tiles_match_the_cpu() {
         return;
     };
     let cases = wgmma_tile_cases(&[]);
-    run_cases(
-        "wgmma tiles",
-        &ctx,
-        &select(cases, |c| c.tokens == 37 && c.options[1].1 == "128"),
-    );
+    run_wgmma_tile_cases("wgmma tiles", &ctx, cases);
 }
 
 /// The same tiles and cases on the warp-specialised wgmma main loop (cuda.wgmma_ws=1: a
@@ -370,11 +366,7 @@ fn wgmma_ws_tiles_match_the_cpu() {
         return;
     };
     let cases = wgmma_tile_cases(&[("cuda.wgmma_ws", 1)]);
-    run_cases(
-        "wgmma_ws tiles",
-        &ctx,
-        &select(cases, |c| c.tokens == 37 && c.options[1].1 == "128"),
-    );
+    run_wgmma_tile_cases("wgmma_ws tiles", &ctx, cases);
 }
 
 /// The same tiles and cases on the multicast wgmma main loop (cuda.wgmma_multicast=1: CTA
@@ -416,11 +408,7 @@ fn wgmma_multicast_tiles_match_the_cpu() {
             ..base([Dt::Bf16, Dt::F16][n % 2], 6200 + n as u64)
         });
     }
-    run_cases(
-        "wgmma_multicast tiles",
-        &ctx,
-        &select(cases, |c| c.tokens == 37 && c.options[1].1 == "128"),
-    );
+    run_wgmma_tile_cases("wgmma_multicast tiles", &ctx, cases);
 }
 
 /// cuda.wgmma_multicast where the wgmma loop does not run, or beside cuda.wgmma_ws, is refused
@@ -437,6 +425,15 @@ fn wgmma_multicast_without_the_wgmma_loop_is_refused_by_name() {
     for options in refused {
         assert_layer_refused(&ctx, &options, 6300, "cuda.wgmma_multicast");
     }
+}
+
+/// run_cases over wgmma_tile_cases (and more): in reduced mode, M = 37 at 128 columns.
+fn run_wgmma_tile_cases(label: &str, ctx: &Arc<CudaContext>, cases: Vec<Case>) {
+    run_cases(
+        label,
+        ctx,
+        &select(cases, |c| c.tokens == 37 && c.options[1].1 == "128"),
+    );
 }
 
 /// A layer with `options` is refused at creation with MOE_ERR_UNSUPPORTED naming `key`.
