@@ -22,7 +22,7 @@ enum Rule {
 
 /// The most tokens for which cuda.fuse_combine lets GEMM2 combine (the CUDA backend sizes
 /// its counts by it).
-pub const FUSE_COMBINE_MAX_TOKENS: i64 = 256;
+pub(crate) const FUSE_COMBINE_MAX_TOKENS: i64 = 256;
 
 const KEYS: &[Key] = &[
     Key {
