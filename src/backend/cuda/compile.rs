@@ -196,12 +196,22 @@ mod tests {
             .par_iter()
             .filter_map(|(v, arch)| {
                 match unsafe { compile_cubin(v.source(), arch, &v.options()) } {
-                    Ok(cubin) if cubin.starts_with(b"\x7fELF") => None,
+                    Ok(cubin) if cubin.starts_with(b"\x7fELF") => dump(&v.name, arch, &cubin),
                     Ok(_) => Some(format!("{} for {arch}: not an ELF file", v.name)),
                     Err(e) => Some(format!("{} for {arch}: {e}", v.name)),
                 }
             })
             .collect();
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    /// FUSEDMOE_CI_DUMP=DIR keeps each cubin as DIR/NAME.ARCH.cubin, to compare two
+    /// revisions' SASS (`cuobjdump -sass`) without a GPU. None: nothing failed.
+    fn dump(name: &str, arch: &str, cubin: &[u8]) -> Option<String> {
+        let dir = std::env::var_os("FUSEDMOE_CI_DUMP")?;
+        let path = std::path::Path::new(&dir).join(format!("{name}.{arch}.cubin"));
+        std::fs::write(&path, cubin)
+            .err()
+            .map(|e| format!("{}: {e}", path.display()))
     }
 }
