@@ -100,8 +100,9 @@ pub unsafe extern "C" fn moe_workspace_size(
 }
 
 /// Compiles and loads every kernel variant the layer may use for batches of up to
-/// `max_tokens` tokens (NVRTC runs here, not in the first moe_prepare/moe_run; compiled
-/// kernels are also cached on disk under FUSEDMOE_CACHE_DIR), those of moe_run_lora too once
+/// `max_tokens` tokens (NVRTC runs here, not in the first moe_prepare/moe_run, on as many
+/// threads as the machine has cores; compiled kernels are also cached on disk under
+/// FUSEDMOE_CACHE_DIR), those of moe_run_lora too once
 /// a LoRA wrapper was made over the layer. Call it before capturing moe_prepare and moe_run
 /// (or moe_run_lora) into a CUDA graph. `stream`: as moe_prepare (nothing is launched on
 /// it). A CPU layer has nothing to compile: MOE_OK. Thread-safe.

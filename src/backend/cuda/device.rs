@@ -8,7 +8,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::tiles::GpuTraits;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, DriverError};
-use once_cell::sync::Lazy;
+use once_cell::sync::{Lazy, OnceCell};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +22,35 @@ pub struct DeviceState {
     pub traits: GpuTraits,
     max_shared_optin: usize,
     nvrtc: (i32, i32),
-    functions: Mutex<HashMap<String, CudaFunction>>,
+    functions: OnceMap<CudaFunction>,
+}
+
+/// Values made once per name, however many threads ask at once: the first asker makes it,
+/// the others wait for its result instead of making it again (moe_warmup loads kernel sets
+/// in parallel, and they share kernels). A failure leaves the name to the next asker. The
+/// map's lock is held only to find a name's cell, never while a value is made.
+pub struct OnceMap<V> {
+    cells: Mutex<HashMap<String, Arc<OnceCell<V>>>>,
+}
+
+impl<V: Clone> OnceMap<V> {
+    pub fn new() -> OnceMap<V> {
+        OnceMap {
+            cells: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn get_or_try_make<E>(
+        &self,
+        name: &str,
+        make: impl FnOnce() -> std::result::Result<V, E>,
+    ) -> std::result::Result<V, E> {
+        let cell = {
+            let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+            cells.entry(name.to_string()).or_default().clone()
+        };
+        cell.get_or_try_init(make).cloned()
+    }
 }
 
 /// A driver error as a DEVICE error that says what was being done.
@@ -80,7 +108,7 @@ pub fn device(ordinal: usize) -> Result<Arc<DeviceState>> {
         traits,
         max_shared_optin,
         nvrtc,
-        functions: Mutex::new(HashMap::new()),
+        functions: OnceMap::new(),
     });
     devices.insert(ordinal, d.clone());
     Ok(d)
@@ -88,12 +116,13 @@ pub fn device(ordinal: usize) -> Result<Arc<DeviceState>> {
 
 impl DeviceState {
     /// The loaded kernel of a variant: from memory, else from the disk cache, else compiled.
-    /// Compiling happens outside the lock, so one slow compilation does not stall launches
-    /// of kernels that are loaded already.
+    /// Compiling holds no lock that launches of loaded kernels need, and a kernel that
+    /// another thread is compiling is waited for, not compiled twice.
     pub fn function(&self, v: &Variant) -> Result<CudaFunction> {
-        if let Some(f) = self.functions.lock().unwrap().get(&v.name) {
-            return Ok(f.clone());
-        }
+        self.functions.get_or_try_make(&v.name, || self.load(v))
+    }
+
+    fn load(&self, v: &Variant) -> Result<CudaFunction> {
         if v.shared_bytes > self.max_shared_optin {
             return Err(crate::error::unsupported!(
                 "tile config: kernel {} needs {} bytes of shared memory; {} ({}) allows {} per block (lower tile.num_stages or the block sizes)",
@@ -134,12 +163,57 @@ impl DeviceState {
             )
             .map_err(|e| driver_error(&what, e))?;
         }
-        Ok(self
-            .functions
-            .lock()
-            .unwrap()
-            .entry(v.name.clone())
-            .or_insert(f)
-            .clone())
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OnceMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[test]
+    fn a_name_asked_for_by_many_threads_at_once_is_made_once() {
+        let map = OnceMap::new();
+        let made = AtomicUsize::new(0);
+        let got: Vec<u32> = std::thread::scope(|s| {
+            let askers: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        map.get_or_try_make("kernel", || {
+                            made.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(50));
+                            Ok::<u32, String>(7)
+                        })
+                    })
+                })
+                .collect();
+            askers
+                .into_iter()
+                .map(|a| a.join().unwrap().unwrap())
+                .collect()
+        });
+        assert_eq!(got, vec![7; 8]);
+        assert_eq!(made.load(Ordering::SeqCst), 1);
+        // other names are made apart
+        assert_eq!(map.get_or_try_make("other", || Ok::<u32, String>(9)), Ok(9));
+        assert_eq!(
+            map.get_or_try_make("kernel", || Ok::<u32, String>(0)),
+            Ok(7)
+        );
+    }
+
+    #[test]
+    fn a_failure_leaves_the_name_to_the_next_asker() {
+        let map = OnceMap::new();
+        assert_eq!(
+            map.get_or_try_make("kernel", || Err::<u32, _>("NVRTC failed".to_string())),
+            Err("NVRTC failed".to_string())
+        );
+        assert_eq!(
+            map.get_or_try_make("kernel", || Ok::<u32, String>(3)),
+            Ok(3)
+        );
     }
 }

@@ -25,6 +25,7 @@ use crate::tiles::{GpuTraits, Pdl, TileConfig};
 use crate::workspace::Layout;
 use device::{driver_error, DeviceState};
 use kernels::KernelSet;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -379,16 +380,28 @@ impl Backend for CudaBackend {
     fn warmup(&self, layer: &Layer, max_tokens: usize) -> Result<()> {
         let c = cuda_layer(layer);
         let with_lora = c.lora.get().is_some();
+        let mut keys = Vec::new();
         for tile in layer.tiles.configs_up_to(max_tokens) {
             // both GEMM1 load widths: a hidden that is not 16-byte aligned takes the narrow
             // one, and compiling it later could fall inside the host's graph capture
             for vec8 in [c.gemm1_vec8, false] {
                 for lora in [false, with_lora] {
-                    c.kernel_set(layer, SetKey { tile, vec8, lora })?;
+                    let key = SetKey { tile, vec8, lora };
+                    if !keys.contains(&key) {
+                        keys.push(key);
+                    }
                 }
             }
         }
-        Ok(())
+        // The sets in parallel: with a cold cache each compiles its GEMMs with NVRTC (a few
+        // seconds for a wgmma variant), so a layer's warmup took 15-25 s one at a time. The
+        // kernels sets share are compiled once (DeviceState::function). The first failure
+        // in the sets' order is the one reported, as before.
+        let loaded: Vec<Result<()>> = keys
+            .par_iter()
+            .map(|&key| c.kernel_set(layer, key).map(drop))
+            .collect();
+        loaded.into_iter().collect()
     }
 
     fn prepare(
