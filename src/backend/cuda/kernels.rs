@@ -385,14 +385,11 @@ impl KernelSet {
             act,
             combine: fuse_combine,
         };
-        let gemm1 = Loaded::new(
-            dev,
-            variant::gemm(v.dtype, 1, tile, path(gemm1_vec8, fused))?,
-        )?;
-        let gemm2 = Loaded::new(
-            dev,
-            variant::gemm(v.dtype, 2, tile, path(gemm2_vec8, None))?,
-        )?;
+        let gemm1 = variant::gemm(v.dtype, 1, tile, path(gemm1_vec8, fused))?;
+        let gemm2 = variant::gemm(v.dtype, 2, tile, path(gemm2_vec8, None))?;
+        // the set's two NVRTC compilations that take seconds, side by side
+        let (gemm1, gemm2) = rayon::join(|| Loaded::new(dev, gemm1), || Loaded::new(dev, gemm2));
+        let (gemm1, gemm2) = (gemm1?, gemm2?);
         let d = v.dims;
         let w13 = tma::WeightRows {
             base: weights.w13.data as u64,
