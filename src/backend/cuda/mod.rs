@@ -119,6 +119,13 @@ impl CudaLayer {
         if let Some(k) = self.kernels.lock().unwrap().get(&key) {
             return Ok(k.clone());
         }
+        // the context on this thread (moe_warmup loads sets on rayon's threads): a set whose
+        // kernels another thread loaded still encodes its TMA weight maps here
+        let what = format!("device: cuda:{}", self.dev.ordinal);
+        self.dev
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| driver_error(&what, e))?;
         let vec8 = (key.vec8, self.gemm2_vec8);
         let k = Arc::new(KernelSet::load(
             &self.dev,
