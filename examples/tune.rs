@@ -19,14 +19,16 @@
 //!    GROUP_M is the default rule's for that M (the CUDA kernels do not read it today).
 //!    On a GPU with thread-block clusters (compute capability 9.0), for M ≤ 64, every
 //!    candidate of BLOCK_M ≤ 32 is also tried with split-K 2 and 4 on GEMM1, and on GEMM2
-//!    (table keys SPLIT_K, SPLIT_K_DOWN), one GEMM at a time.
+//!    (table keys SPLIT_K, SPLIT_K_DOWN), one GEMM at a time. On any GPU, for M ≤ 64, each
+//!    of those candidates is also tried with GEMM2 wider than GEMM1, at every wider BLOCK_N
+//!    (table key BLOCK_N_DOWN; GEMM2 shares BLOCK_M only).
 //! 2. The kernels of every candidate are compiled first, on --threads threads (a small layer
 //!    per config and moe_warmup; FUSEDMOE_CACHE_DIR keeps them for the next run). Configs the
 //!    backend refuses (warp layout, shared memory: MOE_ERR_UNSUPPORTED) are dropped, reasons
 //!    printed.
 //! 3. Per (shape, M), on rotating input sets (random softmax top-k routing, as bench):
 //!    the library's own choice (no tile options: a table where one applies, else the default
-//!    rule) first; its output is the reference. Then one layer per candidate with all eight
+//!    rule) first; its output is the reference. Then one layer per candidate with all ten
 //!    `tile.*` options, borrowing the shape's weights and sharing one workspace: a first direct
 //!    call (refused at creation, warm-up, prepare or run: skipped), then moe_prepare + moe_run
 //!    as CUDA-graph replays (M ≤ 256, one graph per set) or direct calls, CUDA events around.
@@ -151,12 +153,17 @@ fn kernel(c: &TileConfig) -> Kernel {
     )
 }
 
-/// "64×128×64 w4 s3": BLOCK_M×BLOCK_N×BLOCK_K, warps, stages; " split-K 4/1" (GEMM1/GEMM2)
-/// where a GEMM splits; " PDL 2" where it launches as programmatic dependents.
+/// "64×128×64 w4 s3": BLOCK_M×BLOCK_N×BLOCK_K, warps, stages ("16×32/128×64": GEMM2 at its
+/// own BLOCK_N); " split-K 4/1" (GEMM1/GEMM2) where a GEMM splits; " PDL 2" where it
+/// launches as programmatic dependents.
 fn tile_str(c: &TileConfig) -> String {
+    let block_n = match c.block_n_down() {
+        Some(down) => format!("{}/{down}", c.block_n),
+        None => c.block_n.to_string(),
+    };
     let dims = format!(
-        "{}×{}×{} w{} s{}",
-        c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages
+        "{}×{block_n}×{} w{} s{}",
+        c.block_m, c.block_k, c.num_warps, c.num_stages
     );
     let dims = match (c.split_k(1), c.split_k(2)) {
         (1, 1) => dims,
@@ -174,17 +181,22 @@ fn tile_json(c: &TileConfig) -> Value {
         "GROUP_M": c.group_m, "num_warps": c.num_warps, "num_stages": c.num_stages,
         "SPLIT_K": c.split_k(1), "SPLIT_K_DOWN": c.split_k(2),
     });
+    if let Some(block_n) = c.block_n_down() {
+        v["BLOCK_N_DOWN"] = json!(block_n);
+    }
     if c.pdl() != Pdl::Off {
         v["PDL"] = json!(c.pdl().key());
     }
     v
 }
 
-/// The nine `tile.*` options that pin a layer to `c` at every M.
+/// The ten `tile.*` options that pin a layer to `c` at every M.
 fn tile_options(c: &TileConfig) -> Vec<(&'static str, String)> {
     vec![
         ("tile.block_m", c.block_m.to_string()),
         ("tile.block_n", c.block_n.to_string()),
+        // GEMM2's width too, else a shipped entry's BLOCK_N_DOWN would decide it
+        ("tile.block_n_down", c.for_gemm(2).block_n.to_string()),
         ("tile.block_k", c.block_k.to_string()),
         ("tile.group_m", c.group_m.to_string()),
         ("tile.num_warps", c.num_warps.to_string()),
@@ -220,8 +232,9 @@ fn block_m_range(m: &Model, tokens: usize) -> (u32, u32) {
     (lo, hi.max(lo))
 }
 
-/// The configs timed for `m` at `tokens` tokens (see the header); with `split_k` (the GPU
-/// has thread-block clusters) also the split-K variants of the thin decode tiles.
+/// The configs timed for `m` at `tokens` tokens (see the header): at decode also the thin
+/// tiles with a wider GEMM2, and with `split_k` (the GPU has thread-block clusters) their
+/// split-K variants.
 fn candidates(m: &Model, tokens: usize, quick: bool, split_k: bool) -> Vec<TileConfig> {
     let (lo, hi) = block_m_range(m, tokens);
     let group_m = default_config(tokens, m.experts).group_m;
@@ -260,16 +273,22 @@ fn candidates(m: &Model, tokens: usize, quick: bool, split_k: bool) -> Vec<TileC
             }
         }
     }
-    if split_k && tokens <= SPLIT_MAX_TOKENS {
+    if tokens <= SPLIT_MAX_TOKENS {
         let thin: Vec<TileConfig> = out
             .iter()
             .filter(|c| c.block_m <= SPLIT_MAX_BLOCK_M)
             .copied()
             .collect();
         for c in thin {
-            for gemm in [1, 2] {
-                out.extend(SPLITS.iter().map(|&s| c.with_split_k(gemm, s)));
+            if split_k {
+                for gemm in [1, 2] {
+                    out.extend(SPLITS.iter().map(|&s| c.with_split_k(gemm, s)));
+                }
             }
+            // GEMM2 wider than GEMM1 (BLOCK_N_DOWN): at decode GEMM1's narrow tiles fill the
+            // SMs, while GEMM2 at that width can be thousands of CTAs of a few KB each
+            let wider = BLOCK_NS.into_iter().filter(|&bn| bn > c.block_n);
+            out.extend(wider.map(|bn| c.with_block_n_down(bn)));
         }
     }
     out

@@ -245,7 +245,7 @@ typedef struct {
    */
   uint32_t block_m;
   /**
-   * Output columns per block.
+   * Output columns per block (GEMM1's; GEMM2's where flags give it none of its own).
    */
   uint32_t block_n;
   /**
@@ -268,7 +268,9 @@ typedef struct {
    * Variant flags: bits 0-3 GEMM1's split-K (CTAs, one thread-block cluster, sharing a
    * tile's k loop; 0 = none), bits 4-7 GEMM2's; bit 8: moe_run's kernels launch as
    * programmatic dependents (the table's PDL key or option tile.pdl), bit 9:
-   * with GEMM2 let in at GEMM1's start (PDL 2); the other bits are 0.
+   * with GEMM2 let in at GEMM1's start (PDL 2); bits 12-14: GEMM2's own output columns
+   * per block as log2(columns) - 3 (the table's BLOCK_N_DOWN or option
+   * tile.block_n_down; 0 = block_n); the other bits are 0.
    */
   uint32_t flags;
 } moe_tile_config;

@@ -46,6 +46,16 @@ const KEYS: &[Key] = &[
         doc: "BLOCK_N",
     },
     Key {
+        name: "tile.block_n_down",
+        rule: Rule::Int {
+            min: 16,
+            max: 256,
+            pow2: true,
+        },
+        device: None,
+        doc: "GEMM2's own BLOCK_N (a table's BLOCK_N_DOWN; default BLOCK_N): GEMM2 shares BLOCK_M with GEMM1, not its width (SPEC §5). The CPU path has no use for it",
+    },
+    Key {
         name: "tile.block_k",
         rule: Rule::Int {
             min: 16,

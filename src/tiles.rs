@@ -12,7 +12,8 @@
 //!                              "64": { ... } } } ] }
 //! ```
 //! `N` is the intermediate size I and `K` the hidden size H (SGLang's naming); the keys of
-//! `configs` are token counts M. Ours, beyond SGLang's keys, each optional: `SPLIT_K` and
+//! `configs` are token counts M. Ours, beyond SGLang's keys, each optional: `BLOCK_N_DOWN`
+//! (GEMM2's own BLOCK_N, 16–256; default BLOCK_N), `SPLIT_K` and
 //! `SPLIT_K_DOWN` (1–8, default 1: CTAs sharing a GEMM1 / GEMM2 tile's k loop) and `PDL`
 //! (default 0: in order; 1: the batch's kernels launch as programmatic dependents on sm_90,
 //! GEMM2 let in once GEMM1's CTAs are past their k loops; 2: the same, GEMM2 let in at
@@ -34,7 +35,8 @@ pub struct TileConfig {
     pub group_m: u32,
     pub num_warps: u32,
     pub num_stages: u32,
-    /// Variant flags: bits 0–3 GEMM1's split-K, bits 4–7 GEMM2's (`split_k`); the rest 0.
+    /// Variant flags: bits 0–3 GEMM1's split-K, bits 4–7 GEMM2's (`split_k`), bits 8–9
+    /// the launch mode (`pdl`), bits 12–14 GEMM2's own BLOCK_N (`block_n_down`); the rest 0.
     pub flags: u32,
 }
 
@@ -107,6 +109,48 @@ impl TileConfig {
         TileConfig {
             flags: (self.flags & !(PDL_FLAG | PDL_EARLY_FLAG)) | bits,
             ..self
+        }
+    }
+}
+
+/// Bits 12–14: GEMM2's own BLOCK_N as log2(BLOCK_N) − 3 (1 = 16 … 5 = 256); 0: GEMM1's.
+const BLOCK_N_DOWN_SHIFT: u32 = 12;
+const BLOCK_N_DOWN_MASK: u32 = 0x7 << BLOCK_N_DOWN_SHIFT;
+
+impl TileConfig {
+    /// GEMM2's own BLOCK_N (table key `BLOCK_N_DOWN`, option `tile.block_n_down`), None
+    /// where it takes BLOCK_N. SPEC §5: GEMM2 may have its own config but shares BLOCK_M
+    /// (one alignment). At decode the two GEMMs want different widths: GEMM1's few columns
+    /// (DeepSeek's 512) need narrow tiles to fill the SMs, GEMM2's many (7168) with a short
+    /// k loop make thousands of CTAs of a few KB each at that width.
+    pub fn block_n_down(&self) -> Option<u32> {
+        let code = (self.flags & BLOCK_N_DOWN_MASK) >> BLOCK_N_DOWN_SHIFT;
+        (code != 0).then_some(8 << code)
+    }
+
+    /// This config with GEMM2's BLOCK_N set to `block_n` (a power of two in 16..=256);
+    /// BLOCK_N itself leaves GEMM2 without one of its own.
+    pub fn with_block_n_down(self, block_n: u32) -> TileConfig {
+        debug_assert!(block_n.is_power_of_two() && (16..=256).contains(&block_n));
+        let code = match block_n == self.block_n {
+            true => 0,
+            false => block_n.trailing_zeros() - 3,
+        };
+        TileConfig {
+            flags: (self.flags & !BLOCK_N_DOWN_MASK) | (code << BLOCK_N_DOWN_SHIFT),
+            ..self
+        }
+    }
+
+    /// The config GEMM `gemm` (1 or 2) runs: GEMM2 with its own BLOCK_N where it has one.
+    pub fn for_gemm(&self, gemm: u8) -> TileConfig {
+        match (gemm, self.block_n_down()) {
+            (2, Some(block_n)) => TileConfig {
+                block_n,
+                flags: self.flags & !BLOCK_N_DOWN_MASK,
+                ..*self
+            },
+            _ => *self,
         }
     }
 }
@@ -189,7 +233,7 @@ fn field_u32(obj: &Value, name: &str, at: &str, min: u32, max: u32, pow2: bool) 
 }
 
 fn parse_config(obj: &Value, at: &str) -> Result<TileConfig> {
-    Ok(TileConfig {
+    let config = TileConfig {
         block_m: field_u32(obj, "BLOCK_M", at, 16, 256, true)?,
         block_n: field_u32(obj, "BLOCK_N", at, 16, 256, true)?,
         block_k: field_u32(obj, "BLOCK_K", at, 16, 256, true)?,
@@ -197,13 +241,19 @@ fn parse_config(obj: &Value, at: &str) -> Result<TileConfig> {
         num_warps: field_u32(obj, "num_warps", at, 1, 16, true)?,
         num_stages: field_u32(obj, "num_stages", at, 1, 8, false)?,
         flags: 0,
-    }
-    .with_split_k(1, optional_u32(obj, "SPLIT_K", at, 1, MAX_SPLIT_K)?)
-    .with_split_k(2, optional_u32(obj, "SPLIT_K_DOWN", at, 1, MAX_SPLIT_K)?)
-    .with_pdl(match obj.get("PDL") {
-        None => Pdl::Off,
-        Some(_) => Pdl::from_key(field_u32(obj, "PDL", at, 0, 2, false)?),
-    }))
+    };
+    let block_n_down = match obj.get("BLOCK_N_DOWN") {
+        None => config.block_n,
+        Some(_) => field_u32(obj, "BLOCK_N_DOWN", at, 16, 256, true)?,
+    };
+    Ok(config
+        .with_block_n_down(block_n_down)
+        .with_split_k(1, optional_u32(obj, "SPLIT_K", at, 1, MAX_SPLIT_K)?)
+        .with_split_k(2, optional_u32(obj, "SPLIT_K_DOWN", at, 1, MAX_SPLIT_K)?)
+        .with_pdl(match obj.get("PDL") {
+            None => Pdl::Off,
+            Some(_) => Pdl::from_key(field_u32(obj, "PDL", at, 0, 2, false)?),
+        }))
 }
 
 /// A key tables may leave out (ours, beyond SGLang's configs): 1 when absent.
@@ -368,6 +418,7 @@ fn builtin_table(key: &TableKey, gpu: Option<GpuTraits>) -> Option<TileTable> {
 struct Override {
     block_m: Option<u32>,
     block_n: Option<u32>,
+    block_n_down: Option<u32>,
     block_k: Option<u32>,
     group_m: Option<u32>,
     num_warps: Option<u32>,
@@ -383,6 +434,7 @@ impl Override {
         Override {
             block_m: get("tile.block_m"),
             block_n: get("tile.block_n"),
+            block_n_down: get("tile.block_n_down"),
             block_k: get("tile.block_k"),
             group_m: get("tile.group_m"),
             num_warps: get("tile.num_warps"),
@@ -393,8 +445,10 @@ impl Override {
         }
     }
 
+    /// The overrides over `c`. GEMM2's BLOCK_N: the option tile.block_n_down, else `c`'s own
+    /// (a table's BLOCK_N_DOWN), else BLOCK_N as the options leave it.
     fn apply(&self, c: TileConfig) -> TileConfig {
-        TileConfig {
+        let with_block_n = TileConfig {
             block_m: self.block_m.unwrap_or(c.block_m),
             block_n: self.block_n.unwrap_or(c.block_n),
             block_k: self.block_k.unwrap_or(c.block_k),
@@ -402,10 +456,13 @@ impl Override {
             num_warps: self.num_warps.unwrap_or(c.num_warps),
             num_stages: self.num_stages.unwrap_or(c.num_stages),
             flags: c.flags,
-        }
-        .with_split_k(1, self.split_k.unwrap_or(c.split_k(1)))
-        .with_split_k(2, self.split_k_down.unwrap_or(c.split_k(2)))
-        .with_pdl(self.pdl.map_or(c.pdl(), Pdl::from_key))
+        };
+        let block_n_down = self.block_n_down.or(c.block_n_down());
+        with_block_n
+            .with_block_n_down(block_n_down.unwrap_or(with_block_n.block_n))
+            .with_split_k(1, self.split_k.unwrap_or(c.split_k(1)))
+            .with_split_k(2, self.split_k_down.unwrap_or(c.split_k(2)))
+            .with_pdl(self.pdl.map_or(c.pdl(), Pdl::from_key))
     }
 }
 
@@ -670,6 +727,64 @@ mod tests {
             0x53
         );
         assert_eq!(default_config(1, 8).with_split_k(1, 1).flags, 0);
+    }
+
+    #[test]
+    fn gemm2s_block_n_comes_from_the_table_or_the_option_and_shares_block_m() {
+        let wide = ONE.replace(
+            "\"num_stages\": 4}",
+            "\"num_stages\": 4, \"BLOCK_N_DOWN\": 128, \"SPLIT_K\": 2}",
+        );
+        let t = &parse_tables(&wide, "t").unwrap()[0];
+        let c = t.lookup(1);
+        assert_eq!(c.block_n_down(), Some(128));
+        assert_eq!((c.for_gemm(1).block_n, c.for_gemm(2).block_n), (32, 128));
+        // GEMM2's own config: BLOCK_M and the rest are GEMM1's, and it has no "down" width
+        let g2 = c.for_gemm(2);
+        assert_eq!((g2.block_m, g2.block_k, g2.split_k(1)), (16, 64, 2));
+        assert_eq!(g2.block_n_down(), None);
+        assert_eq!(c.for_gemm(1), c);
+        // the flags a host reads back: bits 12-14, log2(BLOCK_N_DOWN) - 3
+        assert_eq!(c.flags, 0x4002);
+        assert_eq!(t.lookup(64).block_n_down(), None);
+        // BLOCK_N itself is no width of GEMM2's own
+        let same = ONE.replace(
+            "\"num_stages\": 4}",
+            "\"num_stages\": 4, \"BLOCK_N_DOWN\": 32}",
+        );
+        assert_eq!(parse_tables(&same, "t").unwrap()[0].lookup(1).flags, 0);
+        let e = parse_tables(&wide.replace(": 128,", ": 96,"), "f").unwrap_err();
+        assert!(e.message.contains("\"BLOCK_N_DOWN\" = 96"), "{}", e.message);
+        for bn in [16, 32, 64, 128, 256] {
+            let c = default_config(1, 8).with_block_n_down(bn);
+            assert_eq!(c.for_gemm(2).block_n, bn);
+        }
+
+        // the option wins over the table; tile.block_n alone moves GEMM2 only where neither
+        // gives GEMM2 a width of its own
+        let path = std::env::temp_dir().join(format!("fm_tiles_down_{}.json", std::process::id()));
+        std::fs::write(&path, &wide).unwrap();
+        let chooser = |opts: &[(&str, &str)]| {
+            let mut o = Options::default();
+            o.set("tile.config_file", path.to_str().unwrap()).unwrap();
+            for (k, v) in opts {
+                o.set(k, v).unwrap();
+            }
+            TileChooser::new(&key(), None, &o).unwrap().choose(1)
+        };
+        let widths = |c: TileConfig| (c.for_gemm(1).block_n, c.for_gemm(2).block_n);
+        assert_eq!(widths(chooser(&[])), (32, 128));
+        assert_eq!(widths(chooser(&[("tile.block_n_down", "256")])), (32, 256));
+        assert_eq!(widths(chooser(&[("tile.block_n_down", "32")])), (32, 32));
+        assert_eq!(widths(chooser(&[("tile.block_n", "64")])), (64, 128));
+        assert_eq!(widths(chooser(&[("tile.block_n", "128")])), (128, 128));
+        std::fs::remove_file(&path).unwrap();
+        let mut o = Options::default();
+        o.set("tile.block_n", "64").unwrap();
+        let c = TileChooser::new(&key(), None, &o).unwrap().choose(1);
+        assert_eq!(widths(c), (64, 64));
+        assert!(o.set("tile.block_n_down", "96").is_err());
+        assert!(o.set("tile.block_n_down", "512").is_err());
     }
 
     #[test]

@@ -870,6 +870,117 @@ fn gemm2_combining_matches_the_cpu() {
     graph_case(&ctx, &graph).unwrap_or_else(|e| panic!("graph capture: {graph:?}\n    {e}"));
 }
 
+/// GEMM2 at its own BLOCK_N (tile.block_n_down; SPEC §5: it shares BLOCK_M only): its grid,
+/// its n-tiles in the fused combine's counts, and its weight map where a 256-wide GEMM2
+/// takes the multicast while GEMM1 does not. Decode tiles narrow and wide, the f32 loop,
+/// the fused activation and combine, split-K on GEMM2, and wgmma-shaped prefill tiles.
+#[test]
+fn gemm2_at_its_own_block_n_matches_the_cpu() {
+    let Some(ctx) = gpu("gemm2_at_its_own_block_n_matches_the_cpu") else {
+        return;
+    };
+    let tile = |bm: u32, bn: u32, bk: u32, warps: u32, down: u32| {
+        vec![
+            ("tile.block_m", bm),
+            ("tile.block_n", bn),
+            ("tile.block_k", bk),
+            ("tile.num_warps", warps),
+            ("tile.num_stages", 3),
+            ("tile.block_n_down", down),
+        ]
+    };
+    let mut cases = Vec::new();
+    for (i, dt) in DTYPES.into_iter().enumerate() {
+        let seed = 7600 + 20 * i as u64;
+        cases.extend([
+            Case {
+                tokens: 1,
+                hidden: 1030,
+                inter: 520,
+                b13: true,
+                b2: true,
+                options: number_options(&tile(16, 32, 128, 4, 128)),
+                ..base(dt, seed)
+            },
+            Case {
+                tokens: 5,
+                experts: 16,
+                top_k: 8,
+                drop: 0.3,
+                rsf: 2.5,
+                options: number_options(
+                    &[&tile(16, 32, 64, 4, 256)[..], &[("cuda.fuse_combine", 64)]].concat(),
+                ),
+                ..base(dt, seed + 1)
+            },
+            Case {
+                tokens: 37,
+                inplace: true,
+                on_input: true,
+                drop: 0.2,
+                options: number_options(&tile(32, 64, 64, 4, 16)),
+                ..base(dt, seed + 2)
+            },
+            Case {
+                tokens: 16,
+                layout: MOE_GATE_UP_INTERLEAVED,
+                b13: true,
+                b2: true,
+                options: number_options(&tile(16, 64, 64, 4, 256)),
+                ..base(dt, seed + 3)
+            }
+            .with_activation(MOE_ACTIVATION_SWIGLU_OAI),
+            Case {
+                tokens: 300,
+                experts: 4,
+                hidden: 520,
+                inter: 320,
+                b2: true,
+                drop: 0.1,
+                // f32's loop takes at most 64 outputs per thread: 128 columns at 256 threads
+                options: number_options(&tile(
+                    128,
+                    128,
+                    64,
+                    8,
+                    if dt == Dt::F32 { 128 } else { 256 },
+                )),
+                ..base(dt, seed + 4)
+            },
+            Case {
+                tokens: 300,
+                experts: 4,
+                hidden: 130,
+                inter: 200,
+                no_combine: true,
+                options: number_options(&tile(64, 128, 64, 4, 64)),
+                ..base(dt, seed + 5)
+            },
+        ]);
+        if has_clusters(&ctx) && dt != Dt::F32 {
+            cases.push(Case {
+                tokens: 4,
+                hidden: 1030,
+                inter: 520,
+                b2: true,
+                options: number_options(
+                    &[
+                        &tile(16, 32, 64, 4, 128)[..],
+                        &[("tile.split_k_down", 2), ("tile.pdl", 2)],
+                    ]
+                    .concat(),
+                ),
+                ..base(dt, seed + 6)
+            });
+        }
+    }
+    run_cases(
+        "GEMM2 at its own BLOCK_N",
+        &ctx,
+        &select(cases, |c| c.dt == Dt::Bf16 && c.tokens <= 16),
+    );
+}
+
 /// With the same BLOCK_M, the CUDA align step gives the CPU's plan (SPEC §4 fixes the order).
 #[test]
 fn cuda_plan_arrays_equal_the_cpu_plan() {

@@ -355,6 +355,45 @@ fn split_k_gemms_match_the_cpu() {
     run_lora_cases("split-K", &ctx, cases);
 }
 
+/// GEMM2 at its own BLOCK_N (tile.block_n_down): its epilogue's expand over the wider
+/// tile's column fragments, at decode (mma.sync) and at a wgmma tile.
+#[test]
+fn gemm2_at_its_own_block_n_matches_the_cpu() {
+    let Some(ctx) = gpu("gemm2_at_its_own_block_n_matches_the_cpu") else {
+        return;
+    };
+    let tile = |bm: u32, bn: u32, warps: u32, down: u32| -> Vec<(String, String)> {
+        number_options(&[
+            ("tile.block_m", bm),
+            ("tile.block_n", bn),
+            ("tile.block_k", 64),
+            ("tile.num_warps", warps),
+            ("tile.block_n_down", down),
+        ])
+    };
+    let mut cases = Vec::new();
+    for (n, dt) in DTYPES.into_iter().enumerate() {
+        let decode = Case {
+            b13: true,
+            b2: true,
+            tokens: 5,
+            hidden: 520,
+            options: tile(16, 32, 4, 128),
+            ..base(dt, 760 + 2 * n as u64)
+        };
+        cases.push(lora_case(decode, 16, vec![slot(16), slot(8)], false));
+        let prefill = Case {
+            layout: MOE_GATE_UP_INTERLEAVED,
+            tokens: 512,
+            drop: 0.1,
+            options: tile(64, 64, 4, 128),
+            ..base(dt, 761 + 2 * n as u64)
+        };
+        cases.push(lora_case(prefill, 16, four_slots_cleared(16), true));
+    }
+    run_lora_cases("GEMM2 at its own BLOCK_N", &ctx, cases);
+}
+
 /// The flags that move the router weight or a rounding point: on-input, no_combine (with and
 /// without the router weight), inplace, rsf; with biases and dropped routes.
 #[test]

@@ -74,6 +74,7 @@ fn what_the_tuner_writes_parses_back_to_the_same_tables() {
             gpu_key(),
             &[
                 (1, cfg(16, 64, 128, 4, 4).with_pdl(Pdl::AtGemm1Start)),
+                (4, cfg(16, 32, 128, 4, 3).with_block_n_down(128)),
                 (16384, split),
             ],
         ),
@@ -93,6 +94,12 @@ fn what_the_tuner_writes_parses_back_to_the_same_tables() {
         "{text}"
     );
     assert_eq!(text.matches("SPLIT_K\"").count(), 1, "{text}");
+    // GEMM2's own width only where it has one
+    assert!(
+        text.contains("\"BLOCK_N\": 32, \"BLOCK_K\": 128, \"GROUP_M\": 1, \"num_warps\": 4, \"num_stages\": 3, \"BLOCK_N_DOWN\": 128}"),
+        "{text}"
+    );
+    assert_eq!(text.matches("BLOCK_N_DOWN").count(), 1, "{text}");
     // the launch mode only where set (the tuner picks it for decode points)
     assert_eq!(text.matches("\"PDL\": 2").count(), 1, "{text}");
     assert_eq!(text.matches("PDL").count(), 1, "{text}");

@@ -13,10 +13,14 @@ fn quoted(s: &str) -> String {
     serde_json::to_string(s).expect("a string serializes")
 }
 
-/// One config as the table holds it; the split-K keys only when a GEMM splits (absent reads
-/// as 1), `PDL` only when set (absent reads as 0).
+/// One config as the table holds it; `BLOCK_N_DOWN` only when GEMM2 has its own BLOCK_N
+/// (absent reads as BLOCK_N), the split-K keys only when a GEMM splits (absent reads as 1),
+/// `PDL` only when set (absent reads as 0).
 pub fn render_config(c: &TileConfig) -> String {
     let mut split = String::new();
+    if let Some(block_n) = c.block_n_down() {
+        split += &format!(", \"BLOCK_N_DOWN\": {block_n}");
+    }
     for (gemm, name) in [(1, "SPLIT_K"), (2, "SPLIT_K_DOWN")] {
         if c.split_k(gemm) > 1 {
             split += &format!(", \"{name}\": {}", c.split_k(gemm));

@@ -15,7 +15,7 @@ use std::ffi::c_void;
 pub struct moe_tile_config {
     /// Rows (routes) per block; the align step's padding granularity.
     pub block_m: u32,
-    /// Output columns per block.
+    /// Output columns per block (GEMM1's; GEMM2's where flags give it none of its own).
     pub block_n: u32,
     /// Reduction step.
     pub block_k: u32,
@@ -28,7 +28,9 @@ pub struct moe_tile_config {
     /// Variant flags: bits 0-3 GEMM1's split-K (CTAs, one thread-block cluster, sharing a
     /// tile's k loop; 0 = none), bits 4-7 GEMM2's; bit 8: moe_run's kernels launch as
     /// programmatic dependents (the table's PDL key or option tile.pdl), bit 9:
-    /// with GEMM2 let in at GEMM1's start (PDL 2); the other bits are 0.
+    /// with GEMM2 let in at GEMM1's start (PDL 2); bits 12-14: GEMM2's own output columns
+    /// per block as log2(columns) - 3 (the table's BLOCK_N_DOWN or option
+    /// tile.block_n_down; 0 = block_n); the other bits are 0.
     pub flags: u32,
 }
 

@@ -410,8 +410,8 @@ impl KernelSet {
         };
         Ok(KernelSet {
             w_maps: [
-                Self::weight_map(&gemm1, w13, tile)?,
-                Self::weight_map(&gemm2, w2, tile)?,
+                Self::weight_map(&gemm1, w13, tile.for_gemm(1))?,
+                Self::weight_map(&gemm2, w2, tile.for_gemm(2))?,
             ],
             align: [
                 AlignKernels::load(dev, false)?,
@@ -566,7 +566,6 @@ impl KernelSet {
         let capacity = l.sorted_route_ids.len;
         let router = io.router_weights.data as u64;
         let router_kind = dtype_code(io.router_dtype) as i32;
-        let bn = self.tile.block_n as usize;
         let lora = match (lora, &self.lora) {
             (Some(run), Some(kernels)) => Some((run, kernels)),
             (None, _) => None,
@@ -591,8 +590,8 @@ impl KernelSet {
             _ => (0.0, 0.0),
         };
         let (b13, b13_kind) = bias_parts(&layer.b13);
-        let n_tiles1 = d.n1.div_ceil(bn);
-        let n_tiles2 = d.hidden.div_ceil(bn);
+        let n_tiles1 = d.n1.div_ceil(self.tile.for_gemm(1).block_n as usize);
+        let n_tiles2 = d.hidden.div_ceil(self.tile.for_gemm(2).block_n as usize);
         // GEMMs with the combine compiled in take its argument, which has counts where the
         // caller gave them (fuses_combine; no_combine has none): then GEMM2 combines
         let combine = self.fuses_combine().then_some(CombineArgs {

@@ -250,10 +250,24 @@ pub fn fuses_act(dtype: DType) -> bool {
     dtype != DType::F32
 }
 
-/// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config.
+/// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config (GEMM2 at its own BLOCK_N where the
+/// config gives it one: `TileConfig::for_gemm`).
 pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<Variant> {
+    let own_width = mode == 2 && tile.block_n_down().is_some();
+    let tile = tile.for_gemm(mode);
     let split = tile.split_k(mode);
-    let (layout, main_loop, shared_bytes) = main_loop(dtype, tile, path, split > 1)?;
+    let (layout, main_loop, shared_bytes) =
+        main_loop(dtype, tile, path, split > 1).map_err(|mut e| {
+            if own_width {
+                // the BLOCK_N the message names is GEMM2's, not tile.block_n
+                e.message = e.message.replacen(
+                    "tile config: ",
+                    "tile config: GEMM2 at tile.block_n_down: ",
+                    1,
+                );
+            }
+            e
+        })?;
     if split > 1 {
         let key = if mode == 1 { "split_k" } else { "split_k_down" };
         if !path.clusters {
@@ -659,6 +673,8 @@ pub fn ci_set() -> Vec<Variant> {
             num_stages: 1,
             flags: 0,
         },
+        // GEMM2 wider than GEMM1 (tile.block_n_down): decode's 16 rows at 256 columns
+        crate::tiles::default_config(1, 8).with_block_n_down(256),
     ];
     // wgmma's three widths per warpgroup: 64 (64×64, w4), 128 (64×256, w8 as 1×2
     // warpgroups) and 256 (128×256, w8)
@@ -980,6 +996,47 @@ mod tests {
             assert!(!gemm(DType::BF16, mode, wide, path).unwrap().combines());
             assert!(!gemm(DType::F32, mode, decode, path).unwrap().combines());
         }
+    }
+
+    #[test]
+    fn gemm2_takes_its_own_block_n_and_gemm1_keeps_block_n() {
+        let decode = crate::tiles::default_config(1, 8).with_block_n_down(128);
+        let g1 = gemm(DType::BF16, 1, decode, hopper_path()).unwrap();
+        let g2 = gemm(DType::BF16, 2, decode, hopper_path()).unwrap();
+        assert!(g1.name.contains("_m16n32k64_"), "{}", g1.name);
+        assert!(g2.name.contains("_m16n128k64_"), "{}", g2.name);
+        assert!(g1.defines.contains(&("FM_BN", 32)), "{:?}", g1.defines);
+        assert!(g2.defines.contains(&("FM_BN", 128)), "{:?}", g2.defines);
+        // GEMM2 is the variant a config of its width alone would give
+        let alone = TileConfig {
+            block_n: 128,
+            ..crate::tiles::default_config(1, 8)
+        };
+        assert_eq!(g2, gemm(DType::BF16, 2, alone, hopper_path()).unwrap());
+        // prefill: a 256-wide GEMM2 takes the multicast by default, GEMM1 at 128 does not
+        let wide = TileConfig {
+            block_m: 128,
+            block_n: 128,
+            block_k: 64,
+            num_warps: 8,
+            ..decode
+        }
+        .with_block_n_down(256);
+        let path = GemmPath {
+            multicast: Multicast::Wide,
+            ..hopper_path()
+        };
+        assert!(!gemm(DType::BF16, 1, wide, path).unwrap().multicasts_w());
+        assert!(gemm(DType::BF16, 2, wide, path).unwrap().multicasts_w());
+        // a width GEMM2 cannot take is refused as GEMM2's: f32 at 128 outputs per thread
+        let e = gemm(DType::F32, 2, wide, path).unwrap_err();
+        assert!(
+            e.message
+                .starts_with("tile config: GEMM2 at tile.block_n_down: BLOCK_M 128 x BLOCK_N 256"),
+            "{}",
+            e.message
+        );
+        assert!(gemm(DType::F32, 1, wide, path).is_ok());
     }
 
     /// 16-byte loads on an sm_90a GPU with clusters, no LoRA, no fused activation.
