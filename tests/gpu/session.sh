@@ -43,6 +43,11 @@
 #   fc-tests       the CUDA test of GEMM2 doing the combine (.device/tests/cuda gemm2_combining)
 #   fc-ab          main against cuda.fuse_combine=64 (fc) at decode, $FC_SHAPES (the four) at
 #                  $FC_TOKENS (1,4,16,64); only after fc-tests passed
+#   down-tests     the CUDA tests of GEMM2 at its own BLOCK_N (cuda and cuda_lora's
+#                  gemm2_at_its_own_block_n_matches_the_cpu)
+#   down-ab        main against GEMM2 at its own BLOCK_N (tile.block_n_down 128 and 256) at
+#                  decode, $DOWN_SHAPES (qwen3,deepseek,gpt-oss) at $DOWN_TOKENS (1,4): what
+#                  the tuner's BLOCK_N_DOWN candidates may find; only after down-tests passed
 #   timeline       each kernel's start and end inside the bench's graph replays (nsys,
 #                  graph_timeline.sh) at $TL_SHAPES (qwen3,deepseek,gpt-oss), $TL_TOKENS (1,4);
 #                  TL_ARGS: more bench args (nsys only; without it torch's profiler)
@@ -136,6 +141,13 @@ for s in "${steps[@]}"; do
     RESULTS=$results/fc-ab run fc-ab bash tests/gpu/ab_rounds.sh "${ROUNDS:-2}" \
       "--shapes ${FC_SHAPES:-mixtral,qwen3,deepseek,gpt-oss} --tokens ${FC_TOKENS:-1,4,16,64}" \
       main= fc=cuda.fuse_combine=64 ;;
+  down-tests) run down-tests bash -c 'timeout 300 .device/tests/cuda gemm2_at_its_own_block_n &&
+    timeout 300 .device/tests/cuda_lora gemm2_at_its_own_block_n' ;;
+  down-ab)
+    grep -q "^PASS down-tests" "$summary" || { echo "SKIPPED down-ab (down-tests did not pass)" | tee -a "$summary"; continue; }
+    RESULTS=$results/down-ab run down-ab bash tests/gpu/ab_rounds.sh "${ROUNDS:-2}" \
+      "--shapes ${DOWN_SHAPES:-qwen3,deepseek,gpt-oss} --tokens ${DOWN_TOKENS:-1,4}" \
+      main= w128=tile.block_n_down=128 w256=tile.block_n_down=256 ;;
   timeline) run timeline bash tests/gpu/graph_timeline.sh "$results/timeline" \
     --shapes "${TL_SHAPES:-qwen3,deepseek,gpt-oss}" --tokens "${TL_TOKENS:-1,4}" ${TL_ARGS:-} ;;
   regs) run regs bash tests/gpu/kernel_regs.sh "$FUSEDMOE_CACHE_DIR" ;;
