@@ -968,13 +968,7 @@ mod tests {
     #[test]
     fn only_the_plain_mma_sync_loop_takes_the_combine() {
         let decode = crate::tiles::default_config(1, 8);
-        let wide = TileConfig {
-            block_m: 128,
-            block_n: 128,
-            block_k: 64,
-            num_warps: 8,
-            ..decode
-        };
+        let wide = wgmma_128x128();
         let path = GemmPath {
             combine: true,
             ..hopper_path()
@@ -1014,14 +1008,7 @@ mod tests {
         };
         assert_eq!(g2, gemm(DType::BF16, 2, alone, hopper_path()).unwrap());
         // prefill: a 256-wide GEMM2 takes the multicast by default, GEMM1 at 128 does not
-        let wide = TileConfig {
-            block_m: 128,
-            block_n: 128,
-            block_k: 64,
-            num_warps: 8,
-            ..decode
-        }
-        .with_block_n_down(256);
+        let wide = wgmma_128x128().with_block_n_down(256);
         let path = GemmPath {
             multicast: Multicast::Wide,
             ..hopper_path()
@@ -1037,6 +1024,17 @@ mod tests {
             e.message
         );
         assert!(gemm(DType::F32, 1, wide, path).is_ok());
+    }
+
+    /// A prefill tile of wgmma's shape: 128×128×64, 8 warps (two warpgroups).
+    fn wgmma_128x128() -> TileConfig {
+        TileConfig {
+            block_m: 128,
+            block_n: 128,
+            block_k: 64,
+            num_warps: 8,
+            ..crate::tiles::default_config(1, 8)
+        }
     }
 
     /// 16-byte loads on an sm_90a GPU with clusters, no LoRA, no fused activation.
