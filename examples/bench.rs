@@ -245,37 +245,27 @@ fn make_sets(
 }
 
 fn tile_json(t: &moe_tile_config) -> Value {
-    let (split_k, split_k_down) = split_k(t);
-    let block_n_down = fusedmoe::tiles::TileConfig::from(*t).for_gemm(2).block_n;
-    json!({
-        "block_m": t.block_m, "block_n": t.block_n, "block_n_down": block_n_down,
-        "block_k": t.block_k,
-        "group_m": t.group_m, "num_warps": t.num_warps, "num_stages": t.num_stages,
-        "split_k": split_k, "split_k_down": split_k_down,
-        "pdl": format!("{:?}", fusedmoe::tiles::TileConfig::from(*t).pdl()),
-    })
-}
-
-/// GEMM1's and GEMM2's split-K from the config's flags.
-fn split_k(t: &moe_tile_config) -> (u32, u32) {
     let c = fusedmoe::tiles::TileConfig::from(*t);
-    (c.split_k(1), c.split_k(2))
+    json!({
+        "block_m": c.block_m, "block_n": c.block_n, "block_n_down": c.for_gemm(2).block_n,
+        "block_k": c.block_k,
+        "group_m": c.group_m, "num_warps": c.num_warps, "num_stages": c.num_stages,
+        "split_k": c.split_k(1), "split_k_down": c.split_k(2),
+        "pdl": format!("{:?}", c.pdl()),
+    })
 }
 
 /// "16×64×128" ("16×32/128×64": GEMM2 at its own BLOCK_N), with " split-K 4/1"
 /// (GEMM1/GEMM2) where a GEMM splits and " PDL" (" PDL early": GEMM2 let in at GEMM1's
 /// start) where the config launches its kernels as programmatic dependents.
 fn tile_label(t: &moe_tile_config) -> String {
-    let block_n = match fusedmoe::tiles::TileConfig::from(*t).block_n_down() {
-        Some(down) => format!("{}/{down}", t.block_n),
-        None => t.block_n.to_string(),
-    };
-    let dims = format!("{}×{block_n}×{}", t.block_m, t.block_k);
-    let dims = match split_k(t) {
+    let c = fusedmoe::tiles::TileConfig::from(*t);
+    let dims = format!("{}×{}×{}", c.block_m, support::block_n_text(&c), c.block_k);
+    let dims = match (c.split_k(1), c.split_k(2)) {
         (1, 1) => dims,
         (g1, g2) => format!("{dims} split-K {g1}/{g2}"),
     };
-    match fusedmoe::tiles::TileConfig::from(*t).pdl() {
+    match c.pdl() {
         fusedmoe::tiles::Pdl::Off => dims,
         fusedmoe::tiles::Pdl::AfterGemm1Loop => format!("{dims} PDL"),
         fusedmoe::tiles::Pdl::AtGemm1Start => format!("{dims} PDL early"),

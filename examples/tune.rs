@@ -157,13 +157,13 @@ fn kernel(c: &TileConfig) -> Kernel {
 /// own BLOCK_N); " split-K 4/1" (GEMM1/GEMM2) where a GEMM splits; " PDL 2" where it
 /// launches as programmatic dependents.
 fn tile_str(c: &TileConfig) -> String {
-    let block_n = match c.block_n_down() {
-        Some(down) => format!("{}/{down}", c.block_n),
-        None => c.block_n.to_string(),
-    };
     let dims = format!(
-        "{}×{block_n}×{} w{} s{}",
-        c.block_m, c.block_k, c.num_warps, c.num_stages
+        "{}×{}×{} w{} s{}",
+        c.block_m,
+        support::block_n_text(c),
+        c.block_k,
+        c.num_warps,
+        c.num_stages
     );
     let dims = match (c.split_k(1), c.split_k(2)) {
         (1, 1) => dims,

@@ -57,6 +57,14 @@ impl Dtype {
 }
 
 /// The library's message for a failed call; exits the example with it.
+/// A config's BLOCK_N as the examples print it: "32", or "32/128" where GEMM2 has its own.
+pub fn block_n_text(c: &fusedmoe::tiles::TileConfig) -> String {
+    match c.block_n_down() {
+        Some(down) => format!("{}/{down}", c.block_n),
+        None => c.block_n.to_string(),
+    }
+}
+
 pub fn check(s: moe_status, what: &str) {
     if s != moe_status::MOE_OK {
         let msg = unsafe { CStr::from_ptr(moe_last_error()) }.to_string_lossy();
