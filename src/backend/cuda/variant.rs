@@ -253,21 +253,14 @@ pub fn fuses_act(dtype: DType) -> bool {
 /// GEMM1 (mode 1) or GEMM2 (mode 2) for a tile config (GEMM2 at its own BLOCK_N where the
 /// config gives it one: `TileConfig::for_gemm`).
 pub fn gemm(dtype: DType, mode: u8, tile: TileConfig, path: GemmPath) -> Result<Variant> {
-    let own_width = mode == 2 && tile.block_n_down().is_some();
+    // where GEMM2 has its own width, a refusal says so: its BLOCK_N is not tile.block_n
+    let what = match mode == 2 && tile.block_n_down().is_some() {
+        true => "tile config: GEMM2 at tile.block_n_down",
+        false => "tile config",
+    };
     let tile = tile.for_gemm(mode);
     let split = tile.split_k(mode);
-    let (layout, main_loop, shared_bytes) =
-        main_loop(dtype, tile, path, split > 1).map_err(|mut e| {
-            if own_width {
-                // the BLOCK_N the message names is GEMM2's, not tile.block_n
-                e.message = e.message.replacen(
-                    "tile config: ",
-                    "tile config: GEMM2 at tile.block_n_down: ",
-                    1,
-                );
-            }
-            e
-        })?;
+    let (layout, main_loop, shared_bytes) = main_loop(dtype, tile, path, split > 1, what)?;
     if split > 1 {
         let key = if mode == 1 { "split_k" } else { "split_k_down" };
         if !path.clusters {
@@ -314,7 +307,7 @@ fn tile_rows_bytes(bm: u32, grouped: bool) -> usize {
 }
 
 /// The main loop a tile config takes on `path`: its warps (along M, along N), the loop, and
-/// the dynamic shared memory it needs.
+/// the dynamic shared memory it needs. `what` begins a refusal's message.
 /// A split-K GEMM keeps to mma.sync: its reduction over the cluster is written for
 /// mma.sync's fragments, and it is meant for decode's thin tiles, never wgmma's.
 fn main_loop(
@@ -322,6 +315,7 @@ fn main_loop(
     tile: TileConfig,
     path: GemmPath,
     split: bool,
+    what: &str,
 ) -> Result<((u32, u32), MainLoop, usize)> {
     let TileConfig {
         block_m: bm,
@@ -352,7 +346,7 @@ fn main_loop(
     }
     let layout = warp_layout(bm, bn, warps, mma).ok_or_else(|| {
         unsupported!(
-            "tile config: BLOCK_M {bm} x BLOCK_N {bn} cannot be shared by {warps} warps on CUDA (each warp needs at least {} rows and 8 columns); set tile.num_warps lower or the blocks larger",
+            "{what}: BLOCK_M {bm} x BLOCK_N {bn} cannot be shared by {warps} warps on CUDA (each warp needs at least {} rows and 8 columns); set tile.num_warps lower or the blocks larger",
             if mma { 16 } else { 1 }
         )
     })?;
@@ -360,7 +354,7 @@ fn main_loop(
         let per_thread = (bm * bn).div_ceil(warps * 32);
         if per_thread > 64 {
             return Err(unsupported!(
-                "tile config: BLOCK_M {bm} x BLOCK_N {bn} over {} threads is {per_thread} outputs per thread; the f32 CUDA path takes at most 64 (raise tile.num_warps or shrink the blocks)",
+                "{what}: BLOCK_M {bm} x BLOCK_N {bn} over {} threads is {per_thread} outputs per thread; the f32 CUDA path takes at most 64 (raise tile.num_warps or shrink the blocks)",
                 warps * 32
             ));
         }
