@@ -726,15 +726,7 @@ fn programmatic_dependent_launches_match_the_cpu() {
         &early_cases,
     );
 
-    let graph = Case {
-        tokens: 64,
-        b13: true,
-        b2: true,
-        drop: 0.1,
-        options: number_options(&[("tile.pdl", 2)]),
-        ..base(Dt::Bf16, 7007)
-    };
-    graph_case(&ctx, &graph).unwrap_or_else(|e| panic!("graph capture: {graph:?}\n    {e}"));
+    replays_in_a_graph(&ctx, number_options(&[("tile.pdl", 2)]), 7007);
 }
 
 /// GEMM2 doing the combine (cuda.fuse_combine): dropped routes and tokens with none live
@@ -859,15 +851,7 @@ fn gemm2_combining_matches_the_cpu() {
         &select(cases, |c| c.dt == Dt::Bf16),
     );
 
-    let graph = Case {
-        tokens: 64,
-        b13: true,
-        b2: true,
-        drop: 0.1,
-        options: fused(&decode),
-        ..base(Dt::Bf16, 7490)
-    };
-    graph_case(&ctx, &graph).unwrap_or_else(|e| panic!("graph capture: {graph:?}\n    {e}"));
+    replays_in_a_graph(&ctx, fused(&decode), 7490);
 }
 
 /// GEMM2 at its own BLOCK_N (tile.block_n_down; SPEC §5: it shares BLOCK_M only): its grid,
@@ -1216,6 +1200,20 @@ fn a_captured_graph_replays_new_batches_and_fewer_tokens() {
     for c in cases {
         graph_case(&ctx, &c).unwrap_or_else(|e| panic!("graph capture: {c:?}\n    {e}"));
     }
+}
+
+/// A bf16 batch of 64 tokens with biases and dropped routes, under `options`, through
+/// graph_case: captured, then replayed with new batches and fewer tokens.
+fn replays_in_a_graph(ctx: &Arc<CudaContext>, options: Vec<(String, String)>, seed: u64) {
+    let graph = Case {
+        tokens: 64,
+        b13: true,
+        b2: true,
+        drop: 0.1,
+        options,
+        ..base(Dt::Bf16, seed)
+    };
+    graph_case(ctx, &graph).unwrap_or_else(|e| panic!("graph capture: {graph:?}\n    {e}"));
 }
 
 fn graph_case(ctx: &Arc<CudaContext>, c: &Case) -> Result<(), String> {
